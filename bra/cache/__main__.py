@@ -1,0 +1,5 @@
+"""`python -m bra.cache` = `bra-cache`."""
+
+from bra.cache.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""`bra-cache`: build, inspect and verify activation stores (parses arguments and calls the library)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from bra.cli_common import run_cli, setup_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (DEBUG).")
+@click.version_option(package_name="biorefusalaudit")
+def cli(verbose: int) -> None:
+    """Stage one of BioRefusalAudit: run a model over tier-labelled corpora (or eval prompts) once and
+    cache its residual-stream activations in a Zarr v3 store."""
+    setup_logging(verbose)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", type=click.Path(path_type=Path), default=None,
+              help="Output store (default cache/<manifest name>.zarr).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store at --store and rebuild it.")
+def build(manifest: Path, store: Path | None, overwrite: bool) -> None:
+    """Build (or resume) the store described by MANIFEST. Re-running on a finished store does nothing."""
+    from bra.pipeline.build import build_store
+    from bra.pipeline.manifest import load_manifest
+
+    result = build_store(load_manifest(manifest), store, overwrite=overwrite)
+    if result.status == "already-complete":
+        click.echo(f"{result.path}: already complete ({result.n_tokens:,} tokens); nothing to do", err=True)
+    else:
+        rate = result.computed_tokens / result.seconds if result.seconds else 0.0
+        click.echo(f"{result.path}: {result.status}, {result.n_tokens:,} tokens "
+                   f"({result.computed_tokens:,} computed, {rate:,.0f} tok/s)", err=True)
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(store: Path, as_json: bool) -> None:
+    """Describe STORE: tiers, token counts, bytes on disk, compression ratio, provenance."""
+    from bra.cache.info import format_info, store_info
+
+    data = store_info(store)
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="Skip recomputing statistics from the activations.")
+def verify(store: Path, quick: bool) -> None:
+    """Check STORE's schema, completion, checksums, document table and statistics. Exit 1 on any problem."""
+    from bra.cache.verify import verify_store
+
+    problems = verify_store(store, deep=not quick)
+    if problems:
+        for p in problems:
+            click.echo(f"{store}: {p}", err=True)
+        click.echo(f"error: {len(problems)} problem(s) in {store}", err=True)
+        sys.exit(1)
+    click.echo(f"{store}: OK")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    sys.exit(run_cli(cli, argv))
+
+
+if __name__ == "__main__":
+    main()

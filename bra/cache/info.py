@@ -1,0 +1,94 @@
+"""Describe a store: tiers, token counts, bytes on disk, compression ratio, provenance attrs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bra.cache import schema
+from bra.cache.store import open_store
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of all files under ``path``."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready description of a store (complete or not)."""
+    store = open_store(path, require_complete=False)
+    attrs = store.attrs
+    n, d = store.n_tokens, store.d_model
+    itemsize = np.dtype(schema.STORAGE_DTYPES[store.dtype]).itemsize
+    acts_raw = n * d * itemsize * len(store.layers)
+    acts_disk = sum(dir_bytes(store.path / schema.acts_path(layer)) for layer in store.layers)
+    info: dict[str, Any] = {
+        "path": str(store.path),
+        "status": attrs.get(schema.ATTR_STATUS),
+        "kind": attrs.get(schema.ATTR_KIND),
+        "model": attrs.get(schema.ATTR_MODEL_ID),
+        "model_revision": attrs.get(schema.ATTR_MODEL_REVISION),
+        "layers": store.layers,
+        "hook_names": attrs.get(schema.ATTR_HOOK_NAMES),
+        "d_model": d,
+        "dtype": store.dtype,
+        "lossy": False,
+        "compute_dtype": attrs.get(schema.ATTR_COMPUTE_DTYPE),
+        "codec": attrs.get(schema.ATTR_CODEC),
+        "n_tokens": n,
+        "n_docs": attrs.get(schema.ATTR_N_DOCS),
+        "shards": store.layout.n_shards,
+        "shards_done": int(store.array(schema.DONE_ARRAY)[:].sum()),
+        "bytes_on_disk": dir_bytes(store.path),
+        "activation_bytes_raw": acts_raw,
+        "activation_bytes_on_disk": acts_disk,
+        "compression_ratio": round(acts_raw / acts_disk, 3) if acts_disk else None,
+        "bytes_per_token": round(dir_bytes(store.path) / n, 1),
+        "tokenizer_fingerprint": attrs.get(schema.ATTR_TOKENIZER_FP),
+        "manifest_hash": attrs.get(schema.ATTR_MANIFEST_HASH),
+        "dataset_revisions": attrs.get(schema.ATTR_DATASET_REVISIONS),
+        "package_version": attrs.get(schema.ATTR_PACKAGE_VERSION),
+        "tier_names": store.tier_names,
+        "hazard_tiers": attrs.get(schema.ATTR_HAZARD_TIERS),
+        "corpus_counts": attrs.get(schema.ATTR_CORPUS_COUNTS),
+    }
+    if info["status"] == schema.STATUS_COMPLETE:
+        docs = store.docs()
+        tiers = docs.groupby("tier").agg(docs=("doc_index", "size"), tokens=("n_tokens", "sum"))
+        info["tiers"] = {t: {"docs": int(r.docs), "tokens": int(r.tokens)} for t, r in tiers.iterrows()}
+        info["stats"] = {layer: {"count": s["count"], "mean_sq_norm": round(s["mean_sq_norm"], 4),
+                                 "mean_var": round(float(np.mean(s["var"])), 6)}
+                         for layer, s in attrs.get(schema.ATTR_STATS, {}).items()}
+    return info
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Human-readable rendering of ``store_info``."""
+    lines = [f"store        {info['path']}  ({info['status']}, {info['kind']})",
+             f"model        {info['model']}  revision={info['model_revision']}",
+             f"layers       {info['layers']}  hooks={info['hook_names']}",
+             f"d_model      {info['d_model']}  dtype={info['dtype']}{' (lossy)' if info['lossy'] else ''}  "
+             f"compute={info['compute_dtype']}",
+             f"tokens       {info['n_tokens']:,} in {info['n_docs']} docs, {info['shards_done']}/{info['shards']} shards",
+             f"disk         {info['bytes_on_disk']:,} bytes ({info['bytes_per_token']} B/token); activations "
+             f"{info['activation_bytes_on_disk']:,} of {info['activation_bytes_raw']:,} raw "
+             f"(ratio {info['compression_ratio']}, codec {info['codec']})"]
+    for tier, t in info.get("tiers", {}).items():
+        hz = " (hazard class)" if tier in (info.get("hazard_tiers") or []) else ""
+        lines.append(f"tier         {tier}{hz}: {t['docs']} docs, {t['tokens']:,} tokens")
+    for layer, s in info.get("stats", {}).items():
+        lines.append(f"stats L{layer:<6}count={s['count']:,} mean_sq_norm={s['mean_sq_norm']} mean_var={s['mean_var']}")
+    lines += [f"tokenizer    {info['tokenizer_fingerprint']}  manifest={info['manifest_hash']}  "
+              f"bra={info['package_version']}",
+              f"datasets     {info['dataset_revisions']}"]
+    return "\n".join(lines)
+
+
+def env_summary() -> str:
+    """One line about threads, for logs of benchmark-like commands."""
+    return f"threads={os.cpu_count()}"

@@ -1,0 +1,66 @@
+"""Running statistics of activations: Welford partials per shard, merged with Chan et al.'s formula.
+
+Partials are kept per shard (not per batch) so that a resumed or multi-writer build merges exactly the
+same partials in the same order as an uninterrupted one, and so the final numbers do not depend on
+where a build was interrupted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_BLOCK = 4096  # rows converted to float64 at a time, to bound memory
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean, sum of squared deviations (M2) and sum of squared norms of a set of rows."""
+
+    count: int
+    """Number of rows."""
+    mean: np.ndarray
+    """[d] float64 per-dimension mean."""
+    m2: np.ndarray
+    """[d] float64 sum of squared deviations from the mean."""
+    sumsq: float
+    """Sum over rows of the squared L2 norm."""
+
+    @classmethod
+    def empty(cls, d: int) -> Moments:
+        """Moments of no rows."""
+        return cls(0, np.zeros(d), np.zeros(d), 0.0)
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Moments:
+        """Moments of rows ``x`` [n, d], computed in float64 blocks."""
+        out = cls.empty(x.shape[1])
+        for start in range(0, x.shape[0], _BLOCK):
+            block = x[start:start + _BLOCK].astype(np.float64)
+            mean = block.mean(axis=0)
+            part = cls(block.shape[0], mean, ((block - mean) ** 2).sum(axis=0), float((block**2).sum()))
+            out = out.merge(part)
+        return out
+
+    def merge(self, other: Moments) -> Moments:
+        """Combine two disjoint sets (Chan, Golub & LeVeque 1979 parallel variance)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return Moments(n, mean, m2, self.sumsq + other.sumsq)
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready statistics: count, mean, (population) var, mean squared norm."""
+        n = max(self.count, 1)
+        return {
+            "count": int(self.count),
+            "mean": self.mean.tolist(),
+            "var": (self.m2 / n).tolist(),
+            "mean_sq_norm": self.sumsq / n,
+        }

