@@ -1,0 +1,119 @@
+"""`bra-sae`: fit, evaluate, export, describe and score SAEs over a store (parses arguments, calls the library)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bra.cli_common import run_cli, setup_logging
+from bra.sae.config import PRESETS, TrainConfig, field_docs
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _train_options(func: Any) -> Any:
+    """One --flag per TrainConfig field (1:1), default None so a preset can fill what is not given."""
+    hints = typing.get_type_hints(TrainConfig)
+    docs = field_docs(TrainConfig)
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        name = f.name.replace("_", "-")
+        base = str(hints[f.name]).replace("typing.Optional[", "").replace("<class '", "").split("'")[0]
+        base = base.split(" |")[0].strip("[]")
+        doc = docs.get(f.name, "")
+        if base == "bool":
+            opt = click.option(f"--{name}/--no-{name}", f.name, default=None, help=f"{doc} [default: {f.default}]")
+        else:
+            opt = click.option(f"--{name}", f.name, type=_TYPES.get(base, str), default=None,
+                               help=f"{doc} [default: {f.default}]")
+        func = opt(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (DEBUG).")
+@click.version_option(package_name="biorefusalaudit")
+def cli(verbose: int) -> None:
+    """Stage two of BioRefusalAudit: train, evaluate and export TopK SAEs from an activation store,
+    and score refusal depth from an eval store. Never runs the model unless asked (eval --model)."""
+    setup_logging(verbose)
+
+
+@cli.command()
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Activation store (bra-cache build).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="seed: the seed recipe (d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, L1 + cosine tier term); "
+                   "contrastive: NT-Xent + AuxK (default settings); plain: no tier term.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@_train_options
+def fit(store: Path, out: Path, preset: str | None, resume: bool, **flags: Any) -> None:
+    """Train a TopK SAE on STORE's activations, streaming them from disk."""
+    from bra.sae.train import fit as run_fit
+
+    values = {**PRESETS.get(preset or "", {}), **{k: v for k, v in flags.items() if v is not None}}
+    try:
+        cfg = TrainConfig(**values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    run_fit(store, out, cfg, resume=resume)
+    click.echo(f"{out}: trained ({cfg.steps} steps); SAELens format in {out}/sae, seed layout {out}/sae_weights.pt",
+               err=True)
+
+
+@cli.command("eval")
+@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path),
+              help="SAE: a fit run dir, a SAELens dir, or a seed .pt.")
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Activation store.")
+@click.option("--layer", type=int, default=None, help="Store layer (default: the SAE's).")
+@click.option("--split", type=click.Choice(["heldout", "all"]), default="heldout",
+              help="Documents to evaluate on (held-out: the run's recorded split).")
+@click.option("--model", "with_model", is_flag=True, help="Also compute the CE-loss score (loads the store's model).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSON here too.")
+def eval_cmd(sae_path: Path, store: Path, layer: int | None, split: str, with_model: bool, out: Path | None) -> None:
+    """FVU, L0, dead/dense fractions and per-tier reconstruction of an SAE on a store."""
+    from bra.sae.workflows import evaluate
+
+    result = evaluate(sae_path, store, layer, split, with_model)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.write_text(text)
+    click.echo(text)
+
+
+@cli.command()
+@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path), help="SAE to convert.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output path.")
+@click.option("--format", "fmt", type=click.Choice(["saelens", "seed"]), default="saelens", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def export(sae_path: Path, out: Path, fmt: str, overwrite: bool) -> None:
+    """Write an SAE in SAELens format (cfg.json + safetensors) or the seed layout (sae_weights.pt)."""
+    from bra.sae.formats import save_saelens, save_seed
+    from bra.sae.workflows import load_any
+
+    sae = load_any(sae_path)
+    path = save_saelens(sae, out, overwrite=overwrite) if fmt == "saelens" else save_seed(sae, out, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("sae_path", type=click.Path(path_type=Path))
+def info(sae_path: Path) -> None:
+    """Describe an SAE: shapes, k, hook, model, provenance."""
+    from bra.sae.workflows import describe
+
+    click.echo(json.dumps(describe(sae_path), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    sys.exit(run_cli(cli, argv))
+
+
+if __name__ == "__main__":
+    main()

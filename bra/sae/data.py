@@ -1,0 +1,103 @@
+"""What `fit`, `eval` and `score` need from a store: the layer, input scale, document split and row streams."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from bra.cache.reader import Batch, ReaderConfig, RowStream, document_split
+from bra.cache.store import Store
+from bra.errors import SAEError
+
+logger = logging.getLogger(__name__)
+
+
+def pick_layer(store: Store, layer: int | None) -> int:
+    """The requested layer, or the store's first; refuse one the store lacks."""
+    if layer is None:
+        return store.layers[0]
+    if layer not in store.layers:
+        raise SAEError(f"layer {layer} is not in store {store.path} (it has {store.layers})")
+    return layer
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Store-derived facts a fit needs."""
+
+    layer: int
+    """Hooked layer."""
+    input_scale: float
+    """sqrt(d_model / mean squared norm): training inputs then have mean squared norm d_model."""
+    mean: np.ndarray
+    """[d_model] mean activation (masked rows excluded)."""
+    heldout: np.ndarray
+    """[n_docs] bool, True for held-out documents."""
+    doc_hazard: np.ndarray
+    """[n_docs] bool, the hazard label of each document (permuted when shuffle_tiers)."""
+    doc_ids: list[str]
+    """Document ids, to record the split."""
+
+
+def training_data(store: Store, layer: int | None, heldout_fraction: float, seed: int,
+                  shuffle_tiers: bool) -> TrainingData:
+    """Read statistics, split documents, and label each document hazard or not."""
+    layer = pick_layer(store, layer)
+    stats = store.stats(layer)
+    mean = np.asarray(stats["mean"], dtype=np.float64)
+    msn = float(stats["mean_sq_norm"])
+    if not np.isfinite(mean).all() or not np.isfinite(msn):
+        raise SAEError(f"store {store.path} layer {layer} has NaN/inf activations (its statistics are not "
+                       f"finite); rebuild it or check the model's compute dtype")
+    if stats["count"] == 0 or msn <= 0:
+        raise SAEError(f"store {store.path} has no unmasked rows at layer {layer}")
+    docs = store.docs()
+    hazard_names = set(store.attrs.get("hazard_tiers") or [])
+    doc_hazard = docs["tier"].isin(hazard_names).to_numpy()
+    if shuffle_tiers:
+        doc_hazard = np.random.default_rng([seed, 7]).permutation(doc_hazard)
+    heldout = document_split(docs, heldout_fraction, seed)
+    return TrainingData(layer, float(np.sqrt(store.d_model / msn)), mean, heldout, doc_hazard,
+                        docs["doc_id"].tolist())
+
+
+def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows: int, seed: int,
+                  balanced: bool) -> Iterator[tuple[Batch, np.ndarray]]:
+    """Endless (batch, hazard label per row) pairs from training documents.
+
+    Balanced: half of each batch from hazard documents and half from the rest (two independent
+    streams, so the smaller class simply cycles more often).
+    """
+    train = ~data.heldout
+    if balanced:
+        half = batch_size // 2
+        parts = []
+        for label, sel in (("hazard", train & data.doc_hazard), ("benign", train & ~data.doc_hazard)):
+            if not sel.any():
+                raise SAEError(f"the {label} tier has no training documents in store {store.path} "
+                               f"(balanced sampling needs both; use --no-balanced or add data)")
+            cfg = ReaderConfig(layer=data.layer, batch_size=half if label == "hazard" else batch_size - half,
+                               buffer_rows=max(buffer_rows // 2, 1), seed=seed + (0 if label == "hazard" else 1))
+            parts.append(RowStream(store, cfg, doc_selected=sel).forever())
+        for hz, bn in zip(*parts):
+            batch = Batch(*(np.concatenate([getattr(hz, f), getattr(bn, f)])
+                            for f in ("acts", "tier", "doc_index", "row")))
+            yield batch, data.doc_hazard[batch.doc_index]
+    else:
+        if not train.any():
+            raise SAEError(f"store {store.path} has no training documents")
+        cfg = ReaderConfig(layer=data.layer, batch_size=batch_size, buffer_rows=buffer_rows, seed=seed)
+        for batch in RowStream(store, cfg, doc_selected=train).forever():
+            yield batch, data.doc_hazard[batch.doc_index]
+
+
+def check_finite(batch: Batch) -> None:
+    """Refuse NaN/inf activations, naming the first offending store row and document."""
+    bad = ~np.isfinite(batch.acts).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise SAEError(f"NaN/inf activation at store row {int(batch.row[i])} (document index "
+                       f"{int(batch.doc_index[i])}); refusing to train on it")

@@ -1,0 +1,68 @@
+"""Library calls behind the `bra-sae` commands that are not training: load, describe, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bra.cache.store import open_store
+from bra.errors import SAEError
+from bra.sae.evaluate import check_compatible, ce_loss_score, heldout_docs, reconstruction_metrics
+from bra.sae.formats import SAELENS_CFG, SEED_WEIGHTS, load_sae
+from bra.sae.model import TopKSAE
+
+logger = logging.getLogger(__name__)
+
+
+def load_any(path: str | os.PathLike[str]) -> TopKSAE:
+    """Load an SAE from a fit run dir (its sae/ export), a SAELens dir, or a seed .pt file."""
+    p = Path(path)
+    if not p.exists():
+        raise SAEError(f"no SAE at {p}")
+    if p.is_dir() and (p / "sae" / SAELENS_CFG).is_file():
+        p = p / "sae"
+    elif p.is_dir() and not (p / SAELENS_CFG).is_file() and (p / SEED_WEIGHTS).is_file():
+        p = p / SEED_WEIGHTS
+    return load_sae(p)
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-ready description of an SAE."""
+    sae = load_any(path)
+    cfg = sae.cfg
+    with torch.no_grad():
+        norms = sae.W_dec.norm(dim=-1)
+    return {**cfg.to_dict(), "params": sum(p.numel() for p in sae.parameters()),
+            "decoder_row_norm_mean": float(norms.mean()), "path": str(path)}
+
+
+def evaluate(sae_path: str | os.PathLike[str], store_path: str | os.PathLike[str], layer: int | None = None,
+             split: str = "heldout", with_model: bool = False) -> dict[str, Any]:
+    """Evaluate an SAE on a store: held-out (run's recorded split when available) or all documents."""
+    sae = load_any(sae_path)
+    store = open_store(store_path)
+    if layer is None:
+        layer = sae.cfg.layer if sae.cfg.layer >= 0 else store.layers[0]
+    if layer not in store.layers:
+        raise SAEError(f"layer {layer} is not in store {store.path} (it has {store.layers})")
+    check_compatible(sae, store, layer)
+    if split == "all":
+        selected = heldout_docs(store, None, 0.0, 0) | True
+    else:
+        run_dir = Path(sae_path) if Path(sae_path).is_dir() else Path(sae_path).parent
+        selected = heldout_docs(store, run_dir / "split.json", 0.1, 0)
+    result = reconstruction_metrics(sae, store, layer, selected)
+    result.update({"split": split, "layer": layer, "store": str(store.path), "sae": str(sae_path)})
+    if with_model:
+        from bra.pipeline.manifest import ModelSpec
+        from bra.pipeline.model import load_model, resolve_device
+
+        manifest = store.attrs["manifest"]["model"]
+        spec = ModelSpec(**{k: v for k, v in manifest.items() if k in ModelSpec.__dataclass_fields__})
+        model, _ = load_model(spec, resolve_device("auto"), torch.float32)
+        result.update(ce_loss_score(sae, store, layer, model, selected))
+    return result
