@@ -102,8 +102,7 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, hazard
     state.tokens_since_fired += x.shape[0]
     state.tokens_since_fired[fired > 0] = 0
     state.step += 1
-    return StepOutput(float(total), float(recon), float(l1), float(auxk), float(con),
-                      float(losses.l0(out.z)))
+    return StepOutput(*(float(t.detach()) for t in (total, recon, l1, auxk, con, losses.l0(out.z))))
 
 
 def _save_checkpoint(out: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainerState) -> None:

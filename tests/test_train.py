@@ -1,0 +1,200 @@
+"""Stage two: streaming reader, training loop, resume, formats of a fit, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from helpers import tiny_manifest, write_manifest
+
+from bra.cache.reader import ReaderConfig, RowStream, document_split
+from bra.cache.store import open_store
+from bra.errors import SAEError, StoreError
+from bra.pipeline.build import build_store
+from bra.pipeline.manifest import load_manifest
+from bra.sae.config import PRESETS, TrainConfig
+from bra.sae.evaluate import reconstruction_metrics
+from bra.sae.formats import load_saelens, load_seed
+from bra.sae.model import SAEConfig, TopKSAE
+from bra.sae.train import fit
+
+DATA = Path(__file__).resolve().parent.parent / "manifests" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("train-store")
+    manifest = load_manifest(tiny_manifest(tmp, tiny_gemma_dir))
+    return build_store(manifest, tmp / "tiny.zarr").path
+
+
+@pytest.fixture(scope="module")
+def smollm_store(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 block-15 activations over 45 demo paragraphs per tier (~6k tokens)."""
+    tmp = tmp_path_factory.mktemp("smol-store")
+    data = {
+        "name": "smol",
+        "model": {"id": str(smollm_dir)},
+        "layers": [15], "max_seq_len": 128, "batch_size": 16,
+        "storage": {"dtype": "bfloat16", "chunk_tokens": 256, "shard_tokens": 1024},
+        "corpora": [
+            {"tier": "hazard_adjacent", "max_docs": 45,
+             "source": {"path": str(DATA / "demo-hazard-adjacent.jsonl"), "id_field": "id"}},
+            {"tier": "benign", "max_docs": 45, "source": {"path": str(DATA / "demo-benign.jsonl"), "id_field": "id"}},
+        ],
+    }
+    return build_store(load_manifest(write_manifest(tmp / "smol.yaml", data)), tmp / "smol.zarr").path
+
+
+def _small_cfg(**kw) -> TrainConfig:
+    base = {"d_sae": 128, "k": 8, "steps": 12, "batch_size": 32, "buffer_rows": 128, "log_every": 2,
+            "checkpoint_every": 6, "dead_tokens": 64, "contrastive_rows": 16}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_reader__every_unmasked_row_exactly_once_per_epoch_shuffled(tiny_store: Path) -> None:
+    store = open_store(tiny_store)
+    mask = store.array("mask")[:]
+    expected = np.flatnonzero(~mask)
+    stream = RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=5, prefetch=2))
+    rows = np.concatenate([b.row for b in stream.epoch(0)])
+    assert Counter(rows.tolist()) == Counter(expected.tolist())  # multiset: each row once
+    assert not np.array_equal(rows, expected)  # shuffled
+    again = np.concatenate([b.row for b in stream.epoch(0)])
+    assert np.array_equal(rows, again)  # deterministic given the seed
+    other = np.concatenate([b.row for b in stream.epoch(1)])
+    assert not np.array_equal(rows, other)  # a new order each epoch
+    batch = next(iter(stream.epoch(0)))
+    assert np.array_equal(batch.acts, store.read_acts(1, 0, store.n_tokens)[batch.row])
+    assert np.array_equal(batch.tier, store.array("tier")[:][batch.row])
+
+
+def test_reader__document_selection_and_split_by_document(tiny_store: Path) -> None:
+    store = open_store(tiny_store)
+    docs = store.docs()
+    heldout = document_split(docs, 0.25, seed=1)
+    assert heldout.any() and (~heldout).any()
+    assert set(docs[heldout]["tier"]) == set(docs["tier"])  # stratified: every tier held out
+    assert np.array_equal(heldout, document_split(docs, 0.25, seed=1))
+    stream = RowStream(store, ReaderConfig(layer=2, batch_size=16, buffer_rows=64), doc_selected=~heldout)
+    seen_docs = {int(d) for b in stream.epoch(0) for d in b.doc_index}
+    assert seen_docs == set(np.flatnonzero(~heldout).tolist())
+
+
+def test_fit__writes_formats_metrics_and_keeps_decoder_unit_norm(tiny_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    sae = fit(tiny_store, out, _small_cfg())
+    norms = sae.W_dec.detach().norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8, 10, 12]
+    for key in ("loss", "recon", "auxk", "contrastive", "fvu", "l0", "dead_frac", "dense_frac", "tokens_per_s"):
+        assert all(np.isfinite(x[key]) for x in lines), key
+    assert lines[-1]["l0"] <= 8
+    # exports load back and agree with the trained model on raw activations
+    x = torch.from_numpy(open_store(tiny_store).read_acts(1, 0, 20))
+    for loaded in (load_saelens(out / "sae"), load_seed(out / "sae_weights.pt")):
+        assert loaded.cfg.hook_name == "blocks.1.hook_resid_post" and loaded.cfg.k == 8
+        assert torch.allclose(loaded(x).x_hat, sae(x).x_hat, atol=1e-4)
+    split = json.loads((out / "split.json").read_text())
+    assert split["heldout_doc_ids"]
+
+
+def test_fit__resume_continues_the_same_loss_curve(tiny_store: Path, tmp_path: Path) -> None:
+    full = fit(tiny_store, tmp_path / "full", _small_cfg())
+    fit(tiny_store, tmp_path / "part", _small_cfg(steps=6))
+    resumed = fit(tiny_store, tmp_path / "part", _small_cfg(steps=12), resume=True)
+    a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in a]
+    strip_b = [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in b]
+    assert strip == strip_b
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(full, name), getattr(resumed, name)), name
+
+
+def test_fit__resume_with_different_flags_refused(tiny_store: Path, tmp_path: Path) -> None:
+    fit(tiny_store, tmp_path / "r", _small_cfg(steps=4, checkpoint_every=2))
+    with pytest.raises(SAEError, match="different settings.*lr"):
+        fit(tiny_store, tmp_path / "r", _small_cfg(steps=8, lr=1e-2), resume=True)
+    with pytest.raises(SAEError, match="not empty"):
+        fit(tiny_store, tmp_path / "r", _small_cfg())
+
+
+def test_fit__bad_inputs(tiny_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no store"):
+        fit(tmp_path / "missing.zarr", tmp_path / "o1", _small_cfg())
+    with pytest.raises(ValueError, match="k \\(200\\) must be <= d_sae"):
+        _small_cfg(k=200)
+    with pytest.raises(SAEError, match="layer 7 is not in store"):
+        fit(tiny_store, tmp_path / "o2", _small_cfg(layer=7))
+
+
+def test_fit__incomplete_store_refused_and_points_to_verify(tiny_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    g = zarr.open_group(str(copy), mode="r+")
+    g.attrs["status"] = "building"
+    with pytest.raises(StoreError, match="incomplete.*verify"):
+        fit(copy, tmp_path / "o", _small_cfg())
+
+
+def test_fit__nan_activations_named_not_trained_on(tiny_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "nan.zarr"
+    shutil.copytree(tiny_store, copy)
+    g = zarr.open_group(str(copy), mode="r+")
+    acts = g["acts/layer_1"]
+    mask = g["mask"][:]
+    row = int(np.flatnonzero(~mask)[3])
+    data = acts[:]
+    data[row, 5] = np.nan
+    acts[:] = data
+    with pytest.raises(SAEError, match=f"NaN/inf activation at store row {row}"):
+        fit(copy, tmp_path / "o", _small_cfg(balanced=False, heldout_fraction=0.0, steps=40))
+
+
+def test_fit__empty_tier_refused_for_balanced_sampling(tiny_gemma_dir: Path, tmp_path: Path) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, hazard_tiers=["benign"])
+    data = load_manifest(manifest)
+    one_tier = write_manifest(tmp_path / "one.yaml", {
+        "name": "one", "model": {"id": str(tiny_gemma_dir)}, "layers": [1], "max_seq_len": 12,
+        "storage": {"dtype": "float32", "chunk_tokens": 16, "shard_tokens": 64},
+        "corpora": [{"tier": "benign", "source": {"path": str(tmp_path / "ben.jsonl"), "id_field": "id"}}],
+    })
+    assert data.positive_tiers == ("benign",)
+    store = build_store(load_manifest(one_tier), tmp_path / "one.zarr").path
+    with pytest.raises(SAEError, match="hazard tier has no training documents"):
+        fit(store, tmp_path / "o", _small_cfg())
+
+
+def test_presets__seed_recipe() -> None:
+    cfg = TrainConfig(**PRESETS["seed"])
+    assert (cfg.d_sae, cfg.k, cfg.lr, cfg.steps, cfg.contrastive) == (6144, 32, 3e-4, 5000, "cosine")
+    assert cfg.l1_coef > 0
+
+
+@pytest.mark.smollm
+def test_fit__smollm_heldout_fvu_well_below_random(smollm_store: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(d_sae=1152, k=32, steps=150, batch_size=512, lr=1e-3, buffer_rows=4096, log_every=25,
+                      checkpoint_every=150, dead_tokens=20_000, contrastive_rows=256)
+    sae = fit(smollm_store, tmp_path / "smol", cfg)
+    store = open_store(smollm_store)
+    heldout = document_split(store.docs(), cfg.heldout_fraction, cfg.seed)
+    trained = reconstruction_metrics(sae, store, 15, heldout)
+    rand_cfg = SAEConfig(d_model=store.d_model, d_sae=1152, k=32, input_scale=sae.cfg.input_scale)
+    random = reconstruction_metrics(
+        TopKSAE.init_random(rand_cfg, 0, torch.as_tensor(store.stats(15)["mean"], dtype=torch.float32)),
+        store, 15, heldout)
+    # measured: trained ≈ FVU_TRAINED, random ≈ FVU_RANDOM (see the issue note); bounds leave noise room
+    assert trained["fvu"] < 0.45
+    assert trained["fvu"] < 0.6 * random["fvu"]
+    assert trained["per_tier"]["hazard_adjacent"]["rows"] > 0 and trained["per_tier"]["benign"]["rows"] > 0
