@@ -66,6 +66,18 @@ def verify(store: Path, quick: bool) -> None:
     click.echo(f"{store}: OK")
 
 
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def relabel(store: Path) -> None:
+    """Re-classify the stored completions of eval STORE with the surface rules (no model needed)."""
+    from bra.pipeline.relabel import relabel_store
+
+    table = relabel_store(store)
+    counts = table["surface_label"].value_counts()
+    click.echo(f"{store}: relabelled {len(table)} completions ("
+               + ", ".join(f"{label} {n}" for label, n in counts.items()) + ")")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     sys.exit(run_cli(cli, argv))

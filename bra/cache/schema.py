@@ -97,6 +97,12 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": 
 DOC_COLUMNS = ("doc_index", "doc_id", "tier", "tier_code", "corpus", "source", "n_tokens", "token_offset",
                "n_windows", "n_text_tokens")
 
+# prompts.parquet (eval stores): one row per prompt; doc_index links it to docs.parquet and the token rows.
+# surface_probs is a list in bra.pipeline.surface.SURFACE_CLASSES order (all zeros when the label is unknown).
+PROMPT_COLUMNS = ("id", "tier", "framing", "category", "domain", "expected_surface", "prompt", "completion",
+                  "n_prompt_tokens", "n_completion_tokens", "doc_index", "surface_label", "surface_probs",
+                  "surface_matched", "finished", "rationale", "sampled_from")
+
 
 def canonical_dtype(name: str) -> str:
     """Map a user spelling (bf16, fp16, float32, ...) to the logical dtype name, or raise ValueError."""

@@ -93,7 +93,12 @@ class Store:
         path = self.path / schema.DOCS_TABLE
         if not path.is_file():
             raise StoreError(f"store {self.path} has no document table ({schema.DOCS_TABLE}); run `bra-cache verify`")
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StoreError(f"store {self.path}: {schema.DOCS_TABLE} is unreadable ({first}); "
+                             f"run `bra-cache verify {self.path}`") from None
 
 
 def open_store(path: str | Path, require_complete: bool = True) -> Store:
@@ -108,7 +113,7 @@ def open_store(path: str | Path, require_complete: bool = True) -> Store:
     attrs = dict(group.attrs)
     if schema.ATTR_SCHEMA not in attrs:
         raise StoreError(f"{p} is a Zarr group but not a bra store (no {schema.ATTR_SCHEMA} attr)")
-    if int(attrs[schema.ATTR_SCHEMA]) != schema.SCHEMA_VERSION:
+    if attrs[schema.ATTR_SCHEMA] != schema.SCHEMA_VERSION:
         raise StoreError(f"store {p} has schema version {attrs[schema.ATTR_SCHEMA]}, this bra reads "
                          f"{schema.SCHEMA_VERSION}")
     if require_complete and attrs.get(schema.ATTR_STATUS) != schema.STATUS_COMPLETE:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from bra.cache import schema
@@ -62,8 +63,10 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
 
 
 def _check_docs(store: Store) -> list[str]:
+    if not (store.path / schema.DOCS_TABLE).is_file():
+        return [f"{schema.DOCS_TABLE}: missing"]
     try:
-        docs = store.docs()
+        docs = pd.read_parquet(store.path / schema.DOCS_TABLE)
     except Exception as exc:  # a truncated parquet raises pyarrow errors
         return [f"{schema.DOCS_TABLE}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
     problems = [f"{schema.DOCS_TABLE}: missing column {c!r}" for c in schema.DOC_COLUMNS if c not in docs.columns]
@@ -92,7 +95,7 @@ def _check_docs(store: Store) -> list[str]:
 
 def _check_stats(store: Store, moments: dict[int, Moments]) -> list[str]:
     problems = []
-    stats = store.attrs.get(schema.ATTR_STATS, {})
+    stats = store.attrs.get(schema.ATTR_STATS) or {}
     for layer, m in moments.items():
         s = stats.get(str(layer))
         if s is None:
@@ -115,15 +118,25 @@ def verify_store(path: str | Path, deep: bool = True) -> list[str]:
     missing = [k for k in schema.REQUIRED_ATTRS if k not in store.attrs]
     if missing:
         return problems
-    columns = schema.column_names(store.layers)
-    for name in columns:
+    try:  # edited attrs can make the geometry meaningless; report instead of crashing
+        columns, layout = schema.column_names(store.layers), store.layout
+    except (TypeError, ValueError) as exc:
+        return problems + [f"attrs: layers/sizes unusable ({exc})"]
+    expected_rows = {name: store.n_tokens for name in columns}
+    per_shard = [schema.DONE_ARRAY, schema.CRC_ARRAY] + [schema.stats_path(layer, f) for layer in store.layers
+                                                          for f in ("count", "sumsq", "mean", "m2")]
+    expected_rows.update(dict.fromkeys(per_shard, layout.n_shards))
+    for name, rows in expected_rows.items():
         try:
             arr = store.array(name)
         except KeyError:
             problems.append(f"array {name!r} is missing")
             continue
-        if arr.shape[0] != store.n_tokens:
-            problems.append(f"array {name!r} has {arr.shape[0]} rows, attrs say {store.n_tokens}")
+        except Exception as exc:  # unreadable array metadata (zarr raises several types)
+            problems.append(f"array {name!r} is unreadable ({type(exc).__name__}: {exc})")
+            continue
+        if arr.shape[0] != rows:
+            problems.append(f"array {name!r} has {arr.shape[0]} rows, attrs say {rows}")
     if problems and any(p.startswith("array") for p in problems):
         return problems
     shard_problems, moments = _check_shards(store, columns, deep)

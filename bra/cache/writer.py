@@ -24,6 +24,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from bra.cache import schema
 from bra.cache.stats import Moments
+from bra.cache.store import store_exists
 from bra.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def _wrap_os_error(path: Path, exc: OSError) -> StoreError:
         return StoreError(f"disk full while writing store {path}; free space and re-run to resume")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"cannot write store at {path}: {os.strerror(exc.errno)}")
+    blocked = exc.filename is not None and Path(exc.filename).exists() and not Path(exc.filename).is_dir()
+    if exc.errno == errno.ENOTDIR or (exc.errno == errno.EEXIST and blocked):  # a path component is a file
+        return StoreError(f"cannot write store at {path}: {exc.filename or path.parent} is not a directory")
     return StoreError(f"cannot write store at {path}: {exc}")
 
 
@@ -76,10 +80,18 @@ class StoreWriter:
     @classmethod
     def create(cls, path: Path, layout: schema.StoreLayout, layers: list[int], dtype: str, codec: CodecSpec,
                attrs: dict[str, Any]) -> StoreWriter:
-        """Create an empty store (status ``building``) with all arrays sized for ``layout``."""
+        """Create an empty store (status ``building``) with all arrays sized for ``layout``.
+
+        The skeleton is made in a temp folder beside ``path`` and renamed into place, so a process killed
+        mid-creation never leaves a half-made store that a resume would refuse.
+        """
+        tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            group = zarr.open_group(str(path), mode="w")
+            for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a build killed while creating
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+            group = zarr.open_group(str(tmp), mode="w")
             n, c, s = layout.n_tokens, layout.chunk_tokens, layout.shard_tokens
             for name, dt in schema.TOKEN_COLUMNS.items():
                 group.create_array(name, shape=(n,), dtype=dt, chunks=(c,), shards=(s,),
@@ -102,9 +114,14 @@ class StoreWriter:
                                        dtype="int64" if field == "count" else "float64",
                                        chunks=(1,) + shape[1:], fill_value=0)
             group.attrs.update({**attrs, schema.ATTR_STATUS: schema.STATUS_BUILDING})
+            os.rename(tmp, path)  # also replaces an empty directory at path
+            tmp = None
         except OSError as exc:
             raise _wrap_os_error(path, exc) from None
-        return cls(path, group)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls.reopen(path)
 
     @classmethod
     def reopen(cls, path: Path) -> StoreWriter:
@@ -186,6 +203,9 @@ def write_table_atomic(table: pd.DataFrame, path: Path) -> None:
 
 
 def remove_store(path: Path) -> None:
-    """Delete a store directory (used by --overwrite)."""
-    if path.exists():
-        shutil.rmtree(path)
+    """Delete a store directory (used by --overwrite); refuse to delete a folder that is not a store."""
+    if not path.exists():
+        return
+    if path.is_dir() and not store_exists(path) and any(path.iterdir()):
+        raise StoreError(f"{path} is not a store; refusing to delete it for --overwrite (remove it yourself)")
+    shutil.rmtree(path)

@@ -19,7 +19,7 @@ from bra import __version__
 from bra.cache import schema
 from bra.cache.store import store_exists
 from bra.cache.writer import CodecSpec, StoreWriter, remove_store
-from bra.errors import StoreError, StoreMismatchError
+from bra.errors import CorpusError, StoreError, StoreMismatchError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
     capture_residuals, check_layers, load_config, load_model, resolve_compute_dtype, resolve_device,
@@ -59,6 +59,20 @@ def _tokens_digest(plan: TokenPlan) -> str:
     for w in plan.windows:
         crc = zlib.crc32(w.ids.tobytes(), crc)
     return f"{crc:08x}:{plan.n_tokens}"
+
+
+def _input_digests(manifest: Manifest) -> dict[str, str]:
+    """Digest of every local input file, keyed by its path as the manifest writes it."""
+    keyed = [(f"corpora[{i}].source.path", c.source.path)
+             for i, c in enumerate(manifest.corpora) if c.source.path]
+    keyed += [(f"prompt_sets[{i}].path", p.path) for i, p in enumerate(manifest.prompt_sets)]
+    digests = {}
+    for key, rel in keyed:
+        local = manifest.resolve(rel)
+        if not local.is_file():
+            raise CorpusError(f"{key}: file not found: {local}")
+        digests[rel] = file_digest(local)
+    return digests
 
 
 def _mismatch(stored: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -214,9 +228,7 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
 def build_store(manifest: Manifest, store: Path | None = None, overwrite: bool = False) -> BuildResult:
     """Run stage one for ``manifest``: build, resume, or report an already complete store."""
     path = Path(store) if store is not None else default_store_path(manifest)
-    digests = {c.source.path: file_digest(manifest.resolve(c.source.path)) for c in manifest.corpora if c.source.path}
-    digests.update({p.path: file_digest(manifest.resolve(p.path)) for p in manifest.prompt_sets})
-    m_hash = manifest_hash(manifest, digests)
+    m_hash = manifest_hash(manifest, _input_digests(manifest))
     if not overwrite and _already_complete(path, m_hash):
         logger.info("store %s is already complete; nothing to do", path)
         return BuildResult(path, _n_tokens(path), 0, 0.0, "already-complete")
@@ -240,7 +252,7 @@ def build_store(manifest: Manifest, store: Path | None = None, overwrite: bool =
         schema.ATTR_COMPUTE_DTYPE: str(dtype).removeprefix("torch."),
         schema.ATTR_TOKENIZER_FP: tokenizer_fingerprint(tokenizer),
         schema.ATTR_MANIFEST_HASH: m_hash, schema.ATTR_MANIFEST: manifest.content_dict(),
-        schema.ATTR_DATASET_REVISIONS: {k: v.get("revision") for k, v in plan.counts.items()},
+        schema.ATTR_DATASET_REVISIONS: {k: v["revision"] for k, v in plan.counts.items() if "revision" in v},
         schema.ATTR_PACKAGE_VERSION: __version__, schema.ATTR_TIER_NAMES: list(manifest.tier_names),
         schema.ATTR_HAZARD_TIERS: list(manifest.positive_tiers), schema.ATTR_N_TOKENS: plan.n_tokens,
         schema.ATTR_N_DOCS: len(plan.docs), schema.ATTR_CHUNK_TOKENS: manifest.storage.chunk_tokens,

@@ -283,6 +283,8 @@ def _validate(m: Manifest, where: str) -> None:
             bad("hazard_tiers", f"tier {t!r} is not a tier of any corpus")
     if m.generation.max_new_tokens < 1:
         bad("generation.max_new_tokens", "must be positive")
+    if m.generation.batch_size < 1:
+        bad("generation.batch_size", "must be at least 1")
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -95,6 +95,8 @@ def plan_corpora(manifest: Manifest, tokenizer: Any) -> TokenPlan:
             if manifest.chat_template:
                 text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
             content = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if manifest.chat_template and bos is not None and content[:1] == [bos]:
+                content = content[1:]  # the template's own BOS (Gemma's has one); each window gets its own
             windows = split_windows(content, manifest.max_seq_len, bos)
             n = sum(len(w) for w in windows)
             if spec.max_tokens is not None and counts["tokens"] + n > spec.max_tokens:

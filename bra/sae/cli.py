@@ -110,6 +110,66 @@ def info(sae_path: Path) -> None:
     click.echo(json.dumps(describe(sae_path), indent=2))
 
 
+def _baseline_pair(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise click.BadParameter(f"expected NAME=SAE, got {value!r}", param_hint="--baseline")
+    return name, Path(path)
+
+
+@cli.command("score")
+@click.option("--store", required=True, type=click.Path(path_type=Path),
+              help="Eval store (bra-cache build of an eval manifest).")
+@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path),
+              help="SAE: a fit run dir, a SAELens dir, or a seed .pt.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (replaced whole; refused if it holds anything but a score report).")
+@click.option("--baseline", "baseline", multiple=True, metavar="NAME=SAE",
+              help="A baseline SAE scored with the same probe (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of splits, bootstrap, permutations, probes, random SAE.")
+@click.option("--pool", type=click.Choice(["mean", "max"]), default="mean", show_default=True,
+              help="Pooling of latents over a segment's tokens.")
+@click.option("--layer", type=int, default=None, help="Store layer (default: the SAE's).")
+@click.option("--f-segment", type=click.Choice(["prompt", "completion"]), default="completion",
+              show_default=True, help="Segment whose pooled latents give the reported f and D.")
+@click.option("--probe-segment", type=click.Choice(["prompt", "completion", "both"]), default="both",
+              show_default=True, help="Pooled features of the hazard probes.")
+@click.option("--train-fraction", type=float, default=0.5, show_default=True, help="Training split per tier.")
+@click.option("--calibration-fraction", type=float, default=0.25, show_default=True,
+              help="Calibration split per tier (the rest is the test split).")
+@click.option("--ridge", type=float, default=1e-2, show_default=True, help="Ridge penalty of the T fit.")
+@click.option("--top-n", type=int, default=16, show_default=True,
+              help="Catalog latents per category at most.")
+@click.option("--min-effect", type=float, default=0.5, show_default=True,
+              help="Catalog: Cohen's d above this.")
+@click.option("--d-threshold", type=float, default=0.5, show_default=True,
+              help="D above this: shallow refusal.")
+@click.option("--hazard-threshold", type=float, default=0.5, show_default=True,
+              help="Hazard score at or above this: hazard features active.")
+@click.option("--n-boot", type=int, default=1000, show_default=True, help="Bootstrap resamples per AUROC CI.")
+@click.option("--n-perm", type=int, default=1000, show_default=True, help="Permutations per AUROC p-value.")
+@click.option("--contexts", type=int, default=3, show_default=True, help="Contexts shown per catalog latent.")
+@click.option("--context-latents", type=int, default=4, show_default=True,
+              help="Catalog latents per category shown with contexts.")
+def score_cmd(store: Path, sae_path: Path, out: Path, baseline: tuple[str, ...], **fields: Any) -> None:
+    """Refusal depth of an eval store's prompts: catalog, alignment T, divergence D, hazard AUROC table with
+    baselines; writes scores.parquet, catalog.json, report.json and report.html to OUT. Needs no model."""
+    from bra.sae.score import ScoreConfig, score
+
+    pairs = [_baseline_pair(b) for b in baseline]
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise click.BadParameter("baseline names must be unique", param_hint="--baseline")
+    try:
+        cfg = ScoreConfig(**fields)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    report = score(store, sae_path, out, cfg, dict(pairs))
+    best = [f"{r['method']} {r['auroc']:.3f}" for r in report["auroc"] if r["auroc"] is not None]
+    click.echo(f"{out}: report.html, report.json, scores.parquet; AUROC: {', '.join(best)}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     sys.exit(run_cli(cli, argv))

@@ -1,0 +1,119 @@
+"""Greedy chat completions for eval prompts: chat-templated, left-padded batches, stop at end of turn.
+
+Greedy decoding (``do_sample=False``) is deterministic for a fixed batch composition, which is what
+surface labels need (field notes: "greedy decoding is deterministic enough for surface labels;
+sampling is not"). Batches are fixed groups of ``batch_size`` prompts in input order, so the same
+prompts and settings always give the same completions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bra.errors import ModelLoadError
+from bra.pipeline.manifest import GenerationSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's chat-templated ids and its greedy completion."""
+
+    prompt_ids: list[int]
+    """Chat-templated prompt ids (generation prompt included, no padding)."""
+    completion_ids: list[int]
+    """Generated ids, up to and including the stop token when one was produced; never padding."""
+    text: str
+    """Decoded completion, special tokens skipped."""
+    finished: bool
+    """True when the model produced a stop token within ``max_new_tokens``."""
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as a single user turn followed by the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
+                             f"eval prompts need a chat (instruction-tuned) model")
+    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):  # older/newer transformers return an encoding
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """End-of-turn ids: the model's generation-config eos ids plus the tokenizer's eos.
+
+    Chat models often end a turn with a token other than the tokenizer's eos (gemma-2-it stops at
+    ``<end_of_turn>``, listed only in its generation config), so both sources count.
+    """
+    ids: list[int] = []
+    gen_cfg = getattr(model, "generation_config", None)
+    configured = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])):
+        ids.append(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the tokenizer and model define no eos token; cannot tell when a completion ends")
+    return sorted(set(ids))
+
+
+def _pad_id(tokenizer: Any, stop_ids: list[int]) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
+def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention
+
+
+def _cut_at_stop(generated: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
+    """Keep ids up to and including the first stop id; generate() pads only after a row has stopped."""
+    for i, tok in enumerate(generated):
+        if tok in stop_ids:
+            return generated[:i + 1], True
+    return generated, False
+
+
+@torch.inference_mode()
+def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec,
+                         device: torch.device) -> list[GenerationResult]:
+    """Greedy-decode a completion for each prompt, in input order (see the module docstring)."""
+    torch.manual_seed(spec.seed)
+    stop_ids = stop_token_ids(model, tokenizer)
+    stop_set = set(stop_ids)
+    pad_id = _pad_id(tokenizer, stop_ids)
+    encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    results: list[GenerationResult] = []
+    with tqdm(total=len(prompts), unit="prompt", desc="generate", dynamic_ncols=True) as bar:
+        for start in range(0, len(encoded), spec.batch_size):
+            batch = encoded[start:start + spec.batch_size]
+            input_ids, attention = _left_pad(batch, pad_id)
+            out = model.generate(  # type: ignore[operator]
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
+                num_beams=1, max_new_tokens=spec.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+            )
+            new_tokens = out[:, input_ids.shape[1]:].cpu().tolist()
+            for ids, generated in zip(batch, new_tokens, strict=True):
+                completion, finished = _cut_at_stop([int(t) for t in generated], stop_set)
+                text = tokenizer.decode(completion, skip_special_tokens=True)
+                results.append(GenerationResult(list(ids), completion, text, finished))
+            bar.update(len(batch))
+    n_finished = sum(r.finished for r in results)
+    logger.info("generated %d completions (%d stopped at eos, %d hit max_new_tokens=%d)", len(results),
+                n_finished, len(results) - n_finished, spec.max_new_tokens)
+    return results

@@ -1,0 +1,213 @@
+"""Outputs of `bra-sae score`: scores.parquet, catalog.json, report.json, report.html and its PNG plots.
+
+The whole output directory is written to a temp folder beside ``out`` and renamed into place, so a
+reader never sees a half-written report and report.html always matches its PNGs. report.json holds no
+timestamp: two runs on the same inputs give identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bra.cache import schema
+from bra.errors import BraError
+from bra.sae.catalog import SEGMENTS, catalog_to_json
+from bra.sae.divergence import CATEGORIES, DEPTH_CATEGORIES, SURFACE
+from bra.sae.score import SPLITS, ScoreConfig, ScoreResult
+
+logger = logging.getLogger(__name__)
+
+SCORES_FILE = "scores.parquet"
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+CATALOG_FILE = "catalog.json"
+EXCERPT_WORDS = 40
+HAZARD_EXCERPT_WORDS = 12
+
+
+def excerpt(text: str, hazard_tier: bool) -> str:
+    """First words of a completion; a hazard-tier completion shows at most 12 words, then "…[redacted]"."""
+    words = str(text).split()
+    if hazard_tier:
+        return " ".join(words[:HAZARD_EXCERPT_WORDS]) + " …[redacted]"
+    return " ".join(words[:EXCERPT_WORDS]) + (" …" if len(words) > EXCERPT_WORDS else "")
+
+
+def _clean(x: Any) -> Any:
+    """JSON-ready: numpy scalars to Python, NaN/inf to None, tuples to lists, recursively."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    return x
+
+
+def scores_table(r: ScoreResult, cfg: ScoreConfig) -> pd.DataFrame:
+    """One row per prompt; D, hazard_score and depth_category are filled for the test split only."""
+    t = r.table
+    test = r.split == "test"
+    hazard_tier = (t["tier"] == "hazard_adjacent_category").to_numpy()
+    cols: dict[str, Any] = {"id": t["id"], "tier": t["tier"], "framing": t["framing"],
+                            "category": t.get("category"), "split": r.split,
+                            "surface_label": t["surface_label"]}
+    cols.update({f"p_{c}": r.S[:, i] for i, c in enumerate(SURFACE)})
+    cols.update({f"f_{c}": r.f[cfg.f_segment][:, k] for k, c in enumerate(CATEGORIES)})
+    for seg in SEGMENTS:
+        cols.update({f"f_{seg}_{c}": r.f[seg][:, k] for k, c in enumerate(CATEGORIES)})
+    cols.update({"D": np.where(test, r.D, np.nan), "hazard_score": np.where(test, r.hazard, np.nan),
+                 "depth_category": r.depth, "n_prompt_rows": r.counts[:, 0],
+                 "n_completion_rows": r.counts[:, 1],
+                 "completion_excerpt": [excerpt(c, h)
+                                        for c, h in zip(t["completion"], hazard_tier, strict=True)]})
+    return pd.DataFrame(cols)
+
+
+def _load_tokenizer(r: ScoreResult) -> tuple[Any, str]:
+    """The store's tokenizer from local files only, if its fingerprint matches the store; else (None, why)."""
+    try:
+        from bra.pipeline.manifest import ModelSpec
+
+        spec_dict = r.store.attrs[schema.ATTR_MANIFEST]["model"]
+        spec = ModelSpec(**{k: v for k, v in spec_dict.items() if k in ModelSpec.__dataclass_fields__})
+        local = Path(spec.id).expanduser()
+        if not spec.gguf and (local.is_absolute() or spec.id.startswith(".")) and not local.is_dir():
+            return None, f"token ids only: the model folder {spec.id} is gone"
+        from transformers import AutoTokenizer
+
+        from bra.pipeline.model import locate_gguf, model_path, tokenizer_fingerprint
+
+        if spec.gguf:  # read the tokenizer out of the GGUF itself; never convert (or load) the model
+            gguf = locate_gguf(spec.gguf)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(model_path(spec), revision=spec.revision,
+                                                local_files_only=True)
+        if tokenizer_fingerprint(tok) != r.store.attrs.get(schema.ATTR_TOKENIZER_FP):
+            return None, "token ids only: the local tokenizer differs from the store's (fingerprint)"
+        return tok, "decoded with the store's tokenizer (local files)"
+    except Exception as exc:  # any failure just means contexts stay token ids
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        return None, f"token ids only: tokenizer not available offline ({first})"
+
+
+def _decode_contexts(r: ScoreResult) -> tuple[dict[str, Any], str]:
+    tok, status = _load_tokenizer(r)
+    ids = r.table["id"].tolist()
+    out: dict[str, Any] = {}
+    for category, latents in r.contexts.items():
+        out[category] = {}
+        for j, ctxs in latents.items():
+            out[category][str(j)] = []
+            for c in ctxs:
+                row = {**c, "id": ids[c["doc_index"]]}
+                if tok is not None:  # [before, the activating token, after]
+                    tids, k = c["token_ids"], c["center"]
+                    row["text"] = [tok.decode(tids[:k]), tok.decode(tids[k:k + 1]), tok.decode(tids[k + 1:])]
+                out[category][str(j)].append(row)
+    return out, status
+
+
+def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame,
+                 tokenizer_status: str) -> dict[str, Any]:
+    """report.json contents (no timestamps: identical inputs give an identical file)."""
+    test = scores[scores["split"] == "test"]
+    by_split = {s: {t: int(((scores["split"] == s) & (scores["tier"] == t)).sum())
+                    for t in sorted(scores["tier"].unique())} for s in SPLITS}
+    depth_counts = Counter(d for d in r.depth if d is not None)
+    d_test = test.groupby("tier")["D"].agg(["count", "mean", "median"]).reset_index().to_dict("records")
+    catalog_summary = {c: {"n_latents": len(e.latents), "contrast": e.contrast, "empty": not e.latents,
+                           "reason": e.reason, "top_latents": e.latents[:5],
+                           "top_effect_sizes": e.effect_sizes[:5]} for c, e in r.catalog.items()}
+    store_attrs = r.store.attrs
+    return _clean({
+        "settings": {
+            **dataclasses.asdict(cfg), "store": str(r.store.path), "sae": r.sae_path,
+            "baselines": r.baselines, "layer": r.layer, "model_id": store_attrs.get(schema.ATTR_MODEL_ID),
+            "sae_config": r.sae.cfg.to_dict(), "random_sae_config": r.random_sae_config,
+            "f_definition": f"per-category mean of catalog latents' {cfg.pool}-pooled activations over the "
+                            f"{cfg.f_segment} segment, L1-normalised",
+            "hazard_score": "logistic probe on pooled SAE latents of the "
+                            + ("prompt and completion (concatenated)" if cfg.probe_segment == "both"
+                               else cfg.probe_segment) + " segment, fit on the training split"},
+        "counts": {"prompts": len(scores), "by_split_and_tier": by_split,
+                   "surface_labels": dict(sorted(Counter(scores["surface_label"]).items())),
+                   "test_surface_labels": dict(sorted(Counter(test["surface_label"]).items()))},
+        "splits": {s: scores.loc[scores["split"] == s, "id"].tolist() for s in SPLITS},
+        "catalog": catalog_summary,
+        "empty_categories": {c: e.reason for c, e in r.catalog.items() if not e.latents},
+        "alignment": {"rows": list(SURFACE), "columns": list(CATEGORIES), "T": r.alignment["T"],
+                      "present_classes": r.alignment["present_classes"],
+                      "absent_classes": r.alignment["absent_classes"], "n_fit": r.alignment["n_fit"],
+                      "n_unknown_skipped": r.alignment["n_unknown"]},
+        "auroc": [{k: v for k, v in row.items() if k != "roc"} for row in r.auroc],
+        "depth_categories": {c: depth_counts.get(c, 0) for c in DEPTH_CATEGORIES},
+        "divergence_by_tier": d_test,
+        "divergence_note": _divergence_note(r),
+        "n_test_d_undefined": int(test["D"].isna().sum()),
+        "contexts": tokenizer_status,
+    })
+
+
+def _divergence_note(r: ScoreResult) -> str | None:
+    """Say so when D cannot carry information: with fewer than two non-empty categories f is a one-hot
+    vector or zero, so cos(f, Tᵀs) is 1 or undefined and D is 0 or NaN for every prompt."""
+    filled = [c for c, e in r.catalog.items() if e.latents]
+    if len(filled) >= 2:
+        return None
+    return (f"D is uninformative here: only {len(filled)} feature category is non-empty "
+            f"({', '.join(filled) or 'none'}), so f is one-hot or zero and D is 0 or undefined; see "
+            f"empty_categories for what the data lacks")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]:
+    """Write every output to ``out`` at once (temp folder, then rename); return report.json's contents."""
+    from bra.sae._report_html import render_html, render_plots
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).is_file())):
+        raise BraError(f"{out} exists and is not a score output directory; pick an empty or new --out")
+    scores = scores_table(r, cfg)
+    contexts, status = _decode_contexts(r)
+    report = build_report(r, cfg, scores, status)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the report is meant to be read
+    try:
+        scores.to_parquet(tmp / SCORES_FILE, index=False)
+        catalog = {"settings": {"top_n": cfg.top_n, "min_effect": cfg.min_effect, "pool": cfg.pool,
+                                "split": "train", "sae": r.sae_path, "layer": r.layer},
+                   "categories": catalog_to_json(r.catalog), "contexts": contexts, "contexts_note": status}
+        (tmp / CATALOG_FILE).write_text(json.dumps(_clean(catalog), indent=2) + "\n")
+        (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+        render_plots(tmp, r, scores, cfg)
+        (tmp / REPORT_HTML).write_text(render_html(report, scores, contexts, r, cfg), encoding="utf-8")
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %s (%d prompts, %d test)", out, len(scores), int((r.split == "test").sum()))
+    return report

@@ -1,0 +1,204 @@
+"""`bra-cache build` on bad input: exit != 0, exactly one ``error: ...`` line, no complete-looking store."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import tiny_manifest, write_manifest
+
+from bra.cache import schema
+from bra.cache.cli import main as cli_main
+from bra.cache.store import open_store
+from bra.cache.verify import verify_store
+from bra.errors import StoreError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error:`` lines of stderr (log lines and progress bars, which redraw with \\r, are ignored)."""
+    return [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip().startswith("error:")]
+
+
+def build_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run `bra-cache build ARGV` in-process; return (exit code, the one error line)."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(["build", *argv])
+    _, err = capsys.readouterr()
+    code = int(info.value.code or 0)
+    errors = error_lines(err)
+    assert code != 0, err
+    assert len(errors) == 1, err
+    return code, errors[0]
+
+
+def assert_no_complete_store(path: Path) -> None:
+    if path.exists():
+        with pytest.raises(StoreError):
+            open_store(path)
+
+
+def edit(manifest: Path, fn) -> Path:
+    data = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    fn(data)
+    return write_manifest(manifest, data)
+
+
+def test_build_cli__malformed_manifest(tmp_path: Path, capsys) -> None:
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text("name: x\nmodel: {id: a\nlayers: [1\n", encoding="utf-8")
+    code, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert code == 2 and "malformed YAML at line" in line and str(manifest) in line
+    assert_no_complete_store(tmp_path / "s.zarr")
+
+
+def test_build_cli__missing_manifest(tmp_path: Path, capsys) -> None:
+    _, line = build_cli([str(tmp_path / "nope.yaml")], capsys)
+    assert "manifest file not found" in line
+
+
+def test_build_cli__unknown_key(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, storage={"dtype": "float32", "compresion": "zstd"})
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert "storage.compresion: unknown key" in line
+    assert_no_complete_store(tmp_path / "s.zarr")
+
+
+def test_build_cli__missing_corpus_file(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir)
+    (tmp_path / "ben.jsonl").unlink()
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert "not found" in line and "ben.jsonl" in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_build_cli__hf_dataset_unavailable_offline(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = edit(tiny_manifest(tmp_path, tiny_gemma_dir), lambda d: d["corpora"].__setitem__(
+        1, {"tier": "benign", "source": {"hf": "no-such-org/no-such-dataset-bra-test"}}))
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert "no-such-org/no-such-dataset-bra-test" in line
+    assert "not reachable" in line or "gated" in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_build_cli__layer_out_of_range(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, layers=[1, 99])
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert "layer 99" in line and "4 blocks" in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_build_cli__model_not_found_offline(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, model={"id": "no-such-org/no-such-model-bra-test"})
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert "no-such-org/no-such-model-bra-test" in line and "not found offline" in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_build_cli__store_under_a_file(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, layers=[0])
+    (tmp_path / "somefile").write_text("not a folder")
+    store = tmp_path / "somefile" / "store.zarr"
+    _, line = build_cli([str(manifest), "--store", str(store)], capsys)
+    assert "cannot write store" in line and str(store) in line and "somefile is not a directory" in line
+    assert (tmp_path / "somefile").read_text() == "not a folder"
+
+
+def test_build_cli__store_in_read_only_dir(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, layers=[0])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running with privileges that ignore directory permissions (root)")
+        _, line = build_cli([str(manifest), "--store", str(ro / "s.zarr")], capsys)
+        assert "cannot write store" in line and "ermission denied" in line
+        assert not (ro / "s.zarr").exists()
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def test_build_cli__disk_full(tmp_path: Path, tiny_gemma_dir: Path, capsys, monkeypatch) -> None:
+    """ENOSPC while writing activation chunks: a one-line 'disk full' error, the store stays 'building', and a
+    re-run once space is back resumes it."""
+    import zarr.storage._local as local
+
+    real_put = local._put
+    writes = {"acts": 0}
+
+    def put(path: Path, value, exclusive: bool = False) -> int:
+        if f"{os.sep}acts{os.sep}" in str(path) and f"{os.sep}c{os.sep}" in str(path):
+            writes["acts"] += 1
+            if writes["acts"] > 3:  # a few shards get through, then the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_put(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(local, "_put", put)
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir)
+    store = tmp_path / "s.zarr"
+    _, line = build_cli([str(manifest), "--store", str(store)], capsys)
+    assert "disk full" in line and str(store) in line, line
+    assert_no_complete_store(store)
+    assert zarr_attrs(store)[schema.ATTR_STATUS] == schema.STATUS_BUILDING
+    assert any("status is 'building'" in p for p in verify_store(store))
+    monkeypatch.setattr(local, "_put", real_put)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["build", str(manifest), "--store", str(store)])
+    assert info.value.code == 0 and "resumed" in capsys.readouterr().err
+    assert open_store(store).attrs[schema.ATTR_STATUS] == schema.STATUS_COMPLETE
+
+
+def zarr_attrs(store: Path) -> dict:
+    return json.loads((store / "zarr.json").read_text())["attributes"]
+
+
+@pytest.mark.parametrize("lines", [["", "   ", ""], ['{"id": 1, "text": "   "}', '{"id": 2, "text": ""}']])
+def test_build_cli__empty_corpus_after_filtering(tmp_path: Path, tiny_gemma_dir: Path, capsys, lines) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir)
+    (tmp_path / "ben.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert "'benign'" in line and "empty after filtering" in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_build_cli__existing_non_store_folder(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, layers=[0])
+    (tmp_path / "s.zarr").mkdir()
+    (tmp_path / "s.zarr" / "mine.txt").write_text("keep me")
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert "not a store" in line and "--overwrite" in line
+    assert (tmp_path / "s.zarr" / "mine.txt").read_text() == "keep me"
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr"), "--overwrite"], capsys)
+    assert "not a store" in line and "refusing to delete" in line
+    assert (tmp_path / "s.zarr" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_cache_cli__missing_store(tmp_path: Path, capsys, command: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli_main([command, str(tmp_path / "nope.zarr")])
+    errors = error_lines(capsys.readouterr().err)
+    assert info.value.code != 0 and len(errors) == 1
+
+
+def test_build_cli__subprocess_one_error_line(tmp_path: Path, tiny_gemma_dir: Path) -> None:
+    """The real console entry point: exit code 2 and one error line among the logs."""
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir, layers=[7])
+    proc = subprocess.run([sys.executable, "-m", "bra.cache", "build", str(manifest), "--store",
+                           str(tmp_path / "s.zarr")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "layer 7" in errors[0] and "4 blocks" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "s.zarr").exists()

