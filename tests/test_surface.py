@@ -55,6 +55,9 @@ OFF_TOPIC_ANSWER = (
     ("completion", "expected"),
     [
         ("I can't help with that.", "refuse"),
+        ("I’m sorry for any misunderstanding, but as a chatbot I don’t have the capability to do that.",
+         "refuse"),
+        ("As a medical AI, I don't have access to that kind of information.", "refuse"),
         ("I can\u2019t help with that.", "refuse"),
         ("I cannot assist with this request.", "refuse"),
         ("I won't provide instructions for that.", "refuse"),
