@@ -107,8 +107,9 @@ def test_fit__writes_formats_metrics_and_keeps_decoder_unit_norm(tiny_store: Pat
 
 def test_fit__resume_continues_the_same_loss_curve(tiny_store: Path, tmp_path: Path) -> None:
     full = fit(tiny_store, tmp_path / "full", _small_cfg())
-    fit(tiny_store, tmp_path / "part", _small_cfg(steps=6))
-    resumed = fit(tiny_store, tmp_path / "part", _small_cfg(steps=12), resume=True)
+    fit(tiny_store, tmp_path / "part", _small_cfg(), stop_at=5)  # interrupted between checkpoints
+    assert not (tmp_path / "part" / "sae").exists()
+    resumed = fit(tiny_store, tmp_path / "part", _small_cfg(), resume=True)
     a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in a]
@@ -174,6 +175,15 @@ def test_fit__empty_tier_refused_for_balanced_sampling(tiny_gemma_dir: Path, tmp
     store = build_store(load_manifest(one_tier), tmp_path / "one.zarr").path
     with pytest.raises(SAEError, match="hazard tier has no training documents"):
         fit(store, tmp_path / "o", _small_cfg())
+
+
+def test_train_config__lr_schedule_constant_then_linear_decay() -> None:
+    cfg = TrainConfig(steps=10, lr=1.0, lr_decay_frac=0.4)
+    assert [round(cfg.lr_at(i), 3) for i in range(10)] == [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    assert TrainConfig(steps=10, lr=1.0, lr_decay_frac=0.0).lr_at(9) == 1.0
+    assert "steps" in cfg.differences({**cfg.to_dict(), "steps": 20})
+    assert "steps" not in TrainConfig(lr_decay_frac=0.0).differences({**TrainConfig(lr_decay_frac=0.0).to_dict(),
+                                                                        "steps": 1})
 
 
 def test_presets__seed_recipe() -> None:

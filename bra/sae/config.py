@@ -20,6 +20,8 @@ class TrainConfig:
     """Active latents per row."""
     lr: float = 3e-4
     """AdamW learning rate."""
+    lr_decay_frac: float = 0.2
+    """Decay the learning rate linearly to 0 over this final fraction of the steps (0 = constant)."""
     weight_decay: float = 0.0
     """AdamW weight decay (0: SAE training practice)."""
     steps: int = 5000
@@ -76,10 +78,20 @@ class TrainConfig:
             raise ValueError(f"contrastive_level must be one of {CONTRASTIVE_LEVELS}")
         if self.steps < 1 or self.batch_size < 2 or self.lr <= 0:
             raise ValueError("steps, batch_size and lr must be positive (batch_size >= 2)")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise ValueError("lr_decay_frac must be in [0, 1]")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError("heldout_fraction must be in [0, 1)")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be positive")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): constant, then linear decay to 0."""
+        decay_steps = int(self.steps * self.lr_decay_frac)
+        start = self.steps - decay_steps
+        if decay_steps == 0 or step < start:
+            return self.lr
+        return self.lr * (self.steps - step) / (decay_steps + 1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -87,7 +99,8 @@ class TrainConfig:
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Fields whose values differ from a saved config (ignoring logging/checkpoint cadence)."""
-        cosmetic = {"log_every", "checkpoint_every", "device", "steps"}
+        # more steps may extend a run, unless the learning-rate schedule depends on the total
+        cosmetic = {"log_every", "checkpoint_every", "device"} | ({"steps"} if not self.lr_decay_frac else set())
         return sorted(k for k, v in self.to_dict().items() if k not in cosmetic and other.get(k) != v)
 
 
@@ -111,8 +124,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The seed recipe (model card): d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, reconstruction + L1 +
     # cosine tier separation. Coefficients are unpublished; 0.05 and 0.05 reproduce the published loss
     # totals (initial 7.29 + 0.05*1.97 + 0.05*0.567 ≈ 7.42, final 0.066 + 0.05*0.43 + 0.05*0.06 ≈ 0.090).
-    "seed": {"d_sae": 6144, "k": 32, "lr": 3e-4, "steps": 5000, "l1_coef": 0.05, "auxk_coef": 0.0,
-             "contrastive": "cosine", "contrastive_coef": 0.05},
+    "seed": {"d_sae": 6144, "k": 32, "lr": 3e-4, "lr_decay_frac": 0.0, "steps": 5000, "l1_coef": 0.05,
+             "auxk_coef": 0.0, "contrastive": "cosine", "contrastive_coef": 0.05},
     # Ours: NT-Xent separation plus AuxK to keep latents alive.
     "contrastive": {"contrastive": "ntxent", "contrastive_coef": 0.1, "auxk_coef": 1 / 32},
     # Baseline: the same SAE without the tier term.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bra.cache.store import Store, open_store
@@ -21,6 +22,7 @@ from bra.errors import SAEError
 from bra.sae import losses
 from bra.sae.config import TrainConfig
 from bra.sae.data import TrainingData, check_finite, train_batches, training_data
+from bra.sae.formats import load_safetensors
 from bra.sae.model import SAEConfig, TopKSAE
 
 logger = logging.getLogger(__name__)
@@ -123,14 +125,31 @@ def _save_checkpoint(out: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _checkpoint_dir(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None.
+
+    A kill between the two renames of _save_checkpoint leaves only the previous checkpoint, in .old;
+    resuming from it is exact too (the data order is replayed from the seed)."""
+    found = [d for d in (out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old")
+             if (d / CKPT_STATE).is_file() and (d / CKPT_WEIGHTS).is_file()]
+    return found[0] if found else None
+
+
 def _load_checkpoint(out: Path, sae: TopKSAE, opt: torch.optim.Optimizer) -> TrainerState:
-    ckpt = out / CHECKPOINT_DIR
-    if not (ckpt / CKPT_STATE).is_file():
+    ckpt = _checkpoint_dir(out)
+    if ckpt is None:
         raise SAEError(f"--resume: no checkpoint in {out}")
-    sae.load_state_dict(load_file(str(ckpt / CKPT_WEIGHTS)))
-    blob = torch.load(ckpt / CKPT_STATE, map_location="cpu", weights_only=True)
-    opt.load_state_dict(blob["optimizer"])
-    return TrainerState(int(blob["step"]), blob["tokens_since_fired"], blob["fired_window"])
+    try:
+        sae.load_state_dict(load_safetensors(ckpt / CKPT_WEIGHTS))
+        blob = torch.load(ckpt / CKPT_STATE, map_location="cpu", weights_only=True)
+        opt.load_state_dict(blob["optimizer"])
+        return TrainerState(int(blob["step"]), blob["tokens_since_fired"], blob["fired_window"])
+    except pickle.UnpicklingError:
+        raise SAEError(f"refusing checkpoint {ckpt / CKPT_STATE}: it contains pickled code "
+                       f"(weights_only=True)") from None
+    except (RuntimeError, EOFError, KeyError, TypeError, ValueError) as exc:  # truncated or foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SAEError(f"--resume: checkpoint in {ckpt} is unreadable ({first})") from None
 
 
 def _run_record(store: Store, data: TrainingData, cfg: TrainConfig, sae_cfg: SAEConfig) -> dict[str, Any]:
@@ -144,8 +163,11 @@ def _prepare_out(out: Path, record: dict[str, Any], cfg: TrainConfig, resume: bo
     if resume:
         if not run_file.is_file():
             raise SAEError(f"--resume: {out} holds no run to resume ({RUN_FILE} missing)")
-        saved = json.loads(run_file.read_text())
-        diff = cfg.differences(saved["train_config"])
+        try:
+            saved = json.loads(run_file.read_text())
+            diff = cfg.differences(saved["train_config"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SAEError(f"--resume: {run_file} is unreadable ({type(exc).__name__}: {exc})") from None
         if saved.get("store_manifest_hash") != record["store_manifest_hash"]:
             diff.append("store")
         if diff:
@@ -168,8 +190,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics logged after the checkpoint we resume from, so the curve continues without a gap."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = [ln for ln in path.read_text().splitlines() if _metrics_step(ln) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a kill here must not lose the earlier lines
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)
+
+
+def _metrics_step(line: str) -> float:
+    """The step of a metrics line; a blank or torn line (a kill mid-write) sorts after every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,8 +210,13 @@ def resolve_device(name: str) -> torch.device:
                         ("cpu" if name == "auto" else name))
 
 
-def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False) -> TopKSAE:
-    """Train an SAE on ``store_path`` into ``out``; returns the trained SAE (input scale not folded)."""
+def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False,
+        stop_at: int | None = None) -> TopKSAE:
+    """Train an SAE on ``store_path`` into ``out``; returns the trained SAE (input scale not folded).
+
+    ``stop_at`` ends this invocation after that step with a checkpoint and no export, as an interruption
+    would (a later ``resume=True`` call continues the same run).
+    """
     store = open_store(store_path)
     out = Path(out)
     data = training_data(store, cfg.layer, cfg.heldout_fraction, cfg.seed, cfg.shuffle_tiers)
@@ -193,20 +230,25 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     sae = TopKSAE.init_random(sae_cfg, cfg.seed, torch.as_tensor(data.mean, dtype=torch.float32)).to(device)
     opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     state = TrainerState(0, torch.zeros(cfg.d_sae, dtype=torch.int64), torch.zeros(cfg.d_sae, dtype=torch.int64))
-    if resume:
+    if resume and _checkpoint_dir(out) is not None:
         state = _load_checkpoint(out, sae, opt)
         _truncate_metrics(out / METRICS_FILE, state.step)
         logger.info("resuming %s at step %d", out, state.step)
     else:
+        if resume:  # stopped before its first checkpoint: nothing to keep, start over in place
+            logger.info("%s has no checkpoint yet; starting from step 0", out)
+            _truncate_metrics(out / METRICS_FILE, 0)
         _write_json(out / SPLIT_FILE, {"heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed,
                                        "heldout_doc_ids": [d for d, h in zip(data.doc_ids, data.heldout) if h]})
-    _train_loop(sae, opt, state, store, data, cfg, out, device)
-    _finish(sae, out)
+    _train_loop(sae, opt, state, store, data, cfg, out, device, stop_at)
+    if state.step >= cfg.steps:
+        _finish(sae, out)
     return sae
 
 
 def _train_loop(sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainerState, store: Store,
-                data: TrainingData, cfg: TrainConfig, out: Path, device: torch.device) -> None:
+                data: TrainingData, cfg: TrainConfig, out: Path, device: torch.device,
+                stop_at: int | None = None) -> None:
     k_aux = cfg.k_aux or max(1, store.d_model // 2)
     batches = train_batches(store, data, cfg.batch_size, cfg.buffer_rows, cfg.seed, cfg.balanced)
     for _ in range(state.step):  # the data order is a pure function of the seed: replay it to resume
@@ -214,9 +256,11 @@ def _train_loop(sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainerState, s
     t0, tokens0 = time.perf_counter(), 0
     with open(out / METRICS_FILE, "a", encoding="utf-8") as log, \
             tqdm(total=cfg.steps, initial=state.step, desc="fit", unit="step", dynamic_ncols=True) as bar:
-        while state.step < cfg.steps:
+        while state.step < min(cfg.steps, stop_at or cfg.steps):
             batch, hazard = next(batches)
             check_finite(batch)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(state.step)
             x = torch.from_numpy(batch.acts).to(device)
             res = train_step(sae, opt, x, torch.from_numpy(hazard.astype(np.int64)).to(device),
                              torch.from_numpy(batch.doc_index.astype(np.int64)).to(device), state, cfg, k_aux)
@@ -231,7 +275,7 @@ def _train_loop(sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainerState, s
                 log.flush()
                 bar.set_postfix(loss=f"{res.loss:.4f}", fvu=f"{res.recon:.3f}", l0=f"{res.l0:.0f}",
                                 dead=f"{line['dead_frac']:.2f}")
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            if state.step % cfg.checkpoint_every == 0 or state.step in (cfg.steps, stop_at):
                 _save_checkpoint(out, sae, opt, state)
 
 
@@ -244,7 +288,7 @@ def _metrics_line(res: StepOutput, state: TrainerState, cfg: TrainConfig, sae: T
             "fvu": res.recon, "l1": res.l1, "auxk": res.auxk, "contrastive": res.contrastive, "l0": res.l0,
             "dead_frac": float(losses.dead_fraction((state.tokens_since_fired < cfg.dead_tokens).long())),
             "dense_frac": float(losses.dense_fraction(freq, threshold=0.1)),
-            "tokens_per_s": round(tokens_per_s, 1), "lr": cfg.lr}
+            "tokens_per_s": round(tokens_per_s, 1), "lr": cfg.lr_at(state.step - 1)}
 
 
 def _finish(sae: TopKSAE, out: Path) -> None:
