@@ -50,5 +50,11 @@ baselines: install
 test: install
 	$(PY) -m pytest -q
 
+# Benchmarks (issue 7): writes bench/results.md and bench/results.json. BENCH_SIZE=tiny|small|medium|full.
+BENCH_SIZE ?= small
+bench: install
+	$(PY) -c "import sae_lens, psutil" 2>/dev/null || $(PIP) install --quiet -e '.[bench]'
+	$(PY) -m bench --size $(BENCH_SIZE)
+
 clean:
 	rm -rf cache/demo.zarr cache/eval-demo.zarr $(RUNS) cache/report-demo .pytest_cache

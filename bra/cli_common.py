@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,6 +25,23 @@ def setup_logging(verbose: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class StorePathType(click.ParamType):
+    """A store location: a local path (a ``Path``, as ``click.Path`` gives) or a URL such as
+    ``s3://bucket/x.zarr``, ``memory://x.zarr`` or ``file:///abs/x.zarr`` (kept as a string: pathlib would
+    collapse its ``//``)."""
+
+    name = "path_or_url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        return text if "://" in text else Path(text)
+
+
+STORE_PATH = StorePathType()
+
+
 def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
     """Invoke a click group; BraError and OS errors become ``error: <one line>`` and exit code 2."""
     try:
@@ -29,8 +49,10 @@ def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad flags or values: one line too, with where to find help
+        usage = isinstance(exc, click.UsageError) and exc.ctx is not None
+        hint = f" (see `{exc.ctx.command_path} --help`)" if usage and exc.ctx else ""
+        click.echo(f"error: {(exc.format_message().splitlines() or [''])[0]}{hint}", err=True)
         return exc.exit_code
     except BraError as exc:
         click.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
@@ -39,7 +61,20 @@ def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
         click.echo("error: interrupted", err=True)
         return 130
     except OSError as exc:
-        click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        click.echo(f"error: {_os_error_line(exc)}", err=True)
         return 2
     return 0
 
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError; "File exists"/"Not a directory" on a path under a regular file says so."""
+    name = exc.filename
+    if exc.errno == errno.ENOSPC:
+        return f"disk full (no space left on device) writing {name or 'output'}; free space and re-run"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and name is not None:
+        blocker = next((q for q in [Path(name), *Path(name).parents] if q.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            where = "" if blocker == Path(name) else f"cannot write {name}: "
+            return f"{where}{blocker} is a file, not a directory"
+    return f"{exc.strerror or exc}: {name or ''}".rstrip(": ")

@@ -56,3 +56,12 @@ def smollm_dir() -> Path:
     from bra.pipeline.model import materialize_gguf
 
     return materialize_gguf(SMOLLM_GGUF)
+
+
+@pytest.fixture(scope="session")
+def labelled_eval_store(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(store, removed model path): the 24-prompt tiny eval store of helpers.build_labelled_eval_store, built
+    once per session. Tests must not modify it (copy it first)."""
+    from helpers import build_labelled_eval_store
+
+    return build_labelled_eval_store(tmp_path_factory.mktemp("eval-store"), tiny_gemma_dir)

@@ -18,7 +18,7 @@ from helpers import SAMPLE_TEXT, tiny_manifest, write_corpus, write_manifest
 from bra.cache import schema
 from bra.cache.cli import main as cli_main
 from bra.cache.store import Store, open_store
-from bra.errors import StoreMismatchError
+from bra.errors import StoreError, StoreMismatchError
 from bra.pipeline.build import BuildResult, build_store
 from bra.pipeline.manifest import load_manifest
 
@@ -359,27 +359,57 @@ def _incomplete(path: Path) -> None:
     g.attrs[schema.ATTR_STATUS] = schema.STATUS_BUILDING
 
 
+def _delete_acts_shard(path: Path) -> None:
+    (path / "acts" / "layer_1" / "c" / "2" / "0").unlink()
+
+
+# every problem verify reports, in order (a fragment of each line): exactly what is wrong, nothing else
 @pytest.mark.parametrize("corrupt, expected", [
-    (_flip_bytes, "shard 1: acts/layer_2: unreadable chunk"),
-    (_delete_shard, "shard 2: token_id: checksum mismatch"),
-    (_truncate_docs, "docs.parquet: unreadable"),
-    (_remove_docs, "docs.parquet: missing"),
-    (_edit_attr, "'model_id' was changed after the build"),
-    (_edit_stats, "'stats' was changed after the build"),
-    (_incomplete, "status is 'building', not complete"),
-    (_edit_geometry, "'shard_tokens' was changed after the build"),
-    (_remove_done_flags, "array 'shards/done' is missing"),
-    (_garble_array_metadata, "array 'mask' is unreadable"),
+    (_flip_bytes, ["shard 1: acts/layer_2: unreadable chunk, rows "]),
+    (_delete_shard, ["shard 2: token_id: checksum mismatch: shard file token_id/c/2 is missing"]),
+    (_delete_acts_shard, ["shard 2: acts/layer_1: checksum mismatch: shard file acts/layer_1/c/2/0 is"]),
+    (_truncate_docs, ["docs.parquet: unreadable"]),
+    (_remove_docs, ["docs.parquet: missing"]),
+    (_edit_attr, ["'model_id' was changed after the build"]),
+    (_edit_stats, ["'stats' was changed after the build",
+                   "stats: layer 1 does not match the stored activations"]),
+    (_incomplete, ["status is 'building', not complete", "shard 1: not written"]),
+    (_edit_geometry, ["'shard_tokens' was changed after the build", "layers/sizes unusable"]),
+    (_remove_done_flags, ["array 'shards/done' is missing"]),
+    (_garble_array_metadata, ["array 'mask' is unreadable"]),
 ])
-def test_verify__corruption_named(fp32_store, tmp_path: Path, capsys, corrupt, expected: str) -> None:
+def test_verify__corruption_named(fp32_store, tmp_path: Path, capsys, corrupt, expected: list[str]) -> None:
     path = tmp_path / "s.zarr"
     shutil.copytree(fp32_store[1], path)
     corrupt(path)
     code, out, err = run_cli(["verify", str(path)], capsys)
     assert code == 1 and "OK" not in out
-    assert expected in err, err
+    problems = [line for line in err.splitlines() if line.startswith(f"{path}: ")]
+    assert len(problems) == len(expected), err
+    for line, fragment in zip(problems, expected, strict=True):
+        assert fragment in line, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "problem(s)" in errors[0]
+    assert len(errors) == 1 and f"{len(expected)} problem(s)" in errors[0]
+
+
+def test_read_rows__corrupt_chunk_and_missing_shard_named(fp32_store, tmp_path: Path) -> None:
+    """What fit, eval and score read goes through Store.read_rows: a chunk failing its CRC32C, or a missing
+    activation shard file (zarr would read zeros), is a one-line StoreError naming array, rows and shard;
+    intact chunks still read."""
+    path = Path(shutil.copytree(fp32_store[1], tmp_path / "s.zarr"))
+    _flip_bytes(path)
+    _delete_acts_shard(path)
+    store = open_store(path)
+    with pytest.raises(StoreError) as info:
+        store.read_acts(2, 0, store.n_tokens)
+    lo, hi = store.first_bad_chunk("acts/layer_2", 64, 128)
+    assert 64 <= lo < hi <= 128 and hi - lo == 16
+    assert str(info.value) == (f"corrupt chunk in acts/layer_2 rows {lo}..{hi - 1} (shard 1) of {path}; "
+                               f"run `bra-cache verify {path}`")
+    with pytest.raises(StoreError, match=r"^missing shard file acts/layer_1/c/2/0 \(rows 128\.\.191\) of "):
+        store.read_acts(1, 100, 140)
+    assert store.read_acts(2, 0, 64).shape == (64, 64) and store.read_acts(1, 0, 128).shape == (128, 64)
+    assert store.read_rows("token_id", 0, store.n_tokens).shape == (store.n_tokens,)
 
 
 def test_info__json(fp32_store, capsys) -> None:

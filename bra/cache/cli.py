@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from bra.cli_common import run_cli, setup_logging
+from bra.cli_common import STORE_PATH, run_cli, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,15 +23,33 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--store", type=click.Path(path_type=Path), default=None,
-              help="Output store (default cache/<manifest name>.zarr).")
+@click.option("--store", type=STORE_PATH, default=None,
+              help="Output store: a folder or a URL (s3://bucket/x.zarr, memory://, file://) "
+                   "(default cache/<manifest name>.zarr).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --store and rebuild it.")
-def build(manifest: Path, store: Path | None, overwrite: bool) -> None:
-    """Build (or resume) the store described by MANIFEST. Re-running on a finished store does nothing."""
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (runs torchrun --standalone --nproc-per-node N); for "
+                   "several machines run torchrun yourself: torchrun ... -m bra.cache build MANIFEST "
+                   "--store URL.")
+@click.pass_context
+def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrite: bool, nproc: int) -> None:
+    """Build (or resume) the store described by MANIFEST. Re-running on a finished store does nothing.
+    Under torchrun every process builds its share of the shards."""
+    from bra.dist import launch, process_group
     from bra.pipeline.build import build_store
     from bra.pipeline.manifest import load_manifest
 
-    result = build_store(load_manifest(manifest), store, overwrite=overwrite)
+    if nproc > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise click.UsageError("--nproc cannot be used inside torchrun (it started the processes)")
+        argv = ["-v"] * ctx.find_root().params.get("verbose", 0) + ["build", str(manifest)]
+        argv += ["--store", str(store)] if store is not None else []
+        argv += ["--overwrite"] if overwrite else []
+        sys.exit(launch("bra.cache", argv, nproc))
+    with process_group() as dist:
+        result = build_store(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
+    if not dist.is_main:
+        return
     if result.status == "already-complete":
         click.echo(f"{result.path}: already complete ({result.n_tokens:,} tokens); nothing to do", err=True)
     else:
@@ -40,9 +59,9 @@ def build(manifest: Path, store: Path | None, overwrite: bool) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def info(store: Path, as_json: bool) -> None:
+def info(store: Path | str, as_json: bool) -> None:
     """Describe STORE: tiers, token counts, bytes on disk, compression ratio, provenance."""
     from bra.cache.info import format_info, store_info
 
@@ -51,9 +70,9 @@ def info(store: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE_PATH)
 @click.option("--quick", is_flag=True, help="Skip recomputing statistics from the activations.")
-def verify(store: Path, quick: bool) -> None:
+def verify(store: Path | str, quick: bool) -> None:
     """Check STORE's schema, completion, checksums, document table and statistics. Exit 1 on any problem."""
     from bra.cache.verify import verify_store
 
@@ -67,7 +86,7 @@ def verify(store: Path, quick: bool) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE_PATH)
 def relabel(store: Path) -> None:
     """Re-classify the stored completions of eval STORE with the surface rules (no model needed)."""
     from bra.pipeline.relabel import relabel_store

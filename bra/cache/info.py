@@ -12,13 +12,6 @@ from bra.cache import schema
 from bra.cache.store import open_store
 
 
-def dir_bytes(path: Path) -> int:
-    """Bytes of all files under ``path``."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def store_info(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of a store (complete or not)."""
     store = open_store(path, require_complete=False)
@@ -26,7 +19,9 @@ def store_info(path: str | Path) -> dict[str, Any]:
     n, d = store.n_tokens, store.d_model
     itemsize = np.dtype(schema.STORAGE_DTYPES[store.dtype]).itemsize
     acts_raw = n * d * itemsize * len(store.layers)
-    acts_disk = sum(dir_bytes(store.path / schema.acts_path(layer)) for layer in store.layers)
+    loc = store.location
+    acts_disk = sum(loc.nbytes(schema.acts_path(layer)) for layer in store.layers)
+    total_disk = loc.nbytes()
     info: dict[str, Any] = {
         "path": str(store.path),
         "status": attrs.get(schema.ATTR_STATUS),
@@ -44,11 +39,11 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "n_docs": attrs.get(schema.ATTR_N_DOCS),
         "shards": store.layout.n_shards,
         "shards_done": int(store.array(schema.DONE_ARRAY)[:].sum()),
-        "bytes_on_disk": dir_bytes(store.path),
+        "bytes_on_disk": total_disk,
         "activation_bytes_raw": acts_raw,
         "activation_bytes_on_disk": acts_disk,
         "compression_ratio": round(acts_raw / acts_disk, 3) if acts_disk else None,
-        "bytes_per_token": round(dir_bytes(store.path) / n, 1),
+        "bytes_per_token": round(total_disk / n, 1),
         "tokenizer_fingerprint": attrs.get(schema.ATTR_TOKENIZER_FP),
         "manifest_hash": attrs.get(schema.ATTR_MANIFEST_HASH),
         "dataset_revisions": attrs.get(schema.ATTR_DATASET_REVISIONS),

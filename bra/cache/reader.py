@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -85,7 +85,7 @@ class RowStream:
     """Shuffled, prefetched stream of rows of selected documents of one store layer."""
 
     def __init__(self, store: Store, cfg: ReaderConfig, doc_selected: np.ndarray | None = None,
-                 tier_selected: set[int] | None = None):
+                 tier_selected: set[int] | None = None, shards: Sequence[int] | None = None):
         self.store = store
         self.cfg = cfg
         self.layout = store.layout
@@ -93,14 +93,16 @@ class RowStream:
         self.doc_selected = doc_selected
         self.tier_selected = tier_selected
         self.n_chunks = -(-self.layout.n_tokens // self.layout.chunk_tokens)
+        # the chunks visited: all, or those of ``shards`` (one rank's disjoint share in a distributed fit)
+        self.chunk_ids = np.arange(self.n_chunks) if shards is None else shard_chunks(self.layout, shards)
 
     def _read_chunk(self, chunk: int, with_acts: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
         start = chunk * self.layout.chunk_tokens
         stop = min(start + self.layout.chunk_tokens, self.layout.n_tokens)
-        g = self.store
-        keep = ~g.array("mask")[start:stop]
-        doc = g.array("doc_index")[start:stop]
-        tier = g.array("tier")[start:stop]
+        g = self.store  # read_rows turns a corrupt chunk into a StoreError naming it
+        keep = ~g.read_rows("mask", start, stop)
+        doc = g.read_rows("doc_index", start, stop)
+        tier = g.read_rows("tier", start, stop)
         if self.doc_selected is not None:
             keep &= self.doc_selected[doc]
         if self.tier_selected is not None:
@@ -108,17 +110,18 @@ class RowStream:
         rows = np.flatnonzero(keep)
         acts = None
         if with_acts and len(rows):
-            acts = schema.from_storage(self.acts[start:stop][rows], self.store.dtype)
+            acts = schema.from_storage(g.read_rows(schema.acts_path(self.cfg.layer), start, stop)[rows],
+                                       self.store.dtype)
         return rows + start, acts, tier[rows], doc[rows]
 
     def count_rows(self) -> int:
         """Rows the stream yields per epoch (reads only the small per-token columns)."""
-        return sum(len(self._read_chunk(c, with_acts=False)[0]) for c in range(self.n_chunks))
+        return sum(len(self._read_chunk(int(c), with_acts=False)[0]) for c in self.chunk_ids)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Every selected row exactly once, shuffled; the last batch may be short."""
         rng = np.random.default_rng([self.cfg.seed, epoch])
-        order = rng.permutation(self.n_chunks)
+        order = self.chunk_ids[rng.permutation(len(self.chunk_ids))]
         cap = self.cfg.buffer_rows
         buf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         buf_rows = 0
@@ -177,6 +180,14 @@ class RowStream:
             if not any_rows:
                 raise ValueError("the stream selects no rows")
             epoch += 1
+
+
+def shard_chunks(layout: schema.StoreLayout, shards: Sequence[int]) -> np.ndarray:
+    """Ids of the chunks inside ``shards``, ascending."""
+    per = layout.shard_tokens // layout.chunk_tokens
+    n_chunks = -(-layout.n_tokens // layout.chunk_tokens)
+    ids = np.concatenate([np.arange(s * per, (s + 1) * per) for s in sorted(shards)] or [np.zeros(0, int)])
+    return ids[ids < n_chunks].astype(np.int64)
 
 
 def _concat(batches: list[Batch]) -> Batch:

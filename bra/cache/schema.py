@@ -8,6 +8,8 @@ Layout of a store (a Zarr v3 group; every reader and writer goes through this mo
       token_id, doc_index, position, tier, segment, mask     [n_tokens] per-token columns
       shards/done                [n_shards] uint8, 1 once the shard's rows are all written
       shards/crc32               [n_shards, n_columns] CRC32 of each column's raw bytes in the shard
+      shards/rank                [n_shards] int16, the process (torch.distributed rank) that wrote the
+                                 shard, -1 while not written; optional: stores made before it lack it
       shards/stats/layer_<L>/{count,sumsq,mean,m2}   per-shard Welford partials (float64)
       docs.parquet               per-document table (doc_index, doc_id, tier, source, n_tokens, ...)
       prompts.parquet            eval stores only: prompt, completion, surface labels
@@ -33,6 +35,7 @@ ACTS_GROUP = "acts"
 SHARDS_GROUP = "shards"
 DONE_ARRAY = "shards/done"
 CRC_ARRAY = "shards/crc32"
+RANK_ARRAY = "shards/rank"  # optional (added after schema 1 was first written); readers must not require it
 STATS_GROUP = "shards/stats"
 DOCS_TABLE = "docs.parquet"
 PROMPTS_TABLE = "prompts.parquet"
@@ -53,6 +56,7 @@ SEGMENT_PROMPT = 1
 SEGMENT_COMPLETION = 2
 SEGMENT_NAMES = ("document", "prompt", "completion")
 
+STATUS_CREATING = "creating"  # remote stores only: arrays being made (object stores cannot rename a folder)
 STATUS_BUILDING = "building"
 STATUS_COMPLETE = "complete"
 

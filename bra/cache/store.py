@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +12,31 @@ import pandas as pd
 import zarr
 
 from bra.cache import schema
+from bra.cache.location import StoreLocation
 from bra.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
 
-def store_exists(path: str | Path) -> bool:
-    """True when ``path`` holds a Zarr group."""
-    return (Path(path) / "zarr.json").is_file()
+def store_exists(path: str | Path | StoreLocation) -> bool:
+    """True when ``path`` (a folder or a URL) holds a Zarr group."""
+    return StoreLocation.parse(path).is_store()
 
 
 @dataclass
 class Store:
     """A read-only handle on a built store (use ``open_store``)."""
 
-    path: Path
-    """Store location."""
+    path: Path | str
+    """Store location: a Path for local stores, the URL for remote ones."""
     group: zarr.Group
     """The root group, opened read-only."""
+    location: StoreLocation = field(default=None)  # type: ignore[assignment]
+    """Where the store lives (derived from ``path`` when not given)."""
+
+    def __post_init__(self) -> None:
+        if self.location is None:
+            self.location = StoreLocation.parse(self.path)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -69,9 +76,13 @@ class Store:
                                   int(a[schema.ATTR_SHARD_TOKENS]))
 
     def array(self, name: str) -> zarr.Array:
-        """One array of the store by path."""
-        node = self.group[name]
-        assert isinstance(node, zarr.Array)
+        """One array of the store by path (opened once: opening reads its metadata from disk)."""
+        cache: dict[str, zarr.Array] = self.__dict__.setdefault("_arrays", {})
+        node = cache.get(name)
+        if node is None:
+            node = self.group[name]
+            assert isinstance(node, zarr.Array)
+            cache[name] = node
         return node
 
     def acts(self, layer: int) -> zarr.Array:
@@ -82,7 +93,49 @@ class Store:
 
     def read_acts(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a layer's activations, decoded to float32."""
-        return schema.from_storage(self.acts(layer)[start:stop], self.dtype)
+        self.acts(layer)  # refuses a layer the store lacks
+        return schema.from_storage(self.read_rows(schema.acts_path(layer), start, stop), self.dtype)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one token-axis array, raw. A chunk that fails its CRC32C (or that no
+        decompressor accepts), or a missing activation shard file, is a one-line StoreError naming the
+        array, the rows and the shard: every consumer (fit, eval, score) reads through here."""
+        arr = self.array(name)
+        try:
+            data = arr[start:stop]
+        except Exception:  # zarr raises ValueError for a checksum mismatch, others for undecodable bytes
+            lo, hi = self.first_bad_chunk(name, start, stop)
+            raise StoreError(f"corrupt chunk in {name} rows {lo}..{hi - 1} ({self._shard_of(lo)}) of "
+                             f"{self.path}; run `bra-cache verify {self.path}`") from None
+        if name.startswith(f"{schema.ACTS_GROUP}/") and self.location.is_local and arr.shards is not None:
+            # A missing shard file reads back as fill values (zeros) without any error; activations are never
+            # all zero, so the file's absence is damage. Token columns can legitimately be all zero.
+            rows = arr.shards[0]
+            for shard in range(start // rows, -(-stop // rows)):
+                key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+                if not self.location.has_file(f"{name}/{key}"):
+                    lo, hi = shard * rows, min((shard + 1) * rows, arr.shape[0])
+                    raise StoreError(f"missing shard file {name}/{key} (rows {lo}..{hi - 1}) of {self.path}; "
+                                     f"run `bra-cache verify {self.path}`")
+        return data
+
+    def first_bad_chunk(self, name: str, start: int, stop: int) -> tuple[int, int]:
+        """Row range of the first chunk in [start, stop) that cannot be read (else the whole range)."""
+        arr = self.array(name)
+        rows = arr.chunks[0]
+        for lo in range(start - start % rows, stop, rows):
+            hi = min(lo + rows, arr.shape[0])
+            try:
+                arr[lo:hi]
+            except Exception:
+                return lo, hi
+        return start, stop
+
+    def _shard_of(self, row: int) -> str:
+        try:
+            return f"shard {row // self.layout.shard_tokens}"
+        except (KeyError, TypeError, ValueError):  # attrs too damaged to say
+            return "shard unknown"
 
     def stats(self, layer: int) -> dict[str, Any]:
         """Final statistics of a layer (masked rows excluded)."""
@@ -90,24 +143,28 @@ class Store:
 
     def docs(self) -> pd.DataFrame:
         """The per-document table."""
-        path = self.path / schema.DOCS_TABLE
-        if not path.is_file():
+        if not self.location.has_file(schema.DOCS_TABLE):
             raise StoreError(f"store {self.path} has no document table ({schema.DOCS_TABLE}); run `bra-cache verify`")
+        return self.read_table(schema.DOCS_TABLE)
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        """A parquet table of the store (docs.parquet, prompts.parquet); a damaged one is a StoreError."""
         try:
-            return pd.read_parquet(path)
+            return self.location.read_table(name)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StoreError(f"store {self.path}: {schema.DOCS_TABLE} is unreadable ({first}); "
+            raise StoreError(f"store {self.path}: {name} is unreadable ({first}); "
                              f"run `bra-cache verify {self.path}`") from None
 
 
-def open_store(path: str | Path, require_complete: bool = True) -> Store:
-    """Open a store read-only; refuse a missing store, or an incomplete one unless asked not to."""
-    p = Path(path)
-    if not store_exists(p):
+def open_store(path: str | Path | StoreLocation, require_complete: bool = True) -> Store:
+    """Open a store (folder or URL) read-only; refuse a missing store, or an incomplete one unless asked."""
+    loc = StoreLocation.parse(path)
+    p = loc.handle
+    if not loc.is_store():
         raise StoreError(f"no store at {p} (build one with `bra-cache build MANIFEST`)")
     try:
-        group = zarr.open_group(str(p), mode="r")
+        group = loc.open_group(mode="r")
     except Exception as exc:  # zarr raises several types for unreadable metadata
         raise StoreError(f"store {p} is unreadable: {exc}; run `bra-cache verify {p}`") from None
     attrs = dict(group.attrs)
@@ -119,4 +176,4 @@ def open_store(path: str | Path, require_complete: bool = True) -> Store:
     if require_complete and attrs.get(schema.ATTR_STATUS) != schema.STATUS_COMPLETE:
         raise StoreError(f"store {p} is incomplete (status {attrs.get(schema.ATTR_STATUS)!r}); resume it with "
                          f"`bra-cache build` or check it with `bra-cache verify {p}`")
-    return Store(p, group)
+    return Store(p, group, loc)

@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from bra.cache import schema
@@ -50,10 +49,13 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
             try:
                 data = store.array(name)[start:stop]
             except Exception as exc:  # the CRC32C codec (or a decompressor) rejects a corrupt chunk
-                problems.append(f"shard {shard}: {name}: unreadable chunk ({type(exc).__name__}: {exc})")
+                lo, hi = store.first_bad_chunk(name, start, stop)
+                problems.append(f"shard {shard}: {name}: unreadable chunk, rows {lo}..{hi - 1} "
+                                f"({type(exc).__name__}: {exc})")
                 continue
             if schema.crc32(data) != int(crcs[shard, j]):
-                problems.append(f"shard {shard}: {name}: checksum mismatch (rows {start}..{stop - 1})")
+                gone = _missing_file(store, name, shard)
+                problems.append(f"shard {shard}: {name}: checksum mismatch{gone} (rows {start}..{stop - 1})")
             if name == "mask":
                 mask = data
             elif deep and name.startswith(schema.ACTS_GROUP) and mask is not None:
@@ -62,11 +64,37 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
     return problems, moments
 
 
+def _missing_file(store: Store, name: str, shard: int) -> str:
+    """``: shard file ... is missing`` when the shard's file is gone (zarr reads fill values), else ''."""
+    arr = store.array(name)
+    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+    if store.location.is_local and not store.location.has_file(f"{name}/{key}"):
+        return f": shard file {name}/{key} is missing"
+    return ""
+
+
+def _check_prompts(store: Store) -> list[str]:
+    """Eval stores: prompts.parquet must be there and readable (score and relabel read it)."""
+    if store.attrs.get(schema.ATTR_KIND) != "eval":
+        return []
+    if not store.location.has_file(schema.PROMPTS_TABLE):
+        return [f"{schema.PROMPTS_TABLE}: missing"]
+    try:
+        table = store.location.read_table(schema.PROMPTS_TABLE)
+    except Exception as exc:  # a truncated parquet raises pyarrow errors
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return [f"{schema.PROMPTS_TABLE}: unreadable ({first})"]
+    n_docs = store.attrs.get(schema.ATTR_N_DOCS)
+    if n_docs is not None and len(table) != int(n_docs):
+        return [f"{schema.PROMPTS_TABLE}: {len(table)} rows, attrs say {n_docs} documents"]
+    return []
+
+
 def _check_docs(store: Store) -> list[str]:
-    if not (store.path / schema.DOCS_TABLE).is_file():
+    if not store.location.has_file(schema.DOCS_TABLE):
         return [f"{schema.DOCS_TABLE}: missing"]
     try:
-        docs = pd.read_parquet(store.path / schema.DOCS_TABLE)
+        docs = store.location.read_table(schema.DOCS_TABLE)
     except Exception as exc:  # a truncated parquet raises pyarrow errors
         return [f"{schema.DOCS_TABLE}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
     problems = [f"{schema.DOCS_TABLE}: missing column {c!r}" for c in schema.DOC_COLUMNS if c not in docs.columns]
@@ -142,7 +170,7 @@ def verify_store(path: str | Path, deep: bool = True) -> list[str]:
     shard_problems, moments = _check_shards(store, columns, deep)
     problems += shard_problems
     if store.attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE:
-        problems += _check_docs(store)
+        problems += _check_docs(store) + _check_prompts(store)
         if deep and not shard_problems:
             problems += _check_stats(store, moments)
     return problems

@@ -4,6 +4,10 @@ A shard is written array by array, then its checksums and statistics partials, a
 ``done`` flag: a process killed at any moment leaves the shard not-done, and a resumed build rewrites
 it whole. The group's ``status`` becomes ``complete`` only after every shard is done and the document
 table is in place, so nothing half-written can look complete.
+
+Several processes may write one store at once (``torchrun``) as long as each owns whole shards: the
+per-shard arrays (done, crc32, rank, statistics) have one chunk per shard, so no two writers ever touch the
+same object. Only the process that finalizes writes the group attrs and tables.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from bra.cache import schema
+from bra.cache.location import StoreLocation
 from bra.cache.stats import Moments
-from bra.cache.store import store_exists
 from bra.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -53,22 +57,24 @@ class CodecSpec:
         return out
 
 
-def _wrap_os_error(path: Path, exc: OSError) -> StoreError:
+def _wrap_os_error(path: Path | str, exc: OSError) -> StoreError:
     if exc.errno == errno.ENOSPC:
         return StoreError(f"disk full while writing store {path}; free space and re-run to resume")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"cannot write store at {path}: {os.strerror(exc.errno)}")
     blocked = exc.filename is not None and Path(exc.filename).exists() and not Path(exc.filename).is_dir()
     if exc.errno == errno.ENOTDIR or (exc.errno == errno.EEXIST and blocked):  # a path component is a file
-        return StoreError(f"cannot write store at {path}: {exc.filename or path.parent} is not a directory")
+        parent = Path(path).parent if isinstance(path, Path) else path
+        return StoreError(f"cannot write store at {path}: {exc.filename or parent} is not a directory")
     return StoreError(f"cannot write store at {path}: {exc}")
 
 
 class StoreWriter:
     """Writes one store. Create with ``create`` or ``reopen``."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = path
+    def __init__(self, path: Path | str | StoreLocation, group: zarr.Group):
+        self.location = StoreLocation.parse(path)
+        self.path = self.location.handle
         self.group = group
         attrs = dict(group.attrs)
         self.layers: list[int] = [int(x) for x in attrs[schema.ATTR_LAYERS]]
@@ -78,13 +84,26 @@ class StoreWriter:
         self.columns = schema.column_names(self.layers)
 
     @classmethod
-    def create(cls, path: Path, layout: schema.StoreLayout, layers: list[int], dtype: str, codec: CodecSpec,
-               attrs: dict[str, Any]) -> StoreWriter:
+    def create(cls, path: Path | str | StoreLocation, layout: schema.StoreLayout, layers: list[int], dtype: str,
+               codec: CodecSpec, attrs: dict[str, Any]) -> StoreWriter:
         """Create an empty store (status ``building``) with all arrays sized for ``layout``.
 
-        The skeleton is made in a temp folder beside ``path`` and renamed into place, so a process killed
-        mid-creation never leaves a half-made store that a resume would refuse.
+        Local: the skeleton is made in a temp folder beside ``path`` and renamed into place, so a process
+        killed mid-creation never leaves a half-made store that a resume would refuse. Remote (no rename):
+        the group is written first with status ``creating`` and switched to ``building`` once every array
+        exists; a build finding ``creating`` makes the store again.
         """
+        loc = StoreLocation.parse(path)
+        if loc.local is None:
+            try:
+                group = loc.open_group(mode="w")
+                group.attrs.update({**attrs, schema.ATTR_STATUS: schema.STATUS_CREATING})
+                _create_arrays(group, layout, layers, dtype, codec)
+                group.attrs.update({schema.ATTR_STATUS: schema.STATUS_BUILDING})
+            except OSError as exc:
+                raise _wrap_os_error(loc.handle, exc) from None
+            return cls.reopen(loc)
+        path = loc.local
         tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,27 +111,7 @@ class StoreWriter:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
             group = zarr.open_group(str(tmp), mode="w")
-            n, c, s = layout.n_tokens, layout.chunk_tokens, layout.shard_tokens
-            for name, dt in schema.TOKEN_COLUMNS.items():
-                group.create_array(name, shape=(n,), dtype=dt, chunks=(c,), shards=(s,),
-                                   compressors=codec.compressors(np.dtype(dt).itemsize), fill_value=0)
-            disk = schema.STORAGE_DTYPES[dtype]
-            for layer in layers:
-                group.create_array(schema.acts_path(layer), shape=(n, layout.d_model), dtype=disk,
-                                   chunks=(c, layout.d_model), shards=(s, layout.d_model),
-                                   compressors=codec.compressors(np.dtype(disk).itemsize), fill_value=0,
-                                   dimension_names=("token", "d_model"),
-                                   attributes={"logical_dtype": dtype, "hook_name": schema.hook_name(layer)})
-            k = layout.n_shards
-            group.create_array(schema.DONE_ARRAY, shape=(k,), dtype="uint8", chunks=(1,), fill_value=0)
-            group.create_array(schema.CRC_ARRAY, shape=(k, len(schema.column_names(layers))), dtype="uint32",
-                               chunks=(1, len(schema.column_names(layers))), fill_value=0)
-            for layer in layers:
-                for field, shape in (("count", (k,)), ("sumsq", (k,)), ("mean", (k, layout.d_model)),
-                                     ("m2", (k, layout.d_model))):
-                    group.create_array(schema.stats_path(layer, field), shape=shape,
-                                       dtype="int64" if field == "count" else "float64",
-                                       chunks=(1,) + shape[1:], fill_value=0)
+            _create_arrays(group, layout, layers, dtype, codec)
             group.attrs.update({**attrs, schema.ATTR_STATUS: schema.STATUS_BUILDING})
             os.rename(tmp, path)  # also replaces an empty directory at path
             tmp = None
@@ -124,16 +123,18 @@ class StoreWriter:
         return cls.reopen(path)
 
     @classmethod
-    def reopen(cls, path: Path) -> StoreWriter:
-        """Open an existing store for resuming."""
-        return cls(path, zarr.open_group(str(path), mode="r+"))
+    def reopen(cls, path: Path | str | StoreLocation) -> StoreWriter:
+        """Open an existing store for resuming (or for writing more shards from another process)."""
+        loc = StoreLocation.parse(path)
+        return cls(loc, loc.open_group(mode="r+"))
 
     def done_shards(self) -> np.ndarray:
         """Boolean [n_shards]: which shards are completely written."""
-        return self.group[schema.DONE_ARRAY][:].astype(bool)
+        return self._array(schema.DONE_ARRAY)[:].astype(bool)
 
-    def write_shard(self, shard: int, columns: dict[str, np.ndarray], acts: dict[int, np.ndarray]) -> None:
-        """Write one whole shard: data, then checksums and statistics, then its done flag."""
+    def write_shard(self, shard: int, columns: dict[str, np.ndarray], acts: dict[int, np.ndarray],
+                    rank: int = 0) -> None:
+        """Write one whole shard: data, then checksums, statistics and writer rank, then its done flag."""
         start, stop = self.layout.shard_bounds(shard)
         n = stop - start
         try:
@@ -141,23 +142,40 @@ class StoreWriter:
             for name in schema.TOKEN_COLUMNS:
                 data = columns[name]
                 assert data.shape[0] == n, (name, data.shape, n)
-                self.group[name][start:stop] = data
+                self._array(name)[start:stop] = data
                 crcs.append(schema.crc32(data))
             keep = ~columns["mask"]
             for layer in self.layers:
                 data = acts[layer]
                 assert data.shape == (n, self.layout.d_model)
-                self.group[schema.acts_path(layer)][start:stop] = data
+                self._array(schema.acts_path(layer))[start:stop] = data
                 crcs.append(schema.crc32(data))
                 m = Moments.of(schema.from_storage(data[keep], self.dtype))
-                self.group[schema.stats_path(layer, "count")][shard] = m.count
-                self.group[schema.stats_path(layer, "sumsq")][shard] = m.sumsq
-                self.group[schema.stats_path(layer, "mean")][shard] = m.mean
-                self.group[schema.stats_path(layer, "m2")][shard] = m.m2
-            self.group[schema.CRC_ARRAY][shard] = np.asarray(crcs, dtype=np.uint32)
-            self.group[schema.DONE_ARRAY][shard] = 1
+                self._array(schema.stats_path(layer, "count"))[shard] = m.count
+                self._array(schema.stats_path(layer, "sumsq"))[shard] = m.sumsq
+                self._array(schema.stats_path(layer, "mean"))[shard] = m.mean
+                self._array(schema.stats_path(layer, "m2"))[shard] = m.m2
+            self._array(schema.CRC_ARRAY)[shard] = np.asarray(crcs, dtype=np.uint32)
+            if self._has_rank_array:
+                self._array(schema.RANK_ARRAY)[shard] = rank
+            self._array(schema.DONE_ARRAY)[shard] = 1
         except OSError as exc:
             raise _wrap_os_error(self.path, exc) from None
+
+    @property
+    def _has_rank_array(self) -> bool:
+        if not hasattr(self, "_rank_array"):
+            self._rank_array = schema.RANK_ARRAY in self.group
+        return self._rank_array
+
+    def _array(self, name: str) -> zarr.Array:
+        """An array of the store, opened once (opening reads its metadata: a request on object stores)."""
+        cache: dict[str, zarr.Array] = self.__dict__.setdefault("_arrays", {})
+        if name not in cache:
+            node = self.group[name]
+            assert isinstance(node, zarr.Array)
+            cache[name] = node
+        return cache[name]
 
     def merged_moments(self, layer: int) -> Moments:
         """Merge the per-shard partials in shard order."""
@@ -178,9 +196,12 @@ class StoreWriter:
             missing = np.flatnonzero(~done)
             raise StoreError(f"cannot finalize {self.path}: shards {missing[:5].tolist()} are not written")
         try:
-            write_table_atomic(docs, self.path / schema.DOCS_TABLE)
+            if self.location.local is not None:  # every shard is done, so no writer is still going:
+                for stale in self.location.local.rglob("*.partial"):  # zarr's temp files of killed writes
+                    stale.unlink(missing_ok=True)
+            self.location.write_table(schema.DOCS_TABLE, docs)
             for name, table in (extra_tables or {}).items():
-                write_table_atomic(table, self.path / name)
+                self.location.write_table(name, table)
             stats = {str(layer): self.merged_moments(layer).summary() for layer in self.layers}
             final = {**dict(self.group.attrs), schema.ATTR_STATS: stats, schema.ATTR_STATUS: schema.STATUS_COMPLETE}
             # one metadata write: the store becomes complete together with its statistics and digests
@@ -192,20 +213,49 @@ class StoreWriter:
 
 def write_table_atomic(table: pd.DataFrame, path: Path) -> None:
     """Write a parquet file via a temp file and rename, so a reader never sees half a table."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
-    os.close(fd)
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    StoreLocation(path.parent).write_table(path.name, table)
 
 
-def remove_store(path: Path) -> None:
-    """Delete a store directory (used by --overwrite); refuse to delete a folder that is not a store."""
-    if not path.exists():
+def remove_store(path: Path | str | StoreLocation) -> None:
+    """Delete a store (used by --overwrite); refuse to delete a folder that is not a store."""
+    loc = StoreLocation.parse(path)
+    if loc.local is not None:
+        if not loc.local.exists():
+            return
+        if loc.local.is_dir() and not loc.is_store() and any(loc.local.iterdir()):
+            raise StoreError(f"{loc.local} is not a store; refusing to delete it for --overwrite "
+                             f"(remove it yourself)")
+        loc.remove()
         return
-    if path.is_dir() and not store_exists(path) and any(path.iterdir()):
-        raise StoreError(f"{path} is not a store; refusing to delete it for --overwrite (remove it yourself)")
-    shutil.rmtree(path)
+    if loc.is_empty():
+        return
+    if not loc.is_store():
+        raise StoreError(f"{loc} is not a store; refusing to delete it for --overwrite (remove it yourself)")
+    loc.remove()
+
+
+def _create_arrays(group: zarr.Group, layout: schema.StoreLayout, layers: list[int], dtype: str,
+                   codec: CodecSpec) -> None:
+    """Every array of an empty store sized for ``layout`` (per-shard arrays: one chunk per shard)."""
+    n, c, s = layout.n_tokens, layout.chunk_tokens, layout.shard_tokens
+    for name, dt in schema.TOKEN_COLUMNS.items():
+        group.create_array(name, shape=(n,), dtype=dt, chunks=(c,), shards=(s,),
+                           compressors=codec.compressors(np.dtype(dt).itemsize), fill_value=0)
+    disk = schema.STORAGE_DTYPES[dtype]
+    for layer in layers:
+        group.create_array(schema.acts_path(layer), shape=(n, layout.d_model), dtype=disk,
+                           chunks=(c, layout.d_model), shards=(s, layout.d_model),
+                           compressors=codec.compressors(np.dtype(disk).itemsize), fill_value=0,
+                           dimension_names=("token", "d_model"),
+                           attributes={"logical_dtype": dtype, "hook_name": schema.hook_name(layer)})
+    k = layout.n_shards
+    group.create_array(schema.DONE_ARRAY, shape=(k,), dtype="uint8", chunks=(1,), fill_value=0)
+    group.create_array(schema.CRC_ARRAY, shape=(k, len(schema.column_names(layers))), dtype="uint32",
+                       chunks=(1, len(schema.column_names(layers))), fill_value=0)
+    group.create_array(schema.RANK_ARRAY, shape=(k,), dtype="int16", chunks=(1,), fill_value=-1)
+    for layer in layers:
+        for field, shape in (("count", (k,)), ("sumsq", (k,)), ("mean", (k, layout.d_model)),
+                             ("m2", (k, layout.d_model))):
+            group.create_array(schema.stats_path(layer, field), shape=shape,
+                               dtype="int64" if field == "count" else "float64",
+                               chunks=(1,) + shape[1:], fill_value=0)

@@ -1,4 +1,11 @@
-"""Stage one: manifest → token plan → forward passes → shards in a Zarr store (resumable)."""
+"""Stage one: manifest → token plan → forward passes → shards in a Zarr store (resumable, multi-process).
+
+The token plan fixes every row's place before any forward pass, so several processes (``torchrun``) can
+build one store without talking while they work: rank 0 creates (or checks) the store, the not-done shards
+are split into contiguous runs, one per rank, each rank runs only the batches that touch its run and writes
+only those whole shards, and rank 0 finalizes once every rank is done. Per-shard statistics partials make
+the merged statistics independent of who wrote what.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import logging
 import time
 import zlib
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +25,10 @@ from tqdm.auto import tqdm
 
 from bra import __version__
 from bra.cache import schema
+from bra.cache.location import StoreLocation
 from bra.cache.store import store_exists
 from bra.cache.writer import CodecSpec, StoreWriter, remove_store
+from bra.dist import SINGLE, Dist
 from bra.errors import CorpusError, StoreError, StoreMismatchError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
@@ -37,12 +47,12 @@ _MAX_PENDING_SHARDS = 2  # shards queued for the writer thread before the forwar
 class BuildResult:
     """What a build did."""
 
-    path: Path
-    """The store."""
+    path: Path | str
+    """The store (a Path, or the URL of a remote store)."""
     n_tokens: int
     """Rows in the store."""
     computed_tokens: int
-    """Rows run through the model in this invocation (0 when it was already complete)."""
+    """Rows run through the model in this invocation, all ranks together (0 when it was already complete)."""
     seconds: float
     """Wall time of the forward/write loop."""
     status: str
@@ -87,8 +97,9 @@ def _mismatch(stored: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def check_existing(path: Path, attrs_new: dict[str, Any]) -> str:
-    """Decide what to do with an existing store: ``resume`` or ``complete``; raise if it is someone else's."""
+def check_existing(path: Path | str | StoreLocation, attrs_new: dict[str, Any]) -> str:
+    """Decide what to do with an existing store: ``resume``, ``complete`` or ``create`` (a remote store
+    whose creation was interrupted); raise if it is someone else's."""
     attrs = _read_attrs(path)
     if schema.ATTR_SCHEMA not in attrs:
         raise StoreError(f"{path} exists and is not a bra store; choose another --store or pass --overwrite")
@@ -102,19 +113,19 @@ def check_existing(path: Path, attrs_new: dict[str, Any]) -> str:
         if attrs.get(key) != attrs_new.get(key):
             raise StoreMismatchError(f"store {path} was built from different {key.replace('_', ' ')} "
                                      f"(the model or the corpus changed); pass --overwrite to rebuild it")
+    if attrs.get(schema.ATTR_STATUS) == schema.STATUS_CREATING:
+        return "create"
     return "complete" if attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE else "resume"
 
 
-def _read_attrs(path: Path) -> dict[str, Any]:
-    import zarr
-
+def _read_attrs(path: Path | str | StoreLocation) -> dict[str, Any]:
     try:
-        return dict(zarr.open_group(str(path), mode="r").attrs)
+        return dict(StoreLocation.parse(path).open_group(mode="r").attrs)
     except Exception:  # unreadable metadata: not ours to touch
         raise StoreError(f"{path} exists but is not a readable store; pass --overwrite to replace it") from None
 
 
-def _already_complete(path: Path, m_hash: str) -> bool:
+def _already_complete(path: Path | str | StoreLocation, m_hash: str) -> bool:
     """Cheap check, before loading any model: a finished store of the same manifest needs no work."""
     if not store_exists(path):
         return False
@@ -122,7 +133,7 @@ def _already_complete(path: Path, m_hash: str) -> bool:
     return attrs.get(schema.ATTR_MANIFEST_HASH) == m_hash and attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE
 
 
-def _n_tokens(path: Path) -> int:
+def _n_tokens(path: Path | str | StoreLocation) -> int:
     return int(_read_attrs(path)[schema.ATTR_N_TOKENS])
 
 
@@ -196,10 +207,14 @@ def _forward_batch(model: Any, windows: list[Window], layers: list[int], device:
 
 
 def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[int], batch_size: int,
-               device: torch.device, pad_id: int, bos_id: int | None) -> int:
-    """Compute and write every not-done shard of ``plan``; return the number of rows computed."""
+               device: torch.device, pad_id: int, bos_id: int | None, shards: Sequence[int] | None = None,
+               rank: int = 0) -> int:
+    """Compute and write every not-done shard of ``plan`` (of ``shards`` only, when given: the shards this
+    process owns); return the number of rows computed. ``rank`` is recorded per written shard."""
     layout = writer.layout
     todo = set(np.flatnonzero(~writer.done_shards()).tolist())
+    if shards is not None:
+        todo &= {int(x) for x in shards}
     if not todo:
         return 0
     offsets = plan.offsets()
@@ -209,14 +224,15 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
     total = sum(e - s for _, _, s, e in needed)
     pending: deque[Future[None]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bra-writer") as pool, \
-            tqdm(total=total, unit="tok", unit_scale=True, desc="build", dynamic_ncols=True) as bar:
+            tqdm(total=total, unit="tok", unit_scale=True, desc="build" if rank == 0 else f"build[rank {rank}]",
+                 dynamic_ncols=True) as bar:
         for _, ws, start, _end in needed:
             acts32 = _forward_batch(model, ws, layers, device, pad_id)
             cols_list = [window_columns(w, plan.tier_codes[w.doc_index], bos_id) for w in ws]
             cols = {k: np.concatenate([c[k] for c in cols_list]) for k in schema.TOKEN_COLUMNS}
             acts = {layer: schema.to_storage(acts32[layer], writer.dtype) for layer in layers}
             for shard, c, a in assembler.add(start, cols, acts):
-                pending.append(pool.submit(writer.write_shard, shard, c, a))
+                pending.append(pool.submit(writer.write_shard, shard, c, a, rank))
             while len(pending) > _MAX_PENDING_SHARDS or (pending and pending[0].done()):
                 pending.popleft().result()
             bar.update(len(cols["token_id"]))
@@ -225,24 +241,29 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
     return total
 
 
-def build_store(manifest: Manifest, store: Path | None = None, overwrite: bool = False) -> BuildResult:
-    """Run stage one for ``manifest``: build, resume, or report an already complete store."""
-    path = Path(store) if store is not None else default_store_path(manifest)
+def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
+                dist: Dist = SINGLE) -> BuildResult:
+    """Run stage one for ``manifest``: build, resume, or report an already complete store.
+
+    ``store`` is a folder or a URL (``memory://``, ``s3://``, ``file://``). Under torchrun every rank calls
+    this with its ``dist`` (``bra.dist.process_group``); alone, ``SINGLE``.
+    """
+    loc = StoreLocation.parse(store if store is not None else default_store_path(manifest))
+    path = loc.handle
     m_hash = manifest_hash(manifest, _input_digests(manifest))
-    if not overwrite and _already_complete(path, m_hash):
-        logger.info("store %s is already complete; nothing to do", path)
-        return BuildResult(path, _n_tokens(path), 0, 0.0, "already-complete")
+    if not overwrite:
+        done_tokens = dist.on_main(lambda: _n_tokens(loc) if _already_complete(loc, m_hash) else None)
+        if done_tokens is not None:
+            logger.info("store %s is already complete; nothing to do", path)
+            return BuildResult(path, done_tokens, 0, 0.0, "already-complete")
     device = resolve_device(manifest.model.device)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     dtype = resolve_compute_dtype(manifest.model.compute_dtype, device)
     config = load_config(manifest.model)
     check_layers(manifest.layers, int(config.num_hidden_layers), manifest.model.id)
     model, tokenizer = load_model(manifest.model, device, dtype)
-    if manifest.kind == "eval":
-        from bra.pipeline.evalbuild import plan_prompts
-
-        plan, extra_tables = plan_prompts(manifest, model, tokenizer, device)
-    else:
-        plan, extra_tables = plan_corpora(manifest, tokenizer), {}
+    plan, extra_tables = _plan(manifest, model, tokenizer, device, dist)
     layers = sorted(manifest.layers)
     attrs = {
         schema.ATTR_SCHEMA: schema.SCHEMA_VERSION, schema.ATTR_KIND: manifest.kind,
@@ -261,28 +282,77 @@ def build_store(manifest: Manifest, store: Path | None = None, overwrite: bool =
                             "shuffle": manifest.storage.shuffle},
         schema.ATTR_CORPUS_COUNTS: plan.counts, ATTR_TOKENS_DIGEST: _tokens_digest(plan),
     }
-    if overwrite:
-        remove_store(path)
-    status = "built"
-    if store_exists(path):
-        state = check_existing(path, attrs)
-        if state == "complete":
-            logger.info("store %s is already complete (%d tokens); nothing to do", path, plan.n_tokens)
-            return BuildResult(path, plan.n_tokens, 0, 0.0, "already-complete")
-        writer, status = StoreWriter.reopen(path), "resumed"
-        logger.info("resuming %s: %d of %d shards done", path, int(writer.done_shards().sum()),
-                    writer.layout.n_shards)
-    elif path.exists() and any(path.iterdir()):
-        raise StoreError(f"{path} exists and is not a store; choose another --store or pass --overwrite")
-    else:
-        layout = schema.StoreLayout(plan.n_tokens, int(config.hidden_size), manifest.storage.chunk_tokens,
-                                    manifest.storage.shard_tokens)
-        codec = CodecSpec(manifest.storage.codec, manifest.storage.clevel, manifest.storage.shuffle)
-        writer = StoreWriter.create(path, layout, layers, manifest.storage.dtype, codec, attrs)
+    status, todo = dist.on_main(lambda: _open_store(loc, attrs, manifest, layers, overwrite))
+    if status == "already-complete":
+        logger.info("store %s is already complete (%d tokens); nothing to do", path, plan.n_tokens)
+        return BuildResult(path, plan.n_tokens, 0, 0.0, "already-complete")
+    mine = owned_shards(todo, dist.rank, dist.world)
+    if dist.active:
+        logger.info("rank %d: %d of the %d shards to write", dist.rank, len(mine), len(todo))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     t0 = time.perf_counter()
-    computed = write_plan(writer, plan, model, layers, manifest.batch_size, device, pad_id, tokenizer.bos_token_id)
+    computed, error = 0, None
+    try:
+        writer = StoreWriter.reopen(loc)
+        computed = write_plan(writer, plan, model, layers, manifest.batch_size, device, pad_id,
+                              tokenizer.bos_token_id, shards=mine, rank=dist.rank)
+    except Exception as exc:  # every rank must learn of it, or the others wait at the next collective
+        error = exc
+    dist.check(error)
+    computed = sum(dist.gather(computed))
     seconds = time.perf_counter() - t0
-    writer.finalize(plan.doc_table(), extra_tables)
+    dist.on_main(lambda: writer.finalize(plan.doc_table(), extra_tables))
     logger.info("%s %s: %d tokens (%d computed) in %.1fs", status, path, plan.n_tokens, computed, seconds)
     return BuildResult(path, plan.n_tokens, computed, seconds, status)
+
+
+def owned_shards(todo: Sequence[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s share of the shards to write: one of ``world`` contiguous, near-equal runs of ``todo``.
+
+    Contiguous runs keep the batches that straddle two owners (computed by both, each keeping its own
+    rows) to ``world - 1``; splitting what is left to do, not all shards, keeps a resumed build balanced.
+    """
+    return [int(x) for x in np.array_split(np.asarray(sorted(todo), dtype=np.int64), world)[rank]]
+
+
+def _plan(manifest: Manifest, model: Any, tokenizer: Any, device: torch.device,
+          dist: Dist) -> tuple[TokenPlan, dict[str, Any]]:
+    """The token plan. Corpora are tokenised by every rank (deterministic; checked); eval prompts are
+    planned (completions generated) by rank 0 and sent to the others, so all ranks write one plan."""
+    if manifest.kind == "eval":
+        from bra.pipeline.evalbuild import plan_prompts
+
+        return dist.on_main(lambda: plan_prompts(manifest, model, tokenizer, device))
+    plan = plan_corpora(manifest, tokenizer)
+    digests = dist.gather(_tokens_digest(plan))
+    if len(set(digests)) > 1:
+        raise StoreError(f"ranks tokenised the corpora differently ({digests}); are they reading the same "
+                         f"files with the same tokenizer?")
+    return plan, {}
+
+
+def _open_store(loc: StoreLocation, attrs: dict[str, Any], manifest: Manifest, layers: list[int],
+                overwrite: bool) -> tuple[str, list[int]]:
+    """Create, resume-check or refuse the store (rank 0 only); returns (status, not-done shards)."""
+    if overwrite:
+        remove_store(loc)
+    status = "built"
+    writer = None
+    if store_exists(loc):
+        state = check_existing(loc, attrs)
+        if state == "complete":
+            return "already-complete", []
+        if state == "create":
+            remove_store(loc)
+        else:
+            writer, status = StoreWriter.reopen(loc), "resumed"
+            logger.info("resuming %s: %d of %d shards done", loc, int(writer.done_shards().sum()),
+                        writer.layout.n_shards)
+    elif not loc.is_empty():
+        raise StoreError(f"{loc} exists and is not a store; choose another --store or pass --overwrite")
+    if writer is None:
+        layout = schema.StoreLayout(attrs[schema.ATTR_N_TOKENS], attrs[schema.ATTR_D_MODEL],
+                                    manifest.storage.chunk_tokens, manifest.storage.shard_tokens)
+        codec = CodecSpec(manifest.storage.codec, manifest.storage.clevel, manifest.storage.shuffle)
+        writer = StoreWriter.create(loc, layout, layers, manifest.storage.dtype, codec, attrs)
+    return status, np.flatnonzero(~writer.done_shards()).tolist()

@@ -78,8 +78,9 @@ def materialize_gguf(ref: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to an HF folder at %s (once)", gguf.name, target)
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                               trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     clean = type(src)(src.config)
     clean.load_state_dict(src.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,12 +119,12 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tup
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(spec)
-    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": False, "dtype": dtype}
+    kwargs: dict[str, Any] = {"revision": spec.revision, "dtype": dtype}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_explain_load_error(spec.id, exc)) from None
     model.to(device)

@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 
 from bra.cache import schema
+from bra.cache.location import StoreLocation
 from bra.cache.store import open_store
-from bra.cache.writer import write_table_atomic
 from bra.errors import StoreError
 from bra.pipeline.surface import classify
 
@@ -37,11 +37,11 @@ def surface_columns(prompts: Sequence[str], completions: Sequence[str]) -> dict[
 def read_prompts_table(path: str | Path) -> pd.DataFrame:
     """The prompts table of a complete eval store."""
     store = open_store(path)
-    table = store.path / schema.PROMPTS_TABLE
-    if not table.is_file():
+    table = store.location.child(schema.PROMPTS_TABLE)
+    if not store.location.has_file(schema.PROMPTS_TABLE):
         raise StoreError(f"store {store.path} has no {schema.PROMPTS_TABLE}: only eval stores (built from a "
                          f"manifest with prompt_sets) have completions to label")
-    df = pd.read_parquet(table)
+    df = store.read_table(schema.PROMPTS_TABLE)
     missing = [c for c in ("prompt", "completion") if c not in df.columns]
     if missing:
         raise StoreError(f"{table}: missing column {missing[0]!r}")
@@ -58,7 +58,7 @@ def relabel_store(path: str | Path) -> pd.DataFrame:
     new = surface_columns(df["prompt"].astype(str).tolist(), df["completion"].astype(str).tolist())
     for name, values in new.items():
         df[name] = values
-    write_table_atomic(df, Path(path) / schema.PROMPTS_TABLE)
+    StoreLocation.parse(path).write_table(schema.PROMPTS_TABLE, df)
     changed = sum(a != b for a, b in zip(old, new["surface_label"], strict=True))
     logger.info("relabelled %d completions in %s (%d labels changed)", len(df), path, changed)
     return df

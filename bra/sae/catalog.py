@@ -30,6 +30,7 @@ import torch
 from bra.cache import schema
 from bra.cache.store import Store
 from bra.sae.divergence import CATEGORIES, normalise_l1
+from bra.sae.evaluate import refuse_non_finite
 from bra.sae.model import TopKSAE
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class TokenColumns:
     @classmethod
     def read(cls, store: Store) -> TokenColumns:
         """Read the columns from ``store``."""
-        return cls(*(store.array(n)[:] for n in ("doc_index", "segment", "mask", "token_id")))
+        return cls(*(store.read_rows(n, 0, store.n_tokens) for n in ("doc_index", "segment", "mask", "token_id")))
 
     def groups(self) -> np.ndarray:
         """[rows] pooling group (doc * 2 + 0 prompt / 1 completion), -1 for rows that are not pooled."""
@@ -141,6 +142,7 @@ def read_pools(store: Store, layer: int, saes: Mapping[str, TopKSAE], tokens: To
         if not keep.size:
             continue
         x = store.read_acts(layer, start, stop)[keep]
+        refuse_non_finite(x, start + keep, store, "score")
         for gid in np.unique(g[keep]):
             rows = x[g[keep] == gid].astype(np.float64)
             raw[gid] = raw[gid] + rows.sum(0) if pool == "mean" else np.maximum(raw[gid], rows.max(0))

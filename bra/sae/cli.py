@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from bra.cli_common import run_cli, setup_logging
+from bra.cli_common import STORE_PATH, run_cli, setup_logging
 from bra.sae.config import PRESETS, TrainConfig, field_docs
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -45,23 +45,30 @@ def cli(verbose: int) -> None:
 
 
 @cli.command()
-@click.option("--store", required=True, type=click.Path(path_type=Path), help="Activation store (bra-cache build).")
+@click.option("--store", required=True, type=STORE_PATH,
+              help="Activation store (bra-cache build): a folder or a URL (s3://, memory://, file://).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="seed: the seed recipe (d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, L1 + cosine tier term); "
                    "contrastive: NT-Xent + AuxK (default settings); plain: no tier term.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @_train_options
-def fit(store: Path, out: Path, preset: str | None, resume: bool, **flags: Any) -> None:
-    """Train a TopK SAE on STORE's activations, streaming them from disk."""
+def fit(store: Path | str, out: Path, preset: str | None, resume: bool, **flags: Any) -> None:
+    """Train a TopK SAE on STORE's activations, streaming them from disk. Under torchrun (DDP) each process
+    reads its own shards for its share of every batch; --batch-size stays the global batch."""
+    from bra.dist import process_group
     from bra.sae.train import fit as run_fit
+    from bra.sae.train import resolve_device
 
     values = {**PRESETS.get(preset or "", {}), **{k: v for k, v in flags.items() if v is not None}}
     try:
         cfg = TrainConfig(**values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    run_fit(store, out, cfg, resume=resume)
+    with process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo") as dist:
+        run_fit(store, out, cfg, resume=resume, dist=dist)
+    if not dist.is_main:
+        return
     click.echo(f"{out}: trained ({cfg.steps} steps); SAELens format in {out}/sae, seed layout {out}/sae_weights.pt",
                err=True)
 
@@ -69,20 +76,21 @@ def fit(store: Path, out: Path, preset: str | None, resume: bool, **flags: Any) 
 @cli.command("eval")
 @click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path),
               help="SAE: a fit run dir, a SAELens dir, or a seed .pt.")
-@click.option("--store", required=True, type=click.Path(path_type=Path), help="Activation store.")
+@click.option("--store", required=True, type=STORE_PATH, help="Activation store (a folder or a URL).")
 @click.option("--layer", type=int, default=None, help="Store layer (default: the SAE's).")
 @click.option("--split", type=click.Choice(["heldout", "all"]), default="heldout",
               help="Documents to evaluate on (held-out: the run's recorded split).")
 @click.option("--model", "with_model", is_flag=True, help="Also compute the CE-loss score (loads the store's model).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSON here too.")
-def eval_cmd(sae_path: Path, store: Path, layer: int | None, split: str, with_model: bool, out: Path | None) -> None:
+def eval_cmd(sae_path: Path, store: Path | str, layer: int | None, split: str, with_model: bool,
+             out: Path | None) -> None:
     """FVU, L0, dead/dense fractions and per-tier reconstruction of an SAE on a store."""
-    from bra.sae.workflows import evaluate
+    from bra.sae.workflows import evaluate, write_text_atomic
 
     result = evaluate(sae_path, store, layer, split, with_model)
     text = json.dumps(result, indent=2)
     if out is not None:
-        out.write_text(text)
+        write_text_atomic(out, text)
     click.echo(text)
 
 
@@ -118,7 +126,7 @@ def _baseline_pair(value: str) -> tuple[str, Path]:
 
 
 @cli.command("score")
-@click.option("--store", required=True, type=click.Path(path_type=Path),
+@click.option("--store", required=True, type=STORE_PATH,
               help="Eval store (bra-cache build of an eval manifest).")
 @click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path),
               help="SAE: a fit run dir, a SAELens dir, or a seed .pt.")
@@ -152,7 +160,7 @@ def _baseline_pair(value: str) -> tuple[str, Path]:
 @click.option("--contexts", type=int, default=3, show_default=True, help="Contexts shown per catalog latent.")
 @click.option("--context-latents", type=int, default=4, show_default=True,
               help="Catalog latents per category shown with contexts.")
-def score_cmd(store: Path, sae_path: Path, out: Path, baseline: tuple[str, ...], **fields: Any) -> None:
+def score_cmd(store: Path | str, sae_path: Path, out: Path, baseline: tuple[str, ...], **fields: Any) -> None:
     """Refusal depth of an eval store's prompts: catalog, alignment T, divergence D, hazard AUROC table with
     baselines; writes scores.parquet, catalog.json, report.json and report.html to OUT. Needs no model."""
     from bra.sae.score import ScoreConfig, score

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,14 +64,40 @@ def training_data(store: Store, layer: int | None, heldout_fraction: float, seed
                         docs["doc_id"].tolist())
 
 
+def rank_shards(n_shards: int, rank: int, world: int) -> np.ndarray:
+    """The shards one rank of a distributed fit reads: every ``world``-th, from ``rank`` (disjoint, and
+    interleaved so that every rank sees every part of the store: its tiers are stored one after another)."""
+    return np.arange(rank, n_shards, world)
+
+
+def _docs_in_shards(store: Store, shards: Sequence[int]) -> np.ndarray:
+    """[n_docs] bool: documents with at least one row in ``shards``."""
+    docs, size = store.docs(), store.layout.shard_tokens
+    first = docs["token_offset"].to_numpy() // size
+    last = (docs["token_offset"].to_numpy() + docs["n_tokens"].to_numpy() - 1) // size
+    owned = np.zeros(store.layout.n_shards + 1, dtype=np.int64)
+    owned[np.asarray(shards, dtype=np.int64) + 1] = 1
+    cum = np.cumsum(owned)  # cum[i] = owned shards before shard i
+    return cum[last + 1] - cum[first] > 0
+
+
 def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows: int, seed: int,
-                  balanced: bool) -> Iterator[tuple[Batch, np.ndarray]]:
+                  balanced: bool, shards: Sequence[int] | None = None) -> Iterator[tuple[Batch, np.ndarray]]:
     """Endless (batch, hazard label per row) pairs from training documents.
 
     Balanced: half of each batch from hazard documents and half from the rest (two independent
-    streams, so the smaller class simply cycles more often).
+    streams, so the smaller class simply cycles more often). ``shards``: read only those (one rank's
+    share of a distributed fit).
     """
     train = ~data.heldout
+    if shards is not None:
+        inside = _docs_in_shards(store, shards)
+        groups = [("hazard", train & data.doc_hazard), ("benign", train & ~data.doc_hazard)] if balanced \
+            else [("training", train)]
+        for label, sel in groups:
+            if sel.any() and not (sel & inside).any():
+                raise SAEError(f"this rank's shards of {store.path} hold no {label} rows; use more, smaller "
+                               f"shards (storage.shard_tokens) or fewer processes")
     if balanced:
         half = batch_size // 2
         parts = []
@@ -81,7 +107,7 @@ def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows
                                f"(balanced sampling needs both; use --no-balanced or add data)")
             cfg = ReaderConfig(layer=data.layer, batch_size=half if label == "hazard" else batch_size - half,
                                buffer_rows=max(buffer_rows // 2, 1), seed=seed + (0 if label == "hazard" else 1))
-            parts.append(RowStream(store, cfg, doc_selected=sel).forever())
+            parts.append(RowStream(store, cfg, doc_selected=sel, shards=shards).forever())
         for hz, bn in zip(*parts):
             batch = Batch(*(np.concatenate([getattr(hz, f), getattr(bn, f)])
                             for f in ("acts", "tier", "doc_index", "row")))
@@ -90,7 +116,7 @@ def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows
         if not train.any():
             raise SAEError(f"store {store.path} has no training documents")
         cfg = ReaderConfig(layer=data.layer, batch_size=batch_size, buffer_rows=buffer_rows, seed=seed)
-        for batch in RowStream(store, cfg, doc_selected=train).forever():
+        for batch in RowStream(store, cfg, doc_selected=train, shards=shards).forever():
             yield batch, data.doc_hazard[batch.doc_index]
 
 

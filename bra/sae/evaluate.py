@@ -33,13 +33,26 @@ def check_compatible(sae: TopKSAE, store: Store, layer: int) -> None:
                        f"from store {store.path}")
 
 
+def refuse_non_finite(x: np.ndarray, rows: np.ndarray, store: Store, what: str) -> None:
+    """Raise SAEError naming the first store row of ``x`` [n, d_model] holding a NaN/inf (``rows``: the
+    store row of each row of ``x``)."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        row = int(rows[np.flatnonzero(bad)[0]])
+        raise SAEError(f"NaN/inf activation at store row {row} of {store.path}; refusing to {what} it")
+
+
 def heldout_docs(store: Store, split_file: Path | None, fraction: float, seed: int) -> np.ndarray:
     """[n_docs] bool: the run's recorded held-out documents, or a fresh split with the same rule."""
     docs = store.docs()
     if split_file is not None and split_file.is_file():
         import json
 
-        ids = set(json.loads(split_file.read_text())["heldout_doc_ids"])
+        try:
+            ids = set(json.loads(split_file.read_text())["heldout_doc_ids"])
+        except (ValueError, KeyError, TypeError) as exc:  # malformed JSON, or not the split we write
+            raise SAEError(f"{split_file} is not a readable split record ({type(exc).__name__}: {exc}); "
+                           f"pass --split all or restore it") from None
         return docs["doc_id"].isin(ids).to_numpy()
     return document_split(docs, fraction, seed)
 
@@ -58,11 +71,13 @@ def reconstruction_metrics(sae: TopKSAE, store: Store, layer: int, doc_selected:
     device = sae.W_enc.device
     for start in tqdm(range(0, store.n_tokens, rows_per_read), desc="eval", unit="block", leave=False):
         stop = min(start + rows_per_read, store.n_tokens)
-        keep = ~store.array("mask")[start:stop] & doc_selected[store.array("doc_index")[start:stop]]
+        keep = ~store.read_rows("mask", start, stop) & doc_selected[store.read_rows("doc_index", start, stop)]
         if not keep.any():
             continue
-        x = torch.from_numpy(store.read_acts(layer, start, stop)[keep]).to(device)
-        tier = store.array("tier")[start:stop][keep]
+        x_np = store.read_acts(layer, start, stop)[keep]
+        refuse_non_finite(x_np, start + np.flatnonzero(keep), store, "evaluate")
+        x = torch.from_numpy(x_np).to(device)
+        tier = store.read_rows("tier", start, stop)[keep]
         out = sae(x)
         err = ((out.x_hat - x) ** 2).sum(-1).double().cpu().numpy()
         xd = x.double().cpu().numpy()
@@ -104,9 +119,9 @@ def ce_loss_score(sae: TopKSAE, store: Store, layer: int, model: Any, doc_select
     """
     from bra.pipeline.model import decoder_layers
 
-    pos = store.array("position")[:]
-    ids_all = store.array("token_id")[:]
-    doc = store.array("doc_index")[:]
+    pos = store.read_rows("position", 0, store.n_tokens)
+    ids_all = store.read_rows("token_id", 0, store.n_tokens)
+    doc = store.read_rows("doc_index", 0, store.n_tokens)
     starts = np.flatnonzero(pos == 0)
     ends = np.append(starts[1:], len(pos))
     windows = [(s, e) for s, e in zip(starts, ends) if doc_selected[doc[s]] and e - s > 1][:max_windows]

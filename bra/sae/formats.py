@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bra.errors import SAEError
@@ -99,6 +100,31 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; malformed JSON or another type is an SAEFormatError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAEFormatError(f"{path}: malformed JSON ({_first_line(e)})") from e
+    if not isinstance(data, dict):
+        raise SAEFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file on the CPU; a truncated or foreign file is an SAEFormatError."""
+    if not path.is_file():
+        raise SAEFormatError(f"{path}: missing")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise SAEFormatError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+
+
 def _layer_from_hook(hook_name: str) -> int:
     """Block index in a hook name (`blocks.12.hook_resid_post`, `model.layers.15`), else -1."""
     match = _LAYER_RE.search(hook_name)
@@ -107,12 +133,12 @@ def _layer_from_hook(hook_name: str) -> int:
 
 def _build(source: Path, base: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> TopKSAE:
     """Config from `base`, then the SAE; any inconsistency becomes an SAEFormatError naming `source`."""
-    if float(base.get("input_scale", 1.0)) != 1.0:
-        raise SAEFormatError(f"{source}: stored weights are folded, so input_scale must be 1.0")
     try:
+        if float(base.get("input_scale", 1.0)) != 1.0:
+            raise SAEFormatError(f"{source}: stored weights are folded, so input_scale must be 1.0")
         cfg = SAEConfig.from_dict(base)
         return TopKSAE.from_state_dict(cfg, state_dict)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a wrongly typed field (k: "eight") reached a comparison
         raise SAEFormatError(f"{source}: {e}") from e
 
 
@@ -143,7 +169,7 @@ def _read_sidecar(weights: Path) -> dict[str, Any]:
     sidecar = weights.parent / BRA_CFG
     if not sidecar.is_file():
         return {}
-    data = json.loads(sidecar.read_text())
+    data = _read_json(sidecar)
     if data.get("weights_file") != weights.name:
         logger.warning("%s describes %s, not %s; ignoring it", sidecar, data.get("weights_file"),
                        weights.name)
@@ -167,6 +193,11 @@ def load_seed(path: str | os.PathLike[str], cfg_overrides: dict[str, Any] | None
         raise SAEFormatError(
             f"refusing checkpoint {path}: it contains pickled code (weights_only=True)"
         ) from e
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # truncated zip, not a torch file
+        raise SAEFormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+                             f"{_first_line(e)})") from e
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SAEFormatError(f"{path}: expected a dict of tensors {list(PARAM_NAMES)}, "
                              f"got {type(obj).__name__}")
@@ -260,7 +291,7 @@ def load_saelens(directory: str | os.PathLike[str], cfg_overrides: dict[str, Any
     seed equivalent (input normalisation, decoder-norm rescaling, reshaping) are refused.
     """
     directory = Path(directory)
-    raw = json.loads((directory / SAELENS_CFG).read_text())
+    raw = _read_json(directory / SAELENS_CFG)
     if raw.get("architecture") != "topk":
         raise SAEFormatError(f"{directory}: architecture {raw.get('architecture')!r} is not 'topk'")
     for key, allowed in (("normalize_activations", "none"), ("reshape_activations", "none")):
@@ -271,7 +302,7 @@ def load_saelens(directory: str | os.PathLike[str], cfg_overrides: dict[str, Any
     missing_keys = sorted({"d_in", "d_sae", "k"} - set(raw))
     if missing_keys:
         raise SAEFormatError(f"{directory}: {SAELENS_CFG} lacks {missing_keys}")
-    state_dict = load_file(str(directory / SAELENS_WEIGHTS), device="cpu")
+    state_dict = load_safetensors(directory / SAELENS_WEIGHTS)
     _drop_unit_scaling_factor(directory, state_dict)
     if not set(PARAM_NAMES) <= set(state_dict):
         raise SAEFormatError(f"{directory}: weights lack {sorted(set(PARAM_NAMES) - set(state_dict))}")

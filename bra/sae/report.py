@@ -94,10 +94,11 @@ def _load_tokenizer(r: ScoreResult) -> tuple[Any, str]:
 
         if spec.gguf:  # read the tokenizer out of the GGUF itself; never convert (or load) the model
             gguf = locate_gguf(spec.gguf)
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
+                                                trust_remote_code=False)
         else:
             tok = AutoTokenizer.from_pretrained(model_path(spec), revision=spec.revision,
-                                                local_files_only=True)
+                                                local_files_only=True, trust_remote_code=False)
         if tokenizer_fingerprint(tok) != r.store.attrs.get(schema.ATTR_TOKENIZER_FP):
             return None, "token ids only: the local tokenizer differs from the store's (fingerprint)"
         return tok, "decoded with the store's tokenizer (local files)"

@@ -147,11 +147,12 @@ def split_prompts(ids: pd.Series, tiers: pd.Series, seed: int, train_fraction: f
 def open_eval_store(path: str | os.PathLike[str]) -> tuple[Store, pd.DataFrame, cat.TokenColumns]:
     """The store, its prompts table (row i = doc i) and per-token columns; refuses a non-eval store."""
     store = open_store(path)
-    table_path = store.path / schema.PROMPTS_TABLE
-    if store.attrs.get(schema.ATTR_KIND) != "eval" or not table_path.is_file():
+    table_path = store.location.child(schema.PROMPTS_TABLE)
+    if store.attrs.get(schema.ATTR_KIND) != "eval" or not store.location.has_file(schema.PROMPTS_TABLE):
         raise ScoreError(f"{store.path}: not an eval store: build it from an eval manifest (it has no "
                          f"{schema.PROMPTS_TABLE} with completions)")
-    table = pd.read_parquet(table_path).sort_values("doc_index", kind="stable").reset_index(drop=True)
+    table = store.read_table(schema.PROMPTS_TABLE)
+    table = table.sort_values("doc_index", kind="stable").reset_index(drop=True)
     need = ("id", "tier", "framing", "prompt", "completion", "doc_index", "surface_label", "surface_probs")
     missing = [c for c in need if c not in table.columns]
     if missing:

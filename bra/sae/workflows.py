@@ -30,6 +30,17 @@ def load_any(path: str | os.PathLike[str]) -> TopKSAE:
     return load_sae(p)
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` via a temp file beside ``path`` and a rename: a full disk leaves no half file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-ready description of an SAE."""
     sae = load_any(path)

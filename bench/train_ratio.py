@@ -1,0 +1,301 @@
+"""Study 4: training steps/s streaming the store ÷ from the same rows in an in-RAM tensor (issue 4), and
+peak RSS of reading a store much larger than the shuffle buffer.
+
+Both sides run `bra.sae.train.train_step` with one TrainConfig (the product's defaults for the loss terms:
+NT-Xent tier term, AuxK, balanced batches on the store side) on a fresh SAE from the same init. The store
+side is `fit`'s own data path (`bra.sae.data.train_batches`: shuffled chunk order, background
+decompression, mixing buffer, masked rows skipped, NaN check); the RAM side slices batches out of one
+preloaded tensor of the same training rows, permuted once per epoch (the cheapest loader there is).
+The store is study 1's store tiled several times (rows repeated, documents renamed), so it is many times
+larger than the shuffle buffer; tiling changes nothing a timing depends on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench._common import (
+    PeakSampler,
+    Row,
+    StudyResult,
+    dir_bytes,
+    interleaved,
+    max_rss_bytes,
+    median,
+    rss_bytes,
+)
+from bench._context import BenchContext
+from bench._worker import run_task
+from bra.cache import schema
+from bra.cache.reader import ReaderConfig, RowStream
+from bra.cache.store import Store, open_store
+from bra.cache.writer import CodecSpec, StoreWriter
+from bra.sae.config import TrainConfig
+from bra.sae.data import TrainingData, check_finite, train_batches, training_data
+from bra.sae.model import SAEConfig, TopKSAE
+from bra.sae.train import TrainerState, resolve_device, train_step
+
+logger = logging.getLogger(__name__)
+
+TARGET = "≥ 0.9"
+
+
+def tile_store(src_path: Path, dst: Path, copies: int) -> Path:
+    """Write a store holding ``copies`` consecutive copies of ``src_path``'s rows (documents renamed), with
+    the source's layout, dtype and codec, through `StoreWriter` (so stats, checksums and status are real)."""
+    import shutil
+
+    src = open_store(src_path)
+    shutil.rmtree(dst, ignore_errors=True)
+    n, layout = src.n_tokens, src.layout
+    docs = src.docs()
+    cols = {k: src.array(k)[:] for k in schema.TOKEN_COLUMNS}
+    raws = {layer: src.acts(layer)[:] for layer in src.layers}
+    attrs = {
+        k: v
+        for k, v in src.attrs.items()
+        if k not in (schema.ATTR_STATS, schema.ATTR_DIGESTS, schema.ATTR_STATUS)
+    }
+    attrs.update({schema.ATTR_N_TOKENS: n * copies, schema.ATTR_N_DOCS: len(docs) * copies})
+    codec = CodecSpec(**src.attrs[schema.ATTR_CODEC])
+    new_layout = schema.StoreLayout(n * copies, layout.d_model, layout.chunk_tokens, layout.shard_tokens)
+    writer = StoreWriter.create(dst, new_layout, src.layers, src.dtype, codec, attrs)
+    for shard in range(new_layout.n_shards):
+        s0, s1 = new_layout.shard_bounds(shard)
+        rows = np.arange(s0, s1)
+        src_rows, copy = rows % n, rows // n
+        c = {k: v[src_rows] for k, v in cols.items()}
+        c["doc_index"] = (c["doc_index"] + copy * len(docs)).astype(np.int32)
+        writer.write_shard(shard, c, {layer: raw[src_rows] for layer, raw in raws.items()})
+    tiled = []
+    for i in range(copies):
+        t = docs.copy()
+        t["doc_index"] += i * len(docs)
+        t["token_offset"] += i * n
+        t["doc_id"] = t["doc_id"] + f"#{i}"
+        tiled.append(t)
+    import pandas as pd
+
+    writer.finalize(pd.concat(tiled, ignore_index=True))
+    return dst
+
+
+def _fresh(store: Store, data: TrainingData, tcfg: TrainConfig, device: torch.device):
+    sae_cfg = SAEConfig(d_model=store.d_model, d_sae=tcfg.d_sae, k=tcfg.k, input_scale=data.input_scale)
+    sae = TopKSAE.init_random(sae_cfg, tcfg.seed, torch.as_tensor(data.mean, dtype=torch.float32)).to(device)
+    opt = torch.optim.AdamW(sae.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    state = TrainerState(
+        0, torch.zeros(tcfg.d_sae, dtype=torch.int64), torch.zeros(tcfg.d_sae, dtype=torch.int64)
+    )
+    return sae, opt, state, tcfg.k_aux or max(1, store.d_model // 2)
+
+
+def steps_from_store(store: Store, data: TrainingData, tcfg: TrainConfig, warmup: int, steps: int) -> float:
+    """Seconds for ``steps`` steps fed by `train_batches` (after ``warmup`` untimed steps)."""
+    device = resolve_device(tcfg.device)
+    sae, opt, state, k_aux = _fresh(store, data, tcfg, device)
+    batches = train_batches(store, data, tcfg.batch_size, tcfg.buffer_rows, tcfg.seed, tcfg.balanced)
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        batch, hazard = next(batches)
+        check_finite(batch)
+        train_step(
+            sae,
+            opt,
+            torch.from_numpy(batch.acts).to(device),
+            torch.from_numpy(hazard.astype(np.int64)).to(device),
+            torch.from_numpy(batch.doc_index.astype(np.int64)).to(device),
+            state,
+            tcfg,
+            k_aux,
+        )
+    _sync(device)
+    batches.close()
+    return time.perf_counter() - t0
+
+
+def preload(store: Store, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows `train_batches` draws from (unmasked rows of training documents), in RAM."""
+    keep = ~store.array("mask")[:]
+    doc = store.array("doc_index")[:]
+    keep &= ~data.heldout[doc]
+    x = store.read_acts(data.layer, 0, store.n_tokens)[keep]
+    return (
+        torch.from_numpy(np.ascontiguousarray(x)),
+        torch.from_numpy(data.doc_hazard[doc[keep]].astype(np.int64)),
+        torch.from_numpy(doc[keep].astype(np.int64)),
+    )
+
+
+def steps_from_ram(
+    store: Store,
+    data: TrainingData,
+    tcfg: TrainConfig,
+    rows: tuple[torch.Tensor, ...],
+    warmup: int,
+    steps: int,
+) -> float:
+    """Seconds for ``steps`` steps on batches sliced from the preloaded rows (permuted once per epoch)."""
+    device = resolve_device(tcfg.device)
+    sae, opt, state, k_aux = _fresh(store, data, tcfg, device)
+    X, H, D = rows
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    perm, pos = torch.randperm(len(X), generator=gen), 0
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        if pos + tcfg.batch_size > len(perm):
+            perm, pos = torch.randperm(len(X), generator=gen), 0
+        idx = perm[pos : pos + tcfg.batch_size]
+        pos += tcfg.batch_size
+        train_step(sae, opt, X[idx].to(device), H[idx].to(device), D[idx].to(device), state, tcfg, k_aux)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_pair(
+    store: Store, data: TrainingData, tcfg: TrainConfig, warmup: int, steps: int, reps: int
+) -> dict[str, list[float]]:
+    """Interleaved store / RAM repetitions (the preloaded rows are freed when this returns)."""
+    ram_rows = preload(store, data)
+    return interleaved(
+        {
+            "store": lambda: steps_from_store(store, data, tcfg, warmup, steps),
+            "ram": lambda: steps_from_ram(store, data, tcfg, ram_rows, warmup, steps),
+        },
+        reps,
+    )
+
+
+def rss_read_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """Worker: stream one epoch of a store through `RowStream`; report baseline and peak RSS."""
+    torch.set_num_threads(int(spec["threads"]))
+    store = open_store(spec["store"])
+    cfg = ReaderConfig(
+        layer=store.layers[0], batch_size=int(spec["batch_size"]), buffer_rows=int(spec["buffer_rows"])
+    )
+    stream = RowStream(store, cfg)
+    gc.collect()
+    baseline = rss_bytes()
+    rows, t0 = 0, time.perf_counter()
+    with PeakSampler() as sampler:
+        for batch in stream.epoch(0):
+            rows += len(batch.row)
+    return {
+        "baseline_rss": baseline,
+        "peak_rss": sampler.peak,
+        "ru_maxrss": max_rss_bytes(),
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+        "n_tokens": store.n_tokens,
+        "d_model": store.d_model,
+        "disk_bytes": dir_bytes(Path(spec["store"])),
+    }
+
+
+def run(ctx: BenchContext) -> StudyResult:
+    """Interleaved store/RAM repetitions, then the RSS workers."""
+    cfg = ctx.cfg
+    store1, _ = ctx.ensure_store()
+    tiled = tile_store(store1, ctx.work / "tiled.zarr", cfg.rss_tile)
+    store = open_store(tiled)
+    tcfg = TrainConfig(
+        d_sae=cfg.train_d_sae,
+        k=cfg.sae_k,
+        batch_size=cfg.train_batch,
+        buffer_rows=cfg.train_buffer_rows,
+        steps=cfg.train_steps,
+        device=cfg.device,
+        contrastive_rows=min(512, cfg.train_batch),
+    )
+    data = training_data(store, None, tcfg.heldout_fraction, tcfg.seed, tcfg.shuffle_tiers)
+    w, s = cfg.train_warmup, cfg.train_steps
+    times = _timed_pair(store, data, tcfg, w, s, cfg.train_reps)
+    gc.collect()
+    sps_store, sps_ram = s / median(times["store"]), s / median(times["ram"])
+    per_rep = [r / st for st, r in zip(times["store"], times["ram"], strict=True)]
+    ratio = median(per_rep)  # paired: each rep's two sides ran back to back under the same load
+
+    spec = {"batch_size": cfg.train_batch, "buffer_rows": cfg.train_buffer_rows, "threads": ctx.threads}
+    rss = {
+        "1x": run_task("rss-read", {**spec, "store": str(store1)}, cfg.isolate),
+        f"{cfg.rss_tile}x": run_task("rss-read", {**spec, "store": str(tiled)}, cfg.isolate),
+    }
+    d = store.d_model
+    buf_mb = cfg.train_buffer_rows * d * 4 / 2**20
+    big = rss[f"{cfg.rss_tile}x"]
+    small = rss["1x"]
+    delta = {k: (v["peak_rss"] - v["baseline_rss"]) / 2**20 for k, v in rss.items()}
+    big_mb = big["n_tokens"] * d * 4 / 2**20
+    note = (
+        f"{store.n_tokens:,}-row store ({big_mb:.0f} MiB as fp32, {big['disk_bytes'] / 2**20:.0f} "
+        "MiB on disk), "
+        f"buffer {cfg.train_buffer_rows:,} rows ({buf_mb:.1f} MiB fp32); batch {tcfg.batch_size}, d_sae "
+        f"{tcfg.d_sae}, k {tcfg.k}, {s} timed steps after {w}, median of "
+        f"{cfg.train_reps} paired, interleaved reps (per rep: {', '.join(f'{r:.3f}' for r in per_rep)})"
+    )
+    rows_out = [
+        Row("train", "training steps/s from store ÷ from in-RAM tensor", round(ratio, 3), "×", TARGET, note),
+        Row("train", "steps/s streaming the store", round(sps_store, 2), "steps/s"),
+        Row("train", "steps/s from the in-RAM tensor", round(sps_ram, 2), "steps/s"),
+        Row(
+            "train",
+            f"peak RSS above baseline, reading a store {big['n_tokens'] // cfg.train_buffer_rows}× "
+            "the buffer",
+            round(delta[f"{cfg.rss_tile}x"], 1),
+            "MiB",
+            note=f"store {big_mb:.0f} MiB as fp32; buffer {buf_mb:.1f} MiB; the {cfg.rss_tile}× "
+            "smaller store "
+            f"({small['n_tokens']:,} rows) peaked at {delta['1x']:.1f} MiB above baseline",
+        ),
+    ]
+    details = {
+        "train_config": tcfg.to_dict(),
+        "store_rows": store.n_tokens,
+        "train_rows": int(len(preload_index(store, data))),
+        "store_seconds": times["store"],
+        "ram_seconds": times["ram"],
+        "per_rep_ratio": per_rep,
+        "ratio_of_median_times": sps_store / sps_ram,
+        "rss": rss,
+        "rss_delta_mib": delta,
+        "tile": cfg.rss_tile,
+    }
+    text = (
+        f"Both sides: the same `train_step`, TrainConfig and SAE init; torch threads {ctx.threads}. {note}. "
+        "The store side also spends time in the reader threads (decompression of bf16 chunks, "
+        "mixing buffer, "
+        "balanced hazard/benign streams) that share the CPU cores with the SAE step. Peak RSS was "
+        "sampled every "
+        "10 ms in a fresh subprocess that streams one epoch through `RowStream` (baseline = RSS "
+        "after opening "
+        f"the store): it follows the buffer and the prefetched chunks, not the store size "
+        f"({delta['1x']:.1f} MiB for {small['n_tokens']:,} rows, {delta[f'{cfg.rss_tile}x']:.1f} MiB for "
+        f"{big['n_tokens']:,} rows)."
+    )
+    return StudyResult(
+        "train", "4. Training from the store ÷ from RAM; reader memory", rows_out, details, text
+    )
+
+
+def preload_index(store: Store, data: TrainingData) -> np.ndarray:
+    """Row indices of the training rows (for the record)."""
+    keep = ~store.array("mask")[:] & ~data.heldout[store.array("doc_index")[:]]
+    return np.flatnonzero(keep)

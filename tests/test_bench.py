@@ -1,0 +1,70 @@
+"""Smoke test of the benchmark entry point at --size tiny: every study runs and has its rows in both result
+files. No timing assertions (numbers on shared CI cores mean nothing); bench/results.md is made by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens")
+
+
+def test_bench__tiny_run_writes_every_study_row(tmp_path: Path) -> None:
+    from bench.__main__ import main
+
+    md, js = tmp_path / "out" / "results.md", tmp_path / "out" / "results.json"
+    main(
+        [
+            "--size",
+            "tiny",
+            "--out",
+            str(md),
+            "--json-out",
+            str(js),
+            "--work",
+            str(tmp_path / "work"),
+            "--threads",
+            "1",
+        ],
+        standalone_mode=False,
+    )
+
+    assert md.is_file() and js.is_file()
+    data = json.loads(js.read_text())
+    assert data["size"] == "tiny" and data["command"].startswith("python -m bench")
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch_threads"] == 1
+    assert {s: data["studies"][s]["error"] for s in STUDIES} == {s: None for s in STUDIES}
+    by_study: dict[str, list[dict]] = {}
+    for row in data["rows"]:
+        by_study.setdefault(row["study"], []).append(row)
+    assert set(by_study) == set(STUDIES)
+    has_saelens = importlib.util.find_spec("sae_lens") is not None
+    for study, rows in by_study.items():
+        if study == "saelens" and not has_saelens:
+            continue
+        assert all(r["value"] is not None for r in rows), (study, rows)
+    targets = {r["study"]: r["target"] for r in data["rows"] if r["target"]}
+    assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05"}
+
+    text = md.read_text()
+    assert "| study | measurement | value |" in text
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
+        assert heading in text
+    for row in data["rows"]:
+        assert row["name"].replace("|", "\\|") in text
+
+
+def test_bench__unknown_size_and_study_refused(tmp_path: Path) -> None:
+    import click
+
+    from bench.__main__ import main
+    from bench.config import get_config
+
+    with pytest.raises(ValueError, match="unknown size"):
+        get_config("huge")
+    with pytest.raises(click.BadParameter, match="unknown study"):
+        main(["--size", "tiny", "--studies", "nope", "--out", str(tmp_path / "r.md")], standalone_mode=False)
+    assert not (tmp_path / "r.md").exists()
