@@ -14,6 +14,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -744,3 +746,15 @@ def test_static__torch_load_always_weights_only() -> None:
                 kw = {k.arg: k.value for k in call.keywords if k.arg is not None}
                 value = kw.get("weights_only")
                 assert isinstance(value, ast.Constant) and value.value is True, f"{path}:{call.lineno}"
+
+
+def test_console__python_m_bra_sae_refuses_pickled_code(tmp_path: Path) -> None:
+    """The real entry point (`python -m bra.sae`): exit 2, one error line, no traceback, no code run."""
+    marker = tmp_path / "pwned"
+    evil = write_pickled_code(tmp_path / "evil.pt", marker)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bra.sae", "info", str(evil)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    errors = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(errors) == 1 and "pickled code" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not marker.exists()

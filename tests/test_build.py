@@ -402,7 +402,8 @@ def test_read_rows__corrupt_chunk_and_missing_shard_named(fp32_store, tmp_path: 
     store = open_store(path)
     with pytest.raises(StoreError) as info:
         store.read_acts(2, 0, store.n_tokens)
-    lo, hi = store.first_bad_chunk("acts/layer_2", 64, 128)
+    lo, hi = store.first_bad_chunk("acts/layer_2", 64, 128) or (0, 0)
+    assert store.first_bad_chunk("acts/layer_2", 0, 64) is None
     assert 64 <= lo < hi <= 128 and hi - lo == 16
     assert str(info.value) == (f"corrupt chunk in acts/layer_2 rows {lo}..{hi - 1} (shard 1) of {path}; "
                                f"run `bra-cache verify {path}`")

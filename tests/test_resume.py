@@ -72,7 +72,7 @@ class KilledBuild:
     proc: subprocess.Popen[bytes] | None = None
     killed: bool = False
     argv: list[str] | None = None
-    """Command to run instead of `bra-cache build MANIFEST --store STORE` (tests/test_torture.py kills fits too)."""
+    """CLI arguments instead of `build MANIFEST --store STORE` (tests/test_torture.py runs fits too)."""
 
 
 def snapshot(store: Path) -> dict[str, Any]:
@@ -100,7 +100,8 @@ def assert_same_store(got: Path, want: dict[str, Any]) -> None:
 def run_and_kill(manifest: Path, builds: list[KilledBuild]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for b in builds:
-        argv = b.argv or [sys.executable, "-m", "bra.cache", "build", str(manifest), "--store", str(b.store)]
+        args = b.argv or ["build", str(manifest), "--store", str(b.store)]
+        argv = [sys.executable, "-m", "bra.cache", *args]
         b.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT_S
     try:

@@ -335,13 +335,19 @@ def fit_trigger(rng: random.Random, log: dict) -> Callable[[Path], bool]:
     return trigger
 
 
-def test_torture__fit_killed_repeatedly_equals_uninterrupted(tmp_path: Path, tiny_gemma_dir: Path,
+@pytest.fixture(scope="module")
+def train_store(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("torture-fit")
+    return build_store(load_manifest(tiny_manifest(tmp, tiny_gemma_dir)), tmp / "s.zarr").path
+
+
+def test_torture__fit_killed_repeatedly_equals_uninterrupted(tmp_path: Path, train_store: Path,
                                                               request: pytest.FixtureRequest) -> None:
     kills = n_kills(request.config)
     rng = random.Random(int(os.environ.get("BRA_TORTURE_SEED", "8")) + 1)
     t0 = time.perf_counter()
-    zygote = Zygote("bra.sae.cli")  # imports while the store and the reference fit are made here
-    store = build_store(load_manifest(tiny_manifest(tmp_path, tiny_gemma_dir)), tmp_path / "s.zarr").path
+    zygote = Zygote("bra.sae.cli")  # imports while the reference fit is made here
+    store = train_store
     steps = 10 * kills + 10  # each kill advances the last checkpoint by 3 to 6 steps
     cfg = TrainConfig(steps=steps, **FIT_FLAGS)
     out = tmp_path / "killed"
@@ -400,3 +406,20 @@ def test_resume__sweeps_temp_files_of_killed_writes(tmp_path: Path, tiny_gemma_d
     stray.write_bytes(b"half a shard")
     assert build_store(manifest, store).status == "resumed"
     assert not stray.exists() and verify_store(store) == []
+
+
+def test_fit__resume_after_a_kill_between_the_checkpoint_renames(tmp_path: Path, train_store: Path) -> None:
+    """A checkpoint is swapped in by two renames (checkpoint -> .checkpoint.old, then .checkpoint.tmp ->
+    checkpoint). Killed between them, a run has only .old (and a .tmp, complete or not): --resume continues
+    from .old, exactly."""
+    cfg = TrainConfig(steps=12, **FIT_FLAGS)
+    reference = fit(train_store, tmp_path / "ref", cfg)
+    out = tmp_path / "killed"
+    fit(train_store, out, cfg, stop_at=7)
+    os.replace(out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old")
+    (out / f".{CHECKPOINT_DIR}.tmp").mkdir()
+    (out / f".{CHECKPOINT_DIR}.tmp" / "sae.safetensors").write_bytes(b"half")
+    resumed = fit(train_store, out, cfg, resume=True)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(resumed, name), getattr(reference, name)), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())

@@ -104,7 +104,10 @@ class Store:
         try:
             data = arr[start:stop]
         except Exception:  # zarr raises ValueError for a checksum mismatch, others for undecodable bytes
-            lo, hi = self.first_bad_chunk(name, start, stop)
+            bad = self.first_bad_chunk(name, start, stop)
+            if bad is None:  # every chunk reads on its own: not damage (memory, ...), so not ours to rename
+                raise
+            lo, hi = bad
             raise StoreError(f"corrupt chunk in {name} rows {lo}..{hi - 1} ({self._shard_of(lo)}) of "
                              f"{self.path}; run `bra-cache verify {self.path}`") from None
         if name.startswith(f"{schema.ACTS_GROUP}/") and self.location.is_local and arr.shards is not None:
@@ -119,8 +122,8 @@ class Store:
                                      f"run `bra-cache verify {self.path}`")
         return data
 
-    def first_bad_chunk(self, name: str, start: int, stop: int) -> tuple[int, int]:
-        """Row range of the first chunk in [start, stop) that cannot be read (else the whole range)."""
+    def first_bad_chunk(self, name: str, start: int, stop: int) -> tuple[int, int] | None:
+        """Row range of the first chunk in [start, stop) that cannot be read, or None."""
         arr = self.array(name)
         rows = arr.chunks[0]
         for lo in range(start - start % rows, stop, rows):
@@ -129,7 +132,7 @@ class Store:
                 arr[lo:hi]
             except Exception:
                 return lo, hi
-        return start, stop
+        return None
 
     def _shard_of(self, row: int) -> str:
         try:

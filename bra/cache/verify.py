@@ -49,7 +49,7 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
             try:
                 data = store.array(name)[start:stop]
             except Exception as exc:  # the CRC32C codec (or a decompressor) rejects a corrupt chunk
-                lo, hi = store.first_bad_chunk(name, start, stop)
+                lo, hi = store.first_bad_chunk(name, start, stop) or (start, stop)
                 problems.append(f"shard {shard}: {name}: unreadable chunk, rows {lo}..{hi - 1} "
                                 f"({type(exc).__name__}: {exc})")
                 continue

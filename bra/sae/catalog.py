@@ -84,7 +84,8 @@ class TokenColumns:
     @classmethod
     def read(cls, store: Store) -> TokenColumns:
         """Read the columns from ``store``."""
-        return cls(*(store.read_rows(n, 0, store.n_tokens) for n in ("doc_index", "segment", "mask", "token_id")))
+        names = ("doc_index", "segment", "mask", "token_id")
+        return cls(*(store.read_rows(n, 0, store.n_tokens) for n in names))
 
     def groups(self) -> np.ndarray:
         """[rows] pooling group (doc * 2 + 0 prompt / 1 completion), -1 for rows that are not pooled."""
