@@ -280,6 +280,8 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
 def _train_loop(sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainerState, store: Store,
                 data: TrainingData, cfg: TrainConfig, out: Path, device: torch.device,
                 stop_at: int | None = None, dist: Dist = SINGLE) -> None:
+    if state.step >= min(cfg.steps, stop_at or cfg.steps):
+        return  # a finished run: nothing to replay
     k_aux = cfg.k_aux or max(1, store.d_model // 2)
     shards = rank_shards(store.layout.n_shards, dist.rank, dist.world) if dist.active else None
     batches = train_batches(store, data, cfg.batch_size // dist.world, cfg.buffer_rows, cfg.seed,
