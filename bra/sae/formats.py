@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bra.errors import SAEError
+from bra.fsutil import replace_dir
 from bra.sae.model import DTYPES, PARAM_NAMES, SEED_K, SAEConfig, TopKSAE
 
 logger = logging.getLogger(__name__)
@@ -265,22 +266,11 @@ def save_saelens(sae: TopKSAE, directory: str | os.PathLike[str], *, overwrite: 
     try:
         save_file(_folded_state_dict(sae), str(tmp / SAELENS_WEIGHTS))
         _write_json(tmp / SAELENS_CFG, saelens_config(sae))
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved SAELens-format SAE to %s", directory)
     return directory
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first and removed after."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_saelens(directory: str | os.PathLike[str], cfg_overrides: dict[str, Any] | None = None) -> TopKSAE:

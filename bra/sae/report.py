@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -23,6 +22,7 @@ import pandas as pd
 
 from bra.cache import schema
 from bra.errors import BraError
+from bra.fsutil import replace_dir
 from bra.sae.catalog import SEGMENTS, catalog_to_json
 from bra.sae.divergence import CATEGORIES, DEPTH_CATEGORIES, SURFACE
 from bra.sae.score import SPLITS, ScoreConfig, ScoreResult
@@ -176,16 +176,6 @@ def _divergence_note(r: ScoreResult) -> str | None:
             f"empty_categories for what the data lacks")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]:
     """Write every output to ``out`` at once (temp folder, then rename); return report.json's contents."""
     from bra.sae._report_html import render_html, render_plots
@@ -207,7 +197,7 @@ def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         render_plots(tmp, r, scores, cfg)
         (tmp / REPORT_HTML).write_text(render_html(report, scores, contexts, r, cfg), encoding="utf-8")
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote %s (%d prompts, %d test)", out, len(scores), int((r.split == "test").sum()))

@@ -28,7 +28,7 @@ import torch
 
 from bra.cache import schema
 from bra.cache.store import Store, open_store
-from bra.errors import BraError, SAEError
+from bra.errors import BraError
 from bra.sae import catalog as cat
 from bra.sae import probes
 from bra.sae.divergence import (
@@ -38,9 +38,8 @@ from bra.sae.divergence import (
     fit_alignment,
     refusal_depth_category,
 )
-from bra.sae.evaluate import check_compatible
 from bra.sae.model import TopKSAE
-from bra.sae.workflows import load_any
+from bra.sae.workflows import load_checked
 
 logger = logging.getLogger(__name__)
 
@@ -166,17 +165,6 @@ def open_eval_store(path: str | os.PathLike[str]) -> tuple[Store, pd.DataFrame, 
     return store, table, tokens
 
 
-def _load_checked(path: str | os.PathLike[str], store: Store, layer: int | None,
-                  what: str) -> tuple[TopKSAE, int]:
-    sae = load_any(path)
-    if layer is None:
-        layer = sae.cfg.layer if sae.cfg.layer >= 0 else store.layers[0]
-    if layer not in store.layers:
-        raise SAEError(f"{what} {path}: layer {layer} is not in store {store.path} (it has {store.layers})")
-    check_compatible(sae, store, layer)
-    return sae.eval(), layer
-
-
 def random_sae(like: TopKSAE, store: Store, layer: int, seed: int) -> TopKSAE:
     """A random TopK SAE of the same size (TopK-paper init, `TopKSAE.init_random`). Its input scale is
     sqrt(d_model / mean squared norm) of the store's own statistics, as training would set it, so the
@@ -277,10 +265,10 @@ def compute_scores(store_path: str | os.PathLike[str], sae_path: str | os.PathLi
     if clash:
         raise ScoreError(f"baseline name {clash[0]!r} is reserved; pick another NAME in --baseline NAME=SAE")
     store, table, tokens = open_eval_store(store_path)
-    sae, layer = _load_checked(sae_path, store, cfg.layer, "SAE")
+    sae, layer = load_checked(sae_path, store, cfg.layer, "SAE")
     saes: dict[str, TopKSAE] = {OURS: sae}
     for name, path in baselines.items():
-        saes[name] = _load_checked(path, store, layer, f"baseline {name}")[0]
+        saes[name] = load_checked(path, store, layer, f"baseline {name}")[0]
     saes[RANDOM_SAE] = random_sae(sae, store, layer, cfg.seed)
     n = len(table)
     split = split_prompts(table["id"], table["tier"], cfg.seed, cfg.train_fraction, cfg.calibration_fraction)

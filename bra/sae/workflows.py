@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from bra.cache.store import open_store
+from bra.cache.store import Store, open_store
 from bra.errors import SAEError
 from bra.sae.evaluate import check_compatible, ce_loss_score, heldout_docs, reconstruction_metrics
 from bra.sae.formats import SAELENS_CFG, SEED_WEIGHTS, load_sae
@@ -41,6 +41,18 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def load_checked(path: str | os.PathLike[str], store: Store, layer: int | None,
+                 what: str = "SAE") -> tuple[TopKSAE, int]:
+    """Load an SAE and the store layer it reads (its own unless given); refuse a mismatched one."""
+    sae = load_any(path)
+    if layer is None:
+        layer = sae.cfg.layer if sae.cfg.layer >= 0 else store.layers[0]
+    if layer not in store.layers:
+        raise SAEError(f"{what} {path}: layer {layer} is not in store {store.path} (it has {store.layers})")
+    check_compatible(sae, store, layer)
+    return sae.eval(), layer
+
+
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-ready description of an SAE."""
     sae = load_any(path)
@@ -54,13 +66,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 def evaluate(sae_path: str | os.PathLike[str], store_path: str | os.PathLike[str], layer: int | None = None,
              split: str = "heldout", with_model: bool = False) -> dict[str, Any]:
     """Evaluate an SAE on a store: held-out (run's recorded split when available) or all documents."""
-    sae = load_any(sae_path)
     store = open_store(store_path)
-    if layer is None:
-        layer = sae.cfg.layer if sae.cfg.layer >= 0 else store.layers[0]
-    if layer not in store.layers:
-        raise SAEError(f"layer {layer} is not in store {store.path} (it has {store.layers})")
-    check_compatible(sae, store, layer)
+    sae, layer = load_checked(sae_path, store, layer)
     if split == "all":
         selected = heldout_docs(store, None, 0.0, 0) | True
     else:
