@@ -40,9 +40,9 @@ class CodecSpec:
 
     codec: str = "blosc-zstd"
     """none, blosc-zstd, blosc-lz4 or zstd."""
-    clevel: int = 1
+    clevel: int = 3
     """Compression level."""
-    shuffle: str = "bitshuffle"
+    shuffle: str = "shuffle"
     """Blosc shuffle mode."""
 
     def compressors(self, itemsize: int) -> list[Any]:

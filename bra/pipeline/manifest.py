@@ -82,10 +82,11 @@ class StorageSpec:
     """Storage dtype: bfloat16 (as uint16 bits), float16 or float32. Independent of compute dtype."""
     codec: str = "blosc-zstd"
     """Compressor: blosc-zstd, blosc-lz4, zstd or none (numbers in bench/results.md)."""
-    clevel: int = 1
+    clevel: int = 3
     """Compression level."""
-    shuffle: str = "bitshuffle"
-    """Blosc shuffle: bitshuffle, shuffle or noshuffle."""
+    shuffle: str = "shuffle"
+    """Blosc shuffle: shuffle (bytes), bitshuffle or noshuffle. Byte shuffle groups bf16's sign/exponent
+    bytes, which zstd then codes well: 1.31x on SmolLM2 bf16 residuals vs 1.04x for bitshuffle."""
     chunk_tokens: int = 1024
     """Rows per inner chunk."""
     shard_tokens: int = 16384
