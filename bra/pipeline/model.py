@@ -63,6 +63,14 @@ def locate_gguf(ref: str) -> Path:
     return path
 
 
+def converted_dir(ref: str) -> Path:
+    """Where ``materialize_gguf`` keeps (or will keep) the HF folder converted from a GGUF file."""
+    gguf = locate_gguf(ref)
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return model_cache_dir() / f"{gguf.stem}-{key}"
+
+
 def materialize_gguf(ref: str) -> Path:
     """Convert a GGUF checkpoint once into a plain HF folder and return it.
 
@@ -70,9 +78,7 @@ def materialize_gguf(ref: str) -> Path:
     the model is rebuilt from its config and the dequantised state dict copied in.
     """
     gguf = locate_gguf(ref)
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = model_cache_dir() / f"{gguf.stem}-{key}"
+    target = converted_dir(ref)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
