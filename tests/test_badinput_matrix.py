@@ -645,7 +645,8 @@ def _(env: Env) -> Row:
 @row("score/corrupt-chunk")
 def _(env: Env) -> Row:
     return score(env, damaged(env, "eval", "corrupt-chunk"),
-                 "corrupt chunk in acts/layer_1 rows 384..447 (shard 1)")
+                 # which inner chunk sits mid-file depends on compressed sizes, so only the array is fixed
+                 "corrupt chunk in acts/layer_1 rows ")
 
 
 @row("score/missing-shard-file")
