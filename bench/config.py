@@ -28,8 +28,8 @@ class BenchConfig:
     shard_tokens: int = 2048
     """Rows per shard file."""
     reps: int = 3
-    """Interleaved build/bare repetitions (the median of the paired ratios is reported)."""
-    codec_reps: int = 3
+    """Interleaved build/bare repetitions (best of each side reported; per-rep ratios in the notes)."""
+    codec_reps: int = 5
     """Repetitions of each codec write/read (the fastest is reported)."""
     fp8_d_sae: int = 1152
     """Latents of the SAEs trained on fp8 vs bf16 activations."""
@@ -46,7 +46,7 @@ class BenchConfig:
     train_steps: int = 16
     """Timed steps per repetition."""
     train_reps: int = 4
-    """Interleaved store/RAM repetitions (the median of the paired ratios is reported)."""
+    """Interleaved store/RAM repetitions (best of each side reported; per-rep ratios in the notes)."""
     train_warmup: int = 4
     """Untimed steps before the clock starts."""
     rss_tile: int = 8
@@ -63,7 +63,7 @@ class BenchConfig:
     saelens_seqs: int = 32
     """Fixed-length sequences (SAELens needs equal lengths) of study 6 per model."""
     saelens_reps: int = 2
-    """Repetitions of each side's build and training worker (alternating order; medians)."""
+    """Repetitions of each side's build and training worker (alternating order; best time, median memory)."""
     saelens_train_steps: int = 12
     """Timed training steps per side in the SAELens comparison."""
     saelens_dtypes: tuple[str, ...] = ("float32",)
@@ -73,7 +73,7 @@ class BenchConfig:
     score_n_perm: int = 1000
     """Label permutations per AUROC in study 5 (ScoreConfig's default)."""
     rescore_reps: int = 2
-    """Re-score repetitions (median reported)."""
+    """Re-score repetitions (best reported)."""
     codec_grid: str = "full"
     """full: the whole dtype × codec × shuffle grid; reduced: 4 codecs per dtype (smoke runs)."""
     isolate: bool = True

@@ -46,8 +46,9 @@ def markdown(studies: list[StudyResult], meta: dict[str, Any]) -> str:
         f"Load average at start {la[0]} / {la[1]} / {la[2]} (1 / 5 / 15 min); the machine is shared, so each "
         f"study's 1-minute load at its start is in the table. Python {m['python']}; {versions}.",
         "",
-        "Every ratio is measured side by side in this one run on the same tokens (interleaved repetitions, "
-        "medians). Re-run with the command above; the JSON twin (`results.json`) holds every repetition.",
+        "Every ratio is measured side by side in this one run on the same tokens: interleaved repetitions, "
+        "best of N per side (other jobs only ever add time). Re-run with the command above; the JSON twin "
+        "(`results.json`) holds every repetition.",
         "",
         "| study | measurement | value | unit | target | met | load | notes |",
         "| --- | --- | ---: | --- | --- | --- | ---: | --- |",

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from bench._common import Row, StudyResult, median
+from bench._common import Row, StudyResult
 from bench._context import BenchContext
 from bench._inputs import EVAL_SET, ModelRef, storage_block, write_jsonl, write_manifest
 from bra.cache import schema
@@ -153,7 +153,7 @@ def run(ctx: BenchContext) -> StudyResult:
         t0 = time.perf_counter()
         score(store, sae, ctx.work / f"score-{i + 1}", score_cfg)
         rescore.append(time.perf_counter() - t0)
-    t_rescore = median(rescore)
+    t_rescore = min(rescore)
     ratio = t_rescore / (t_build + t_score)
     t0 = time.perf_counter()
     compute_scores(store, sae, score_cfg)
@@ -162,7 +162,7 @@ def run(ctx: BenchContext) -> StudyResult:
     note = (
         f"{ref.name}, {n_prompts} prompts, max_new_tokens {cfg.rescore_new_tokens}, {built.n_tokens:,} "
         f"stored tokens; rebuild {t_build:.1f} s + score {t_score:.1f} s vs re-score {t_rescore:.1f} s "
-        f"(median of {len(rescore)}); SAE d_sae {cfg.rescore_d_sae}, ScoreConfig defaults but "
+        f"(best of {len(rescore)}); SAE d_sae {cfg.rescore_d_sae}, ScoreConfig defaults but "
         f"n_boot {score_cfg.n_boot}, n_perm {score_cfg.n_perm}"
     )
     rows = [

@@ -337,19 +337,24 @@ def _compare_rows(spec: dict[str, Any], cache: str) -> dict[str, Any]:
 
 
 def _merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median of every number over repetitions (the runs themselves are kept under ``runs``); the first
-    error when any repetition failed."""
+    """Over repetitions: the best (smallest) of every time, the median of every other number (the runs
+    themselves are kept under ``runs``); the first error when any repetition failed."""
     bad = [r for r in runs if "error" in r]
     if bad:
         return {**bad[0], "runs": runs}
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {**runs[0], **{k: float(np.median([r[k] for r in runs])) for k in keys}, "runs": runs}
+
+    def agg(k: str) -> float:
+        values = [r[k] for r in runs]
+        return float(min(values) if k in ("seconds", "wall") else np.median(values))
+
+    return {**runs[0], **{k: agg(k) for k in keys}, "runs": runs}
 
 
 def _paired(
     tasks: dict[str, tuple[str, dict[str, Any]]], reps: int, isolate: bool
 ) -> dict[str, dict[str, Any]]:
-    """Run each (task, spec) ``reps`` times, alternating the order every repetition; medians."""
+    """Run each (task, spec) ``reps`` times, alternating the order every repetition; see `_merged`."""
     names = list(tasks)
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for r in range(reps):
@@ -371,7 +376,7 @@ def side_by_side(ctx: BenchContext, ref: ModelRef) -> dict[str, Any]:
         f"saelens_build_{first}": ("saelens-build", {**spec, "dtype": first, "out": cache}),
     }
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in builds}
-    for rep in range(cfg.saelens_reps):  # alternating order; medians
+    for rep in range(cfg.saelens_reps):  # alternating order; see _merged
         for k in list(builds) if rep % 2 == 0 else list(builds)[::-1]:
             if k != "ours_build":
                 shutil.rmtree(cache, ignore_errors=True)  # SAELens refuses a non-empty output folder
@@ -538,7 +543,7 @@ def _build_speed(results: dict[str, dict[str, Any]], cfg: Any) -> str:
         "Both stop the forward pass after the hooked block, so on a real model both spend nearly all "
         "their time in the same truncated forward pass; "
         + "; ".join(parts)
-        + f" (median of {cfg.saelens_reps} alternating runs). What differs is around it: SAELens's "
+        + f" (best of {cfg.saelens_reps} alternating runs each). What differs is around it: SAELens's "
         "`HookedProxyLM` puts a forward hook on every submodule of the HF model (hundreds of `HookPoint` "
         "calls per forward), collects a buffer, converts it to an Arrow table (`Dataset.from_dict`, a full "
         "copy) and saves it while the model waits; ours converts each batch to bf16 and hands whole shards "

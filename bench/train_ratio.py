@@ -243,9 +243,10 @@ def run(ctx: BenchContext) -> StudyResult:
     w, s = cfg.train_warmup, cfg.train_steps
     times = _timed_pair(store, data, tcfg, w, s, cfg.train_reps)
     gc.collect()
-    sps_store, sps_ram = s / median(times["store"]), s / median(times["ram"])
+    # best of N per side: other jobs on a shared machine only ever add time, in bursts
+    sps_store, sps_ram = s / min(times["store"]), s / min(times["ram"])
     per_rep = [r / st for st, r in zip(times["store"], times["ram"], strict=True)]
-    ratio = median(per_rep)  # paired: each rep's two sides ran back to back under the same load
+    ratio = sps_store / sps_ram
     reader_rps = reader_rows_per_s(store, data, tcfg, 4 * s)
 
     spec = {"batch_size": cfg.train_batch, "buffer_rows": cfg.train_buffer_rows, "threads": ctx.threads}
@@ -263,8 +264,8 @@ def run(ctx: BenchContext) -> StudyResult:
         f"{store.n_tokens:,}-row store ({big_mb:.0f} MiB as fp32, {big['disk_bytes'] / 2**20:.0f} "
         "MiB on disk), "
         f"buffer {cfg.train_buffer_rows:,} rows ({buf_mb:.1f} MiB fp32); batch {tcfg.batch_size}, d_sae "
-        f"{tcfg.d_sae}, k {tcfg.k}, {s} timed steps after {w}, median of "
-        f"{cfg.train_reps} paired, interleaved reps (per rep: {', '.join(f'{r:.3f}' for r in per_rep)})"
+        f"{tcfg.d_sae}, k {tcfg.k}, {s} timed steps after {w}, best of {cfg.train_reps} interleaved reps "
+        f"each (per-rep ratios {', '.join(f'{r:.3f}' for r in per_rep)}; their median {median(per_rep):.3f})"
     )
     rows_out = [
         Row("train", "training steps/s from store ÷ from in-RAM tensor", round(ratio, 3), "×", TARGET, note),
@@ -297,7 +298,7 @@ def run(ctx: BenchContext) -> StudyResult:
         "store_seconds": times["store"],
         "ram_seconds": times["ram"],
         "per_rep_ratio": per_rep,
-        "ratio_of_median_times": sps_store / sps_ram,
+        "median_paired_ratio": median(per_rep),
         "reader_rows_per_s": reader_rps,
         "rss": rss,
         "rss_delta_mib": delta,

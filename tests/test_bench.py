@@ -5,32 +5,28 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+# bench/ sits beside bra/ in the repo but is not installed; `python -m pytest` from the root finds it, a bare
+# `pytest` may not
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens")
 
 
-def test_bench__tiny_run_writes_every_study_row(tmp_path: Path) -> None:
+def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
     from bench.__main__ import main
 
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "tiny-gemma").symlink_to(tiny_gemma_dir)  # the session's tiny Gemma2, not a new one
     md, js = tmp_path / "out" / "results.md", tmp_path / "out" / "results.json"
-    main(
-        [
-            "--size",
-            "tiny",
-            "--out",
-            str(md),
-            "--json-out",
-            str(js),
-            "--work",
-            str(tmp_path / "work"),
-            "--threads",
-            "1",
-        ],
-        standalone_mode=False,
-    )
+    main(["--size", "tiny", "--out", str(md), "--json-out", str(js), "--work", str(tmp_path / "work"),
+          "--threads", "1"], standalone_mode=False)
 
     assert md.is_file() and js.is_file()
     data = json.loads(js.read_text())
