@@ -17,7 +17,7 @@ from bench._common import RESULT_PREFIX, run_worker
 
 
 def _tasks() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
-    from bench.saelens_side import TASKS
+    from bench.saelens_tasks import TASKS
     from bench.train_ratio import rss_read_task
 
     return {**TASKS, "rss-read": rss_read_task}

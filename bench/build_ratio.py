@@ -175,9 +175,15 @@ def run(ctx: BenchContext) -> StudyResult:
         f"batches took "
         f"{fmt(bare_s)} s. The build converts each batch to bf16, hands whole shards to one writer thread "
         f"(compression, CRC32, Welford partials) and continues with the next forward pass, so writing "
-        "overlaps compute; what remains of the ratio above 1 is the writer competing with the "
-        "forward pass for "
-        f"the same cores. Full `build_store` wall time including model load and tokenisation: "
+        "overlaps compute; "
+        + (
+            "what remains of the ratio above 1 is the writer competing with the forward pass for the same "
+            "cores. "
+            if ratio > 1
+            else "the build was not measurably slower than the bare loop (a ratio below 1 is run-to-run "
+            "noise; the writer thread still competes with the forward pass for the same cores). "
+        )
+        + f"Full `build_store` wall time including model load and tokenisation: "
         f"{', '.join(f'{w:.1f}' for w in walls)} s."
     )
     return StudyResult("build", "1. Build ÷ bare forward", rows, details, text)

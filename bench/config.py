@@ -45,7 +45,7 @@ class BenchConfig:
     """Shuffle-buffer rows (the store must be several times larger)."""
     train_steps: int = 16
     """Timed steps per repetition."""
-    train_reps: int = 4
+    train_reps: int = 6
     """Interleaved store/RAM repetitions (best of each side reported; per-rep ratios in the notes)."""
     train_warmup: int = 4
     """Untimed steps before the clock starts."""
@@ -62,9 +62,9 @@ class BenchConfig:
     """Models of the SAELens side-by-side."""
     saelens_seqs: int = 32
     """Fixed-length sequences (SAELens needs equal lengths) of study 6 per model."""
-    saelens_reps: int = 2
+    saelens_reps: int = 3
     """Repetitions of each side's build and training worker (alternating order; best time, median memory)."""
-    saelens_train_steps: int = 12
+    saelens_train_steps: int = 16
     """Timed training steps per side in the SAELens comparison."""
     saelens_dtypes: tuple[str, ...] = ("float32",)
     """Storage dtypes of SAELens's cache (bfloat16 is not possible there: pyarrow has no bf16)."""
@@ -72,7 +72,7 @@ class BenchConfig:
     """Bootstrap resamples per AUROC in study 5 (ScoreConfig's default)."""
     score_n_perm: int = 1000
     """Label permutations per AUROC in study 5 (ScoreConfig's default)."""
-    rescore_reps: int = 2
+    rescore_reps: int = 3
     """Re-score repetitions (best reported)."""
     codec_grid: str = "full"
     """full: the whole dtype × codec × shuffle grid; reduced: 4 codecs per dtype (smoke runs)."""

@@ -262,10 +262,10 @@ def _scale_verdict(worse: float, sink: float) -> str:
     """Per-chunk vs per-row scale, in words."""
     if worse > 1.5:
         return (
-            f"Per-chunk scales cost {worse:.1f}× the per-row FVU here: the masked attention-sink rows "
-            f"(still stored) reach {sink:.1f}× the largest value of the other rows, so a chunk's one "
-            f"absmax pushes the other rows' small values towards fp8's subnormal range. A per-row scale "
-            f"costs 4 bytes per token and avoids that."
+            f"Per-chunk scales cost {worse:.1f}× the per-row FVU here: one absmax per chunk is set by the "
+            f"chunk's most extreme row (the masked attention-sink rows, still stored, reach {sink:.1f}× the "
+            f"largest value of the other rows), which pushes every other row's small values towards fp8's "
+            f"subnormal range. A per-row scale costs 4 bytes per token and avoids that."
         )
     return (
         f"Per-chunk scales cost {worse:.1f}× the per-row FVU here (the masked rows' largest value is "
