@@ -1,7 +1,7 @@
 """Study 1: `build_store` (forward + write) ÷ a bare forward to layer L over the same batches (issue 3).
 
-The bare loop loads the model afresh (as each build does; untimed), pads each batch exactly as the build
-does, calls the same `capture_residuals` (which stops after the deepest hooked block) and pulls the valid
+The bare loop loads the model afresh (as each build does; untimed), pads each batch with the build's code,
+runs the build's own `forward_batch` (which stops after the deepest hooked block) and pulls the valid
 rows to host memory, then drops them: the ratio is the
 cost of converting, compressing, checksumming and writing. The build's time is `BuildResult.seconds`
 (its forward/write loop: model loading, tokenisation and the final doc table are outside it in both).
@@ -21,9 +21,9 @@ import torch
 
 from bench._common import Row, StudyResult, dir_bytes, fmt, interleaved, median
 from bench._context import Activations, BenchContext
-from bra.pipeline.build import BuildResult, build_store, window_columns
+from bra.pipeline.build import BuildResult, build_store, forward_batch, window_columns
 from bra.pipeline.manifest import Manifest
-from bra.pipeline.model import capture_residuals, load_model, resolve_compute_dtype, resolve_device
+from bra.pipeline.model import load_model, resolve_compute_dtype, resolve_device
 from bra.pipeline.plan import TokenPlan, plan_corpora
 
 logger = logging.getLogger(__name__)
@@ -75,16 +75,8 @@ def bare_forward(
     starts = list(range(0, len(plan.windows), bs))[:max_batches]
     t0 = time.perf_counter()
     for b in starts:
-        ws = plan.windows[b : b + bs]
-        t_max = max(len(w.ids) for w in ws)
-        ids = torch.full((len(ws), t_max), pad_id, dtype=torch.long)
-        att = torch.zeros((len(ws), t_max), dtype=torch.long)
-        for i, w in enumerate(ws):
-            ids[i, : len(w.ids)] = torch.from_numpy(w.ids.astype(np.int64))
-            att[i, : len(w.ids)] = 1
-        hidden = capture_residuals(model, ids.to(device), att.to(device), layers)
-        valid = att.bool().to(device)
-        rows = {layer: hidden[layer][valid].cpu().numpy() for layer in layers}
+        # the build's own batch forward, so the ratio compares exactly the same compute
+        rows = forward_batch(model, plan.windows[b : b + bs], layers, device, pad_id)
         if keep:
             parts.append(rows[layers[0]])
     seconds = time.perf_counter() - t0

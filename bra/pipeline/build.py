@@ -192,7 +192,7 @@ def _batches(plan: TokenPlan, batch_size: int, offsets: np.ndarray):
         yield b, plan.windows[b:b + batch_size], int(offsets[b]), int(offsets[min(b + batch_size, len(plan.windows))])
 
 
-def _forward_batch(model: Any, windows: list[Window], layers: list[int], device: torch.device,
+def forward_batch(model: Any, windows: list[Window], layers: list[int], device: torch.device,
                    pad_id: int) -> dict[int, np.ndarray]:
     """Right-padded forward; returns per layer the valid rows [sum T_i, d] in window order (float32)."""
     t_max = max(len(w.ids) for w in windows)
@@ -227,7 +227,7 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
             tqdm(total=total, unit="tok", unit_scale=True, desc="build" if rank == 0 else f"build[rank {rank}]",
                  dynamic_ncols=True) as bar:
         for _, ws, start, _end in needed:
-            acts32 = _forward_batch(model, ws, layers, device, pad_id)
+            acts32 = forward_batch(model, ws, layers, device, pad_id)
             cols_list = [window_columns(w, plan.tier_codes[w.doc_index], bos_id) for w in ws]
             cols = {k: np.concatenate([c[k] for c in cols_list]) for k in schema.TOKEN_COLUMNS}
             acts = {layer: schema.to_storage(acts32[layer], writer.dtype) for layer in layers}
