@@ -66,6 +66,51 @@ def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
     return 0
 
 
+NPROC_OPTION = click.option(
+    "--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Processes on this machine: re-runs this command under torchrun --standalone --nproc-per-node N "
+         "(for several machines run torchrun yourself, as README 'Scaling out' shows).")
+
+
+def relaunch_under_torchrun(ctx: click.Context, module: str, nproc: int) -> None:
+    """With ``nproc`` > 1, run this same command in ``nproc`` processes under torchrun and exit with its
+    code; with 1, return (the caller goes on in this process)."""
+    if nproc <= 1:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError("--nproc cannot be used inside torchrun (it started the processes)")
+    from bra.dist import launch
+
+    sys.exit(launch(module, command_argv(ctx, skip=("nproc",)), nproc))
+
+
+def command_argv(ctx: click.Context, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives a subcommand the parameters ``ctx`` parsed (the group's ``-v`` count
+    included), so a relaunched process parses exactly what this one did."""
+    verbose = int(ctx.find_root().params.get("verbose") or 0)
+    argv = ["-v"] * verbose + [str(ctx.info_name)]
+    for param in ctx.command.params:
+        if param.name in skip or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            argv.append(str(value))
+            continue
+        if not isinstance(param, click.Option) or value is None:
+            continue
+        name = param.opts[0]
+        if param.is_flag:
+            if value:
+                argv.append(name)
+            elif param.secondary_opts:
+                argv.append(param.secondary_opts[0])
+        elif param.multiple:
+            for item in value:
+                argv += [name, str(item)]
+        else:
+            argv += [name, str(value)]
+    return argv
+
 
 def _os_error_line(exc: OSError) -> str:
     """One line for an OSError; "File exists"/"Not a directory" on a path under a regular file says so."""

@@ -222,16 +222,41 @@ def test_distributed_build__rank_killed_then_one_process_resumes(reference, tmp_
     assert_same_rows(store, want)
 
 
+def test_distributed_eval_build__ranks_share_generation_and_equal_one_process(
+        tiny_gemma_dir: Path, tmp_path: Path) -> None:
+    """An eval manifest under 2 processes: each rank generates its run of the generation batches (5 prompts
+    in batches of 2: rank 0 the first two batches, rank 1 the last), every rank writes shards, and the
+    store (arrays, attrs, prompts and generation tables) equals a 1-process build's."""
+    import pandas as pd
+    from test_evalbuild import eval_manifest, write_prompts
+
+    manifest = eval_manifest(tmp_path, tiny_gemma_dir, write_prompts(tmp_path / "set.jsonl"))
+    with rank_threads():
+        want = snapshot(build_store(load_manifest(manifest), tmp_path / "one.zarr").path)
+    log = run_build(manifest, tmp_path / "two.zarr")
+    assert "generated 4 completions" in log and "generated 1 completions" in log, log[-2000:]
+    assert_same_rows(tmp_path / "two.zarr", want)
+    assert set(zarr.open_group(str(tmp_path / "two.zarr"), mode="r")[schema.RANK_ARRAY][:].tolist()) == {0, 1}
+    for table in (schema.PROMPTS_TABLE, schema.GENERATION_TABLE):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two.zarr" / table),
+                                      pd.read_parquet(tmp_path / "one.zarr" / table))
+
+
 # --- distributed fit (DDP) ---------------------------------------------------------------------------------
 
 FIT = {"d_sae": 64, "k": 4, "steps": 40, "batch_size": 128, "buffer_rows": 256, "log_every": 4,
        "checkpoint_every": 20, "dead_tokens": 256, "contrastive_rows": 16, "lr": 1e-3}
 
 
-def torchrun_fit(store: Path, out: Path, *extra: str, **overrides: Any) -> None:
+def torchrun_fit(store: Path, out: Path, *extra: str, via_nproc: bool = False, **overrides: Any) -> None:
+    """A 2-process fit: torchrun itself, or (``via_nproc``) `bra-sae fit --nproc 2`, which starts torchrun."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FIT, **overrides}.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
-           "-m", "bra.sae", "fit", "--store", str(store), "--out", str(out), *flags, *extra]
+    fit_argv = ["fit", "--store", str(store), "--out", str(out), *flags, *extra]
+    if via_nproc:
+        cmd = [sys.executable, "-m", "bra.sae", *fit_argv, "--nproc", str(NPROC)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
+               "-m", "bra.sae", *fit_argv]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -254,7 +279,7 @@ def test_distributed_fit__two_processes_track_one_process_loss_curve(reference_b
     _, store = reference_build
     with rank_threads():
         fit(store, tmp_path / "one", TrainConfig(**FIT))
-    torchrun_fit(store, tmp_path / "two")
+    torchrun_fit(store, tmp_path / "two", via_nproc=True)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [x["step"] for x in one] == [x["step"] for x in two] == list(range(4, 41, 4))
     assert all(x["tokens"] == y["tokens"] for x, y in zip(one, two, strict=True))  # same global batch

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from bra.cli_common import STORE_PATH, run_cli, setup_logging
+from bra.cli_common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,25 +26,16 @@ def cli(verbose: int) -> None:
               help="Output store: a folder or a URL (s3://bucket/x.zarr, memory://, file://) "
                    "(default cache/<manifest name>.zarr).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --store and rebuild it.")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes on this machine (runs torchrun --standalone --nproc-per-node N); for "
-                   "several machines run torchrun yourself: torchrun ... -m bra.cache build MANIFEST "
-                   "--store URL.")
+@NPROC_OPTION
 @click.pass_context
 def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrite: bool, nproc: int) -> None:
     """Build (or resume) the store described by MANIFEST. Re-running on a finished store does nothing.
     Under torchrun every process builds its share of the shards."""
-    from bra.dist import launch, process_group
+    from bra.dist import process_group
     from bra.pipeline.build import build_store
     from bra.pipeline.manifest import load_manifest
 
-    if nproc > 1:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise click.UsageError("--nproc cannot be used inside torchrun (it started the processes)")
-        argv = ["-v"] * ctx.find_root().params.get("verbose", 0) + ["build", str(manifest)]
-        argv += ["--store", str(store)] if store is not None else []
-        argv += ["--overwrite"] if overwrite else []
-        sys.exit(launch("bra.cache", argv, nproc))
+    relaunch_under_torchrun(ctx, "bra.cache", nproc)
     with process_group() as dist:
         result = build_store(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
     if not dist.is_main:

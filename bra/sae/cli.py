@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from bra.cli_common import STORE_PATH, run_cli, setup_logging
+from bra.cli_common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
 from bra.sae.config import PRESETS, TrainConfig, field_docs
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -52,8 +52,11 @@ def cli(verbose: int) -> None:
               help="seed: the seed recipe (d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, L1 + cosine tier term); "
                    "contrastive: NT-Xent + AuxK (default settings); plain: no tier term.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@NPROC_OPTION
 @_train_options
-def fit(store: Path | str, out: Path, preset: str | None, resume: bool, **flags: Any) -> None:
+@click.pass_context
+def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, resume: bool, nproc: int,
+        **flags: Any) -> None:
     """Train a TopK SAE on STORE's activations, streaming them from disk. Under torchrun (DDP) each process
     reads its own shards for its share of every batch; --batch-size stays the global batch."""
     from bra.dist import process_group
@@ -65,6 +68,7 @@ def fit(store: Path | str, out: Path, preset: str | None, resume: bool, **flags:
         cfg = TrainConfig(**values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    relaunch_under_torchrun(ctx, "bra.sae", nproc)
     with process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo") as dist:
         run_fit(store, out, cfg, resume=resume, dist=dist)
     if not dist.is_main:
