@@ -18,6 +18,7 @@ from bra.cache import schema
 from bra.cache.cli import main as cache_main
 from bra.cache.store import open_store
 from bra.cache.verify import verify_store
+from bra.cache.writer import StoreWriter
 from bra.errors import ManifestError, ModelLoadError, StoreError
 from bra.pipeline.build import build_store
 from bra.pipeline.generate import chat_prompt_ids, generate_completions
@@ -221,6 +222,50 @@ def test_evalbuild__interrupted_build_resumes_identically(built, tmp_path: Path)
     assert result.status == "resumed"
     assert verify_store(store) == []
     assert np.array_equal(open_store(store).acts(LAYERS[0])[:], open_store(path).acts(LAYERS[0])[:])
+
+
+def test_evalbuild__resume_reuses_the_saved_completions(built, tmp_path: Path, monkeypatch) -> None:
+    """generation.parquet is written when the store is created, before any shard: a build killed after
+    its first shard resumes without generating again (on a GPU a second generation could differ)."""
+    manifest, path, _ = built
+    store = tmp_path / "killed.zarr"
+    real_write = StoreWriter.write_shard
+
+    def die_after_first_shard(self, shard, *args, **kwargs):
+        real_write(self, shard, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(StoreWriter, "write_shard", die_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(manifest, store)
+    monkeypatch.undo()
+    assert (store / schema.GENERATION_TABLE).exists() and not (store / schema.PROMPTS_TABLE).exists()
+
+    def no_generation(*_args, **_kwargs):
+        raise AssertionError("a resumed eval build must reuse the saved completions")
+
+    monkeypatch.setattr("bra.pipeline.evalbuild.generate_completions", no_generation)
+    assert build_store(manifest, store).status == "resumed"
+    assert verify_store(store) == []
+    for table in (schema.PROMPTS_TABLE, schema.GENERATION_TABLE):
+        pd.testing.assert_frame_equal(pd.read_parquet(store / table), pd.read_parquet(path / table))
+    assert np.array_equal(open_store(store).acts(LAYERS[0])[:], open_store(path).acts(LAYERS[0])[:])
+
+
+def test_evalbuild__saved_completions_of_other_prompts_are_not_reused(built, tiny_model) -> None:
+    """A generation table that does not match the prompts (count or templated ids) is ignored."""
+    from bra.pipeline.evalbuild import _load_sets, _saved_results, generation_table, results_from_table
+
+    manifest, path, _ = built
+    table = pd.read_parquet(path / schema.GENERATION_TABLE)
+    prompts = [p for _, _, ps in _load_sets(manifest) for p in ps]
+    _, tokenizer = tiny_model
+    assert generation_table(results_from_table(table)).equals(table)  # round trip
+    assert _saved_results(table, prompts, tokenizer) is not None
+    assert _saved_results(table.iloc[:-1], prompts, tokenizer) is None
+    swapped = table.copy()
+    swapped.loc[0, "prompt_ids"], swapped.loc[1, "prompt_ids"] = table.loc[1, "prompt_ids"], table.loc[0, "prompt_ids"]
+    assert _saved_results(swapped, prompts, tokenizer) is None
 
 
 def test_evalbuild__window_longer_than_max_seq_len_fails_before_generating(

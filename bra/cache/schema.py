@@ -39,6 +39,10 @@ RANK_ARRAY = "shards/rank"  # optional (added after schema 1 was first written);
 STATS_GROUP = "shards/stats"
 DOCS_TABLE = "docs.parquet"
 PROMPTS_TABLE = "prompts.parquet"
+# Eval stores: each prompt's chat-templated ids and its greedy completion's ids, written as soon as the store
+# is created, so a resumed build reuses the completions (regenerating them could differ on a GPU).
+GENERATION_TABLE = "generation.parquet"
+GENERATION_COLUMNS = ("doc_index", "prompt_ids", "completion_ids", "text", "finished")
 
 # Per-token columns, in the order their checksums are stored in CRC_ARRAY (activations follow).
 TOKEN_COLUMNS: dict[str, str] = {

@@ -4,7 +4,11 @@ Each window is the chat-templated prompt followed by the model's own completion;
 marks which rows are prompt (``SEGMENT_PROMPT``) and which are completion (``SEGMENT_COMPLETION``). The
 build then runs the usual teacher-forced forward over these windows, so a completion row's activation
 is the residual stream at that token given everything before it. The text, token counts and surface
-labels go to ``prompts.parquet`` (one row per prompt, linked by ``doc_index``).
+labels go to ``prompts.parquet`` (one row per prompt, linked by ``doc_index``); the exact token ids to
+``generation.parquet``, which a resumed build reads back instead of generating again.
+
+Under torchrun each rank generates a contiguous run of the generation batches a single process would form
+(so the completions are the same) and every rank receives all of them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from bra.cache import schema
+from bra.dist import SINGLE, Dist
 from bra.errors import ManifestError
 from bra.pipeline.generate import GenerationResult, chat_prompt_ids, generate_completions, stop_token_ids
 from bra.pipeline.manifest import Manifest
@@ -69,17 +74,78 @@ def _window(doc_index: int, result: GenerationResult) -> Window:
     return Window(doc_index, ids, segment)
 
 
-def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any,
-                 device: torch.device) -> tuple[TokenPlan, dict[str, pd.DataFrame]]:
-    """Generate completions for the manifest's prompt sets; return the plan and ``{PROMPTS_TABLE: table}``."""
+def generation_table(results: list[GenerationResult]) -> pd.DataFrame:
+    """The generation results as a table (``GENERATION_TABLE``), one row per prompt in plan order."""
+    return pd.DataFrame({
+        "doc_index": np.arange(len(results), dtype=np.int32),
+        "prompt_ids": [np.asarray(r.prompt_ids, dtype=np.int32) for r in results],
+        "completion_ids": [np.asarray(r.completion_ids, dtype=np.int32) for r in results],
+        "text": [r.text for r in results],
+        "finished": np.asarray([r.finished for r in results], dtype=bool),
+    })[list(schema.GENERATION_COLUMNS)]
+
+
+def results_from_table(table: pd.DataFrame) -> list[GenerationResult]:
+    """Inverse of ``generation_table``."""
+    rows = table.sort_values("doc_index")
+    return [GenerationResult([int(i) for i in p], [int(i) for i in c], str(t), bool(f))
+            for p, c, t, f in zip(rows["prompt_ids"], rows["completion_ids"], rows["text"], rows["finished"],
+                                  strict=True)]
+
+
+def _saved_results(saved: pd.DataFrame | None, prompts: list[EvalPrompt],
+                   tokenizer: Any) -> list[GenerationResult] | None:
+    """The saved results when they belong to exactly these prompts as this tokenizer templates them."""
+    if saved is None:
+        return None
+    try:
+        results = results_from_table(saved)
+    except (KeyError, TypeError, ValueError):
+        logger.warning("the saved completions are unreadable; generating them again")
+        return None
+    if len(results) != len(prompts) or any(
+            r.prompt_ids != chat_prompt_ids(tokenizer, p.prompt) for r, p in zip(results, prompts, strict=True)):
+        logger.warning("the saved completions belong to other prompts; generating them again")
+        return None
+    logger.info("reusing the %d completions saved by the interrupted build", len(results))
+    return results
+
+
+def _generate_shared(model: nn.Module, tokenizer: Any, prompts: list[str], spec: Any, device: torch.device,
+                     dist: Dist) -> list[GenerationResult]:
+    """Every prompt's completion, each rank generating a contiguous run of whole batches (see module doc)."""
+    n_batches = -(-len(prompts) // spec.batch_size)
+    mine = np.array_split(np.arange(n_batches), dist.world)[dist.rank]
+    lo = int(mine[0]) * spec.batch_size if len(mine) else 0
+    hi = min(len(prompts), (int(mine[-1]) + 1) * spec.batch_size) if len(mine) else 0
+    local: list[GenerationResult] = []
+    error = None
+    try:
+        if hi > lo:
+            local = generate_completions(model, tokenizer, prompts[lo:hi], spec, device)
+    except Exception as exc:  # every rank must learn of it, or the others wait at the gather
+        error = exc
+    dist.check(error)
+    return [r for part in dist.gather(local) for r in part]
+
+
+def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: torch.device,
+                 dist: Dist = SINGLE, saved: pd.DataFrame | None = None,
+                 ) -> tuple[TokenPlan, dict[str, pd.DataFrame]]:
+    """Generate completions for the manifest's prompt sets (or reuse ``saved``, an interrupted build's
+    ``GENERATION_TABLE``); return the plan and ``{PROMPTS_TABLE: ..., GENERATION_TABLE: ...}``."""
     sets = _load_sets(manifest)
     prompts = [p for _, _, ps in sets for p in ps]
     _check_room(manifest, prompts, tokenizer)
-    t0 = time.perf_counter()
-    results = generate_completions(model, tokenizer, [p.prompt for p in prompts], manifest.generation, device)
-    seconds = time.perf_counter() - t0
-    n_new = sum(len(r.completion_ids) for r in results)
-    logger.info("generation: %d new tokens in %.1fs (%.0f tok/s)", n_new, seconds, n_new / max(seconds, 1e-9))
+    results = _saved_results(saved, prompts, tokenizer)
+    if results is None:
+        t0 = time.perf_counter()
+        results = _generate_shared(model, tokenizer, [p.prompt for p in prompts], manifest.generation, device,
+                                   dist)
+        seconds = time.perf_counter() - t0
+        n_new = sum(len(r.completion_ids) for r in results)
+        logger.info("generation: %d new tokens in %.1fs (%.0f tok/s)", n_new, seconds,
+                    n_new / max(seconds, 1e-9))
 
     plan = TokenPlan()
     rows: list[dict[str, Any]] = []
@@ -114,7 +180,8 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any,
     table = pd.DataFrame(rows)
     for key, values in surface_columns(table["prompt"].tolist(), table["completion"].tolist()).items():
         table[key] = values
-    return plan, {schema.PROMPTS_TABLE: table[list(schema.PROMPT_COLUMNS)]}
+    return plan, {schema.PROMPTS_TABLE: table[list(schema.PROMPT_COLUMNS)],
+                  schema.GENERATION_TABLE: generation_table(results)}
 
 
 def _prompt_row(prompt: EvalPrompt, result: GenerationResult, doc_index: int) -> dict[str, Any]:
