@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -112,8 +113,9 @@ def write_eval_set(path: Path) -> Path:
     return path
 
 
-def build_labelled_eval_store(tmp: Path, model_dir: Path) -> tuple[Path, Path]:
-    """(store, model copy path): a 24-prompt eval store built from a copy of ``model_dir``, then removed.
+def build_labelled_eval_store(tmp: Path, model_dir: Path, store: Path | str | None = None) -> tuple[Any, Path]:
+    """(store, model copy path): a 24-prompt eval store built from a copy of ``model_dir``, then removed;
+    at ``store`` (a folder or a URL), by default ``tmp/eval.zarr``.
 
     The random model's completions are gibberish, so the rule labels are mostly "unknown": the surface
     columns of prompts.parquet are rewritten with labels derived from the tier (hazard refuse, benign
@@ -121,10 +123,8 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path) -> tuple[Path, Path]:
     """
     import shutil
 
-    import pandas as pd
-
     from bra.cache import schema
-    from bra.cache.writer import write_table_atomic
+    from bra.cache.location import StoreLocation
     from bra.pipeline.build import build_store
     from bra.pipeline.manifest import load_manifest
     from bra.sae.divergence import SURFACE
@@ -136,13 +136,14 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path) -> tuple[Path, Path]:
         "storage": {"dtype": "float32", "chunk_tokens": 64, "shard_tokens": 256},
         "prompt_sets": [str(write_eval_set(tmp / "set.jsonl"))],
         "generation": {"max_new_tokens": 6, "seed": 0, "batch_size": 8}})
-    store = build_store(load_manifest(manifest), tmp / "eval.zarr").path
-    table = pd.read_parquet(store / schema.PROMPTS_TABLE)
+    store = build_store(load_manifest(manifest), store if store is not None else tmp / "eval.zarr").path
+    location = StoreLocation(store)
+    table = location.read_table(schema.PROMPTS_TABLE)
     labels = [EVAL_TIER_LABEL[t] for t in table["tier"]]
     labels[1] = labels[2] = "unknown"
     table["surface_label"] = labels
     table["surface_probs"] = [[0.0] * 5 if lab == "unknown" else
                               [0.8 if c == lab else 0.05 for c in SURFACE] for lab in labels]
-    write_table_atomic(table, store / schema.PROMPTS_TABLE)
+    location.write_table(schema.PROMPTS_TABLE, table)
     shutil.rmtree(copy)  # the model is gone: scoring must not need it
     return store, copy

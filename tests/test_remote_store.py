@@ -145,12 +145,11 @@ def test_s3_store__build_verify_info_fit_score_from_urls(s3_server: str, local_b
     assert run_cli(sae_cli, ["fit", "--store", url, "--out", str(tmp_path / "run"), *flags]) == 0
     assert json.loads((tmp_path / "run" / "run.json").read_text())["store"] == url
 
-    # score reads an eval store from S3 (built locally, uploaded as a folder of objects)
-    import s3fs
-
-    eval_local, _ = build_labelled_eval_store(tmp_path / "eval", tiny_gemma_dir)
-    s3fs.S3FileSystem().put(str(eval_local), f"{s3_server}/stores/eval.zarr", recursive=True)
+    # an eval store built straight into S3 (completions, prompts table and all), then scored from there
     eval_url = f"s3://{s3_server}/stores/eval.zarr"
+    (tmp_path / "eval").mkdir()
+    assert build_labelled_eval_store(tmp_path / "eval", tiny_gemma_dir, eval_url)[0] == eval_url
+    assert not (tmp_path / "eval" / "eval.zarr").exists()
     assert verify_store(eval_url) == []
     from bra.sae.formats import save_saelens
     from bra.sae.model import SAEConfig, TopKSAE
