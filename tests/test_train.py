@@ -74,6 +74,26 @@ def test_reader__every_unmasked_row_exactly_once_per_epoch_shuffled(tiny_store: 
     assert np.array_equal(batch.tier, store.array("tier")[:][batch.row])
 
 
+def test_reader__label_cache_bounded_and_same_stream(tiny_store: Path, monkeypatch) -> None:
+    """The shard label cache changes nothing but speed: with room for one shard only (evicting all the
+    time) the stream is identical to one with every shard cached, and it never holds more than allowed."""
+    import bra.cache.reader as reader
+
+    store = open_store(tiny_store)
+    cfg = ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=3, prefetch=2)
+    roomy = RowStream(store, cfg)
+    want = [(b.row, b.tier, b.doc_index, b.acts) for e in (0, 1) for b in roomy.epoch(e)]
+    assert len(roomy._labels) == store.layout.n_shards > 1
+    shard_bytes = sum(c.nbytes for c in roomy._labels[0])
+    monkeypatch.setattr(reader, "LABEL_CACHE_BYTES", shard_bytes)
+    tight = RowStream(store, cfg)
+    got = [(b.row, b.tier, b.doc_index, b.acts) for e in (0, 1) for b in tight.epoch(e)]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(g, w, strict=True))
+    assert len(tight._labels) == 1 and tight._labels_bytes <= shard_bytes
+
+
 def test_reader__document_selection_and_split_by_document(tiny_store: Path) -> None:
     store = open_store(tiny_store)
     docs = store.docs()
