@@ -23,7 +23,6 @@ import os
 import pickle
 import re
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bra.errors import SAEError
-from bra.fsutil import replace_dir
+from bra.fsutil import make_temp_dir, replace_dir, temp_sibling
 from bra.sae.model import DTYPES, PARAM_NAMES, SEED_K, SAEConfig, TopKSAE
 
 logger = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def _provenance(sae: TopKSAE, weights_file: str) -> dict[str, Any]:
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Call write(binary file) on a temp file beside `path`, fsync, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -261,8 +260,7 @@ def save_saelens(sae: TopKSAE, directory: str | os.PathLike[str], *, overwrite: 
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
+    tmp = make_temp_dir(directory)
     try:
         save_file(_folded_state_dict(sae), str(tmp / SAELENS_WEIGHTS))
         _write_json(tmp / SAELENS_CFG, saelens_config(sae))

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pandas as pd
 
 from bra.cache import schema
 from bra.errors import BraError
-from bra.fsutil import replace_dir
+from bra.fsutil import make_temp_dir, replace_dir
 from bra.sae.catalog import SEGMENTS, catalog_to_json
 from bra.sae.divergence import CATEGORIES, DEPTH_CATEGORIES, SURFACE
 from bra.sae.score import SPLITS, ScoreConfig, ScoreResult
@@ -190,8 +189,7 @@ def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]
     contexts, status = _decode_contexts(r)
     report = build_report(r, cfg, scores, status)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the report is meant to be read
+    tmp = make_temp_dir(out)
     try:
         scores.to_parquet(tmp / SCORES_FILE, index=False)
         catalog = {"settings": {"top_n": cfg.top_n, "min_effect": cfg.min_effect, "pool": cfg.pool,

@@ -11,6 +11,7 @@ import torch
 
 from bra.cache.store import Store, open_store
 from bra.errors import SAEError
+from bra.fsutil import temp_sibling
 from bra.sae.evaluate import check_compatible, ce_loss_score, heldout_docs, reconstruction_metrics
 from bra.sae.formats import SAELENS_CFG, SEED_WEIGHTS, load_sae
 from bra.sae.model import TopKSAE
@@ -33,7 +34,7 @@ def load_any(path: str | os.PathLike[str]) -> TopKSAE:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` via a temp file beside ``path`` and a rename: a full disk leaves no half file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
