@@ -432,6 +432,29 @@ def test_info__json(fp32_store, capsys) -> None:
     assert code == 0 and "hazard_adjacent (hazard class)" in out
 
 
+def test_info__unfinished_store_counts_written_rows(fp32_store, tmp_path: Path, capsys) -> None:
+    """A store interrupted half-way holds half its rows: sizes, B/token and the ratio describe those rows
+    (not all planned rows against half the bytes, which doubled the ratio)."""
+    full = json.loads(run_cli(["info", "--json", str(fp32_store[1])], capsys)[1])
+    path = tmp_path / "half.zarr"
+    shutil.copytree(fp32_store[1], path)
+    group = zarr.open_group(str(path), mode="r+")
+    layout = open_store(path).layout
+    undone = list(range(layout.n_shards // 2, layout.n_shards))
+    for shard in undone:
+        group[schema.DONE_ARRAY][shard] = 0
+        for layer in (1, 2):
+            (path / schema.acts_path(layer) / "c" / str(shard) / "0").unlink()
+    group.attrs[schema.ATTR_STATUS] = schema.STATUS_BUILDING
+    code, out, _ = run_cli(["info", "--json", str(path)], capsys)
+    info = json.loads(out)
+    written = sum(hi - lo for lo, hi in (layout.shard_bounds(s) for s in range(layout.n_shards // 2)))
+    assert code == 0 and info["status"] == "building" and info["tokens_written"] == written < info["n_tokens"]
+    assert info["activation_bytes_raw"] == written * 64 * 4 * 2
+    assert abs(info["compression_ratio"] - full["compression_ratio"]) < 0.25 * full["compression_ratio"]
+    assert "tokens written so far" in run_cli(["info", str(path)], capsys)[1]
+
+
 def test_info__damaged_store_is_one_error_line(fp32_store, tmp_path: Path, capsys) -> None:
     path = tmp_path / "s.zarr"
     shutil.copytree(fp32_store[1], path)

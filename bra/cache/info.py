@@ -18,7 +18,10 @@ def store_info(path: str | Path) -> dict[str, Any]:
     attrs = store.attrs
     n, d = store.n_tokens, store.d_model
     itemsize = np.dtype(schema.STORAGE_DTYPES[store.dtype]).itemsize
-    acts_raw = n * d * itemsize * len(store.layers)
+    done = store.array(schema.DONE_ARRAY)[:].astype(bool)
+    # An unfinished store holds only its done shards: sizes and ratios count the rows actually written.
+    rows_written = sum(hi - lo for lo, hi in map(store.layout.shard_bounds, np.flatnonzero(done).tolist()))
+    acts_raw = rows_written * d * itemsize * len(store.layers)
     loc = store.location
     acts_disk = sum(loc.nbytes(schema.acts_path(layer)) for layer in store.layers)
     total_disk = loc.nbytes()
@@ -38,12 +41,13 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "n_tokens": n,
         "n_docs": attrs.get(schema.ATTR_N_DOCS),
         "shards": store.layout.n_shards,
-        "shards_done": int(store.array(schema.DONE_ARRAY)[:].sum()),
+        "shards_done": int(done.sum()),
+        "tokens_written": int(rows_written),
         "bytes_on_disk": total_disk,
         "activation_bytes_raw": acts_raw,
         "activation_bytes_on_disk": acts_disk,
         "compression_ratio": round(acts_raw / acts_disk, 3) if acts_disk else None,
-        "bytes_per_token": round(total_disk / n, 1),
+        "bytes_per_token": round(total_disk / rows_written, 1) if rows_written else None,
         "tokenizer_fingerprint": attrs.get(schema.ATTR_TOKENIZER_FP),
         "manifest_hash": attrs.get(schema.ATTR_MANIFEST_HASH),
         "dataset_revisions": attrs.get(schema.ATTR_DATASET_REVISIONS),
@@ -69,7 +73,9 @@ def format_info(info: dict[str, Any]) -> str:
              f"layers       {info['layers']}  hooks={info['hook_names']}",
              f"d_model      {info['d_model']}  dtype={info['dtype']}{' (lossy)' if info['lossy'] else ''}  "
              f"compute={info['compute_dtype']}",
-             f"tokens       {info['n_tokens']:,} in {info['n_docs']} docs, {info['shards_done']}/{info['shards']} shards",
+             f"tokens       {info['n_tokens']:,} in {info['n_docs']} docs, {info['shards_done']}/{info['shards']} shards"
+             + ("" if info["tokens_written"] == info["n_tokens"] else
+                f" ({info['tokens_written']:,} tokens written so far; sizes below count those)"),
              f"disk         {info['bytes_on_disk']:,} bytes ({info['bytes_per_token']} B/token); activations "
              f"{info['activation_bytes_on_disk']:,} of {info['activation_bytes_raw']:,} raw "
              f"(ratio {info['compression_ratio']}, codec {info['codec']})"]
