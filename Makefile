@@ -53,7 +53,7 @@ test: install
 # Benchmarks (issue 7): writes bench/results.md and bench/results.json. BENCH_SIZE=tiny|small|medium|full.
 BENCH_SIZE ?= small
 bench: install
-	$(PY) -c "import sae_lens, psutil" 2>/dev/null || $(PIP) install --quiet -e '.[bench]'
+	$(PY) -c "import sae_lens, psutil, s3fs, moto" 2>/dev/null || $(PIP) install --quiet -e '.[bench]'
 	$(PY) -m bench --size $(BENCH_SIZE)
 
 clean:

@@ -1,5 +1,6 @@
 """Benchmarks (issue 7): build ÷ bare forward, bytes per token by dtype/codec, opt-in fp8, training from the
-store ÷ from RAM, re-score ÷ rebuild, and the side-by-side with SAELens. Run ``python -m bench``."""
+store ÷ from RAM, re-score ÷ rebuild, the side-by-side with SAELens, and scale-out (1 vs N build processes;
+object-store read throughput by shard size). Run ``python -m bench``."""
 
 from bench.config import SIZES, STUDIES, BenchConfig, get_config
 

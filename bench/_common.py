@@ -29,7 +29,7 @@ class Row:
     """One line of the results table."""
 
     study: str
-    """Study key (``build``, ``codecs``, ``fp8``, ``train``, ``rescore``, ``saelens``)."""
+    """Study key (``build``, ``codecs``, ``fp8``, ``train``, ``rescore``, ``saelens``, ``scaleout``)."""
     name: str
     """What was measured."""
     value: float | str | None
@@ -241,23 +241,29 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def worker_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a bench subprocess: offline, no progress bars, quiet tokenizers (a
+    subprocess must never reach the network or flood the log), plus ``extra``."""
+    return {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
+
+
 def run_worker(task: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run ``python -m bench._worker TASK SPEC_JSON`` and return the JSON it reports.
 
     Workers are separate processes so that each side of a memory comparison starts from a clean heap and
     its peak RSS is its own. Raises RuntimeError with the worker's last stderr lines when it fails.
     """
-    env = {
-        **os.environ,
-        "TQDM_DISABLE": "1",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
         [sys.executable, "-m", "bench._worker", task, json.dumps(spec)],
         cwd=repo,
-        env=env,
+        env=worker_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

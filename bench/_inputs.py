@@ -129,6 +129,12 @@ def write_manifest(path: Path, data: dict[str, Any]) -> Manifest:
     return load_manifest(path)
 
 
+def manifest_path(work: Path, name: str) -> Path:
+    """Where `corpus_manifest` writes the YAML of manifest ``name`` (the CLI-driven studies pass this file to
+    ``bra-cache``)."""
+    return work / f"{name}.yaml"
+
+
 def corpus_manifest(
     work: Path, ref: ModelRef, cfg: Any, name: str, corpora: dict[str, Path], max_seq_len: int, **storage: Any
 ) -> Manifest:
@@ -150,7 +156,7 @@ def corpus_manifest(
             for tier, path in corpora.items()
         ],
     }
-    return write_manifest(work / f"{name}.yaml", data)
+    return write_manifest(manifest_path(work, name), data)
 
 
 def demo_slice_manifest(work: Path, ref: ModelRef, cfg: Any, name: str = "bench-build") -> Manifest:

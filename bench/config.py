@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 MODELS = ("smollm2", "tiny-gemma")
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,19 @@ class BenchConfig:
     figures are then not meaningful)."""
     device: str = "auto"
     """auto = CUDA when present (compute bf16 there), else CPU (fp32)."""
+    scaleout_nproc: int = 2
+    """Processes of study 7's multi-process build (`bra-cache build --nproc N`: torchrun on this machine)."""
+    scaleout_reps: int = 2
+    """Interleaved 1-process / N-process `bra-cache build` runs of study 7 (best of each side; each run is a
+    fresh command, model load included, so runs are costly)."""
+    scaleout_tile: int = 4
+    """Study 7's read stores hold the rows of its 1-process store this many times (more chunks to read)."""
+    scaleout_geometries: tuple[tuple[int, int], ...] = ((1, 1), (1, 4), (1, 16), (4, 16))
+    """(chunk, shard) sizes of study 7's read stores in multiples of ``chunk_tokens``: the same chunks in
+    ever larger shards (fewer objects and label reads, the same activation reads), then larger chunks (fewer,
+    larger activation reads)."""
+    scaleout_read_reps: int = 3
+    """Interleaved epoch reads of every study-7 store, from S3 and from local disk (the fastest reported)."""
 
     def __post_init__(self) -> None:
         if self.model not in MODELS or any(m not in MODELS for m in self.saelens_models):
@@ -89,6 +102,10 @@ class BenchConfig:
             raise ValueError("codec_grid must be full or reduced")
         if self.shard_tokens % self.chunk_tokens:
             raise ValueError("shard_tokens must be a multiple of chunk_tokens")
+        if self.scaleout_nproc < 2:
+            raise ValueError("scaleout_nproc must be at least 2 (it is compared with 1 process)")
+        if any(c < 1 or s < c or s % c for c, s in self.scaleout_geometries):
+            raise ValueError("scaleout_geometries: each shard must be a positive multiple of its chunk")
 
 
 SIZES: dict[str, BenchConfig] = {
@@ -125,6 +142,9 @@ SIZES: dict[str, BenchConfig] = {
         rescore_reps=1,
         codec_grid="reduced",
         isolate=False,
+        scaleout_reps=1,
+        scaleout_tile=1,
+        scaleout_read_reps=1,
     ),
     # a few minutes on 2 CPU cores
     "small": BenchConfig(size="small"),
@@ -140,6 +160,8 @@ SIZES: dict[str, BenchConfig] = {
         rescore_prompts=0,
         saelens_seqs=96,
         saelens_dtypes=("float32", "float16"),
+        scaleout_reps=3,
+        scaleout_tile=8,
     ),
     # GPU: the same code, larger
     "full": BenchConfig(
@@ -162,6 +184,9 @@ SIZES: dict[str, BenchConfig] = {
         rescore_d_sae=9216,
         saelens_seqs=96,
         saelens_dtypes=("float32", "float16"),
+        scaleout_reps=3,
+        scaleout_tile=8,
+        scaleout_read_reps=5,
     ),
 }
 

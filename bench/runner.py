@@ -29,6 +29,7 @@ MODULES = {
     "train": "bench.train_ratio",
     "rescore": "bench.rescore",
     "saelens": "bench.saelens_side",
+    "scaleout": "bench.scaleout",
 }
 TITLES = {
     "build": "1. Build ÷ bare forward",
@@ -37,6 +38,7 @@ TITLES = {
     "train": "4. Training from the store ÷ from RAM; reader memory",
     "rescore": "5. Re-score ÷ (rebuild + score)",
     "saelens": "6. Side by side with SAELens",
+    "scaleout": "7. Scale-out: processes and object-store shard size",
 }
 REPO = Path(__file__).resolve().parent.parent
 

@@ -32,11 +32,10 @@ from bench._common import (
     rss_bytes,
 )
 from bench._context import BenchContext
+from bench._stores import copy_store
 from bench._worker import run_task
-from bra.cache import schema
 from bra.cache.reader import ReaderConfig, RowStream
 from bra.cache.store import Store, open_store
-from bra.cache.writer import CodecSpec, StoreWriter
 from bra.sae.config import TrainConfig
 from bra.sae.data import TrainingData, check_finite, train_batches, training_data
 from bra.sae.model import SAEConfig, TopKSAE
@@ -45,46 +44,6 @@ from bra.sae.train import TrainerState, resolve_device, train_step
 logger = logging.getLogger(__name__)
 
 TARGET = "≥ 0.9"
-
-
-def tile_store(src_path: Path, dst: Path, copies: int) -> Path:
-    """Write a store holding ``copies`` consecutive copies of ``src_path``'s rows (documents renamed), with
-    the source's layout, dtype and codec, through `StoreWriter` (so stats, checksums and status are real)."""
-    import shutil
-
-    src = open_store(src_path)
-    shutil.rmtree(dst, ignore_errors=True)
-    n, layout = src.n_tokens, src.layout
-    docs = src.docs()
-    cols = {k: src.array(k)[:] for k in schema.TOKEN_COLUMNS}
-    raws = {layer: src.acts(layer)[:] for layer in src.layers}
-    attrs = {
-        k: v
-        for k, v in src.attrs.items()
-        if k not in (schema.ATTR_STATS, schema.ATTR_DIGESTS, schema.ATTR_STATUS)
-    }
-    attrs.update({schema.ATTR_N_TOKENS: n * copies, schema.ATTR_N_DOCS: len(docs) * copies})
-    codec = CodecSpec(**src.attrs[schema.ATTR_CODEC])
-    new_layout = schema.StoreLayout(n * copies, layout.d_model, layout.chunk_tokens, layout.shard_tokens)
-    writer = StoreWriter.create(dst, new_layout, src.layers, src.dtype, codec, attrs)
-    for shard in range(new_layout.n_shards):
-        s0, s1 = new_layout.shard_bounds(shard)
-        rows = np.arange(s0, s1)
-        src_rows, copy = rows % n, rows // n
-        c = {k: v[src_rows] for k, v in cols.items()}
-        c["doc_index"] = (c["doc_index"] + copy * len(docs)).astype(np.int32)
-        writer.write_shard(shard, c, {layer: raw[src_rows] for layer, raw in raws.items()})
-    tiled = []
-    for i in range(copies):
-        t = docs.copy()
-        t["doc_index"] += i * len(docs)
-        t["token_offset"] += i * n
-        t["doc_id"] = t["doc_id"] + f"#{i}"
-        tiled.append(t)
-    import pandas as pd
-
-    writer.finalize(pd.concat(tiled, ignore_index=True))
-    return dst
 
 
 def _fresh(store: Store, data: TrainingData, tcfg: TrainConfig, device: torch.device):
@@ -228,7 +187,7 @@ def run(ctx: BenchContext) -> StudyResult:
     """Interleaved store/RAM repetitions, then the RSS workers."""
     cfg = ctx.cfg
     store1, _ = ctx.ensure_store()
-    tiled = tile_store(store1, ctx.work / "tiled.zarr", cfg.rss_tile)
+    tiled = copy_store(store1, ctx.work / "tiled.zarr", copies=cfg.rss_tile)
     store = open_store(tiled)
     tcfg = TrainConfig(
         d_sae=cfg.train_d_sae,

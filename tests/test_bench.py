@@ -16,11 +16,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout")
 
 
 def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
     from bench.__main__ import main
+    from bench.config import SIZES
 
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "tiny-gemma").symlink_to(tiny_gemma_dir)  # the session's tiny Gemma2, not a new one
@@ -38,16 +39,23 @@ def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: 
         by_study.setdefault(row["study"], []).append(row)
     assert set(by_study) == set(STUDIES)
     has_saelens = importlib.util.find_spec("sae_lens") is not None
+    has_s3 = all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
     for study, rows in by_study.items():
         if study == "saelens" and not has_saelens:
             continue
+        if study == "scaleout" and not has_s3:  # the object-store rows need moto's server
+            rows = [r for r in rows if "S3" not in r["name"]]
         assert all(r["value"] is not None for r in rows), (study, rows)
+    scaleout = {r["name"]: r for r in by_study["scaleout"]}
+    assert "token ids identical" in scaleout["2 ÷ 1 processes, wall-clock rate"]["note"]
+    assert sum(n.startswith("read from moto S3") for n in scaleout) == len(SIZES["tiny"].scaleout_geometries)
+    assert all(isinstance(r["value"], (int, float)) for r in by_study["scaleout"] if r["value"] is not None)
     targets = {r["study"]: r["target"] for r in data["rows"] if r["target"]}
     assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05"}
 
     text = md.read_text()
     assert "| study | measurement | value |" in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7."):
         assert heading in text
     for row in data["rows"]:
         assert row["name"].replace("|", "\\|") in text

@@ -1,0 +1,95 @@
+"""A throwaway S3 endpoint for the bench: a moto server on 127.0.0.1 that the code under measurement reaches
+through the usual AWS environment variables, exactly as it would reach MinIO, Ceph or AWS.
+
+The tests start the same server with a pytest fixture; the bench must not import tests/, so this is its own
+small context manager. Nothing here touches the network beyond the loopback interface.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+NEEDS = ("moto", "s3fs")
+"""Packages the endpoint needs (``pip install -e '.[test]'`` brings both)."""
+
+
+def missing_packages() -> list[str]:
+    """Which of ``NEEDS`` are not installed (an empty list when the endpoint can start)."""
+    return [name for name in NEEDS if importlib.util.find_spec(name) is None]
+
+
+@contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block, then restore each variable (or remove it when it was
+    unset): the bench's process must leave no AWS settings behind for the studies after this one."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in before.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@contextmanager
+def moto_s3(bucket: str = "bench") -> Iterator[str]:
+    """A moto S3 server on a free loopback port with an empty ``bucket``; yields its endpoint URL.
+
+    s3fs reads the environment when a filesystem is first made and caches filesystems, so the cache is
+    cleared on entry (pick up this endpoint) and on exit (no later caller gets a filesystem pointing at a
+    stopped server; their sessions are closed first).
+    """
+    missing = missing_packages()
+    if missing:
+        raise ModuleNotFoundError(f"{', '.join(missing)} not installed (pip install -e '.[test]')")
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env = {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        with patched_environ(env):
+            s3fs.S3FileSystem.clear_instance_cache()
+            try:
+                s3fs.S3FileSystem().mkdir(bucket)
+                logger.info("moto S3 at %s, bucket %s", endpoint, bucket)
+                yield endpoint
+            finally:
+                close_filesystems()
+    finally:
+        server.stop()
+
+
+def close_filesystems() -> None:
+    """Close the HTTP sessions of every cached s3fs filesystem, then forget them: Zarr's async filesystems
+    otherwise keep sessions to the stopped server open until exit ("Unclosed client session" errors)."""
+    import s3fs
+    from zarr.core.sync import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        client = getattr(fs, "_s3", None)
+        if client is None:
+            continue
+        if fs.asynchronous:  # made by Zarr's FsspecStore: its sessions live on Zarr's event loop
+            sync(client.close())
+        else:
+            s3fs.S3FileSystem.close_session(fs.loop, client)
+    s3fs.S3FileSystem.clear_instance_cache()
