@@ -147,7 +147,7 @@ SIZES: dict[str, BenchConfig] = {
         scaleout_read_reps=1,
     ),
     # a few minutes on 2 CPU cores
-    "small": BenchConfig(size="small"),
+    "small": BenchConfig(size="small", reps=5),  # 5 build/bare reps: 3 left the ratio at the mercy of one burst
     "medium": BenchConfig(
         size="medium",
         docs_per_tier=100,
