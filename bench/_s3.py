@@ -10,8 +10,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +43,46 @@ def patched_environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
+@dataclass
+class Endpoint:
+    """A running moto endpoint. ``latency_s`` is added before every GET the server answers (read while
+    serving, so it may be changed between reads): loopback has none, real object stores tens of ms."""
+
+    url: str
+    latency_s: float = 0.0
+
+
+def _delayed(app: Any, endpoint: Endpoint) -> Any:
+    """WSGI middleware: sleep ``endpoint.latency_s`` before a GET (a first-byte delay; the sleep releases
+    the GIL, so concurrent requests wait in parallel as they would on a network)."""
+
+    def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+        if endpoint.latency_s > 0 and environ.get("REQUEST_METHOD") == "GET":
+            time.sleep(endpoint.latency_s)
+        return app(environ, start_response)
+
+    return wrapped
+
+
+def _server(endpoint: Endpoint) -> Any:
+    """moto's ThreadedMotoServer with ``_delayed`` around its WSGI app (its serving method is replaced;
+    moto has no hook for it)."""
+    from moto.moto_server import threaded_moto_server as tms
+
+    class DelayedMotoServer(tms.ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = _delayed(tms.DomainDispatcherApplication(tms.create_backend_app), endpoint)
+            self._server = tms.make_server(self._ip_address, self._port, app, True,
+                                           request_handler=tms.MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return DelayedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+
+
 @contextmanager
-def moto_s3(bucket: str = "bench") -> Iterator[str]:
-    """A moto S3 server on a free loopback port with an empty ``bucket``; yields its endpoint URL.
+def moto_s3(bucket: str = "bench") -> Iterator[Endpoint]:
+    """A moto S3 server on a free loopback port with an empty ``bucket``; yields its ``Endpoint``.
 
     s3fs reads the environment when a filesystem is first made and caches filesystems, so the cache is
     cleared on entry (pick up this endpoint) and on exit (no later caller gets a filesystem pointing at a
@@ -52,25 +92,25 @@ def moto_s3(bucket: str = "bench") -> Iterator[str]:
     if missing:
         raise ModuleNotFoundError(f"{', '.join(missing)} not installed (pip install -e '.[test]')")
     import s3fs
-    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    endpoint = Endpoint("")
+    server = _server(endpoint)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+        endpoint.url = f"http://{host}:{port}"
         env = {
             "AWS_ACCESS_KEY_ID": "bench",
             "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ENDPOINT_URL": endpoint.url,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         with patched_environ(env):
             s3fs.S3FileSystem.clear_instance_cache()
             try:
                 s3fs.S3FileSystem().mkdir(bucket)
-                logger.info("moto S3 at %s, bucket %s", endpoint, bucket)
+                logger.info("moto S3 at %s, bucket %s", endpoint.url, bucket)
                 yield endpoint
             finally:
                 close_filesystems()

@@ -94,6 +94,9 @@ class BenchConfig:
     larger activation reads)."""
     scaleout_read_reps: int = 3
     """Interleaved epoch reads of every study-7 store, from S3 and from local disk (the fastest reported)."""
+    scaleout_latency_ms: float = 20.0
+    """First-byte delay the study-7 S3 server then adds to every GET (S3 itself: tens of ms), to read every
+    geometry again, and the default reader against one with 2 threads."""
 
     def __post_init__(self) -> None:
         if self.model not in MODELS or any(m not in MODELS for m in self.saelens_models):
@@ -145,6 +148,7 @@ SIZES: dict[str, BenchConfig] = {
         scaleout_reps=1,
         scaleout_tile=1,
         scaleout_read_reps=1,
+        scaleout_latency_ms=5.0,
     ),
     # a few minutes on 2 CPU cores
     "small": BenchConfig(size="small", reps=5),  # 5 build/bare reps: 3 left the ratio at the mercy of one burst

@@ -340,11 +340,14 @@ def geometries(cfg: BenchConfig) -> list[Geometry]:
     return [Geometry(c * cfg.chunk_tokens, s * cfg.chunk_tokens) for c, s in cfg.scaleout_geometries]
 
 
-def read_epoch(location: Path | str, cfg: BenchConfig, rows_seen: dict[str, int], key: str) -> float:
+def read_epoch(location: Path | str, cfg: BenchConfig, rows_seen: dict[str, int], key: str,
+               threads: int | None = None) -> float:
     """Seconds to stream every row of a store once through `RowStream` with the training reader's settings
-    (opening the store, a few metadata reads, is outside the clock)."""
+    (``threads``: the reader's default for the location unless given); opening the store, a few metadata
+    reads, is outside the clock."""
     store = open_store(location)
-    rcfg = ReaderConfig(layer=store.layers[0], batch_size=cfg.train_batch, buffer_rows=cfg.train_buffer_rows)
+    rcfg = ReaderConfig(layer=store.layers[0], batch_size=cfg.train_batch, buffer_rows=cfg.train_buffer_rows,
+                        threads=threads)
     stream = RowStream(store, rcfg)
     rows = 0
     with stopwatch() as t:
@@ -418,6 +421,36 @@ def upload(stores: ReadStores, errors: dict[str, str]) -> None:
         if census is not None:
             stores.census[g] = census
             stores.s3[g] = f"s3://{root}"
+
+
+FEW_THREADS = 2
+"""Reader threads of the comparison against the default at the added latency."""
+
+
+def latency_geometry(cfg: BenchConfig) -> Geometry:
+    """The geometry of the threads comparison: the largest shard with the base chunk (the README default's
+    shape)."""
+    return max((g for g in geometries(cfg) if g.chunk == cfg.chunk_tokens), key=lambda g: g.shard)
+
+
+def time_latency_reads(stores: ReadStores, cfg: BenchConfig, errors: dict[str, str], rows_seen: dict[str, int],
+                       endpoint: Any) -> dict[str, list[float]]:
+    """Every uploaded geometry read again with ``scaleout_latency_ms`` added to each GET, and the threads
+    comparison on ``latency_geometry``."""
+    fns: dict[str, Callable[[], float]] = {}
+    for g, url in stores.s3.items():
+        key = f"s3+lat {g.name}"
+        fns[key] = timed_or_inf(lambda url=url, k=key: read_epoch(url, cfg, rows_seen, k), key, errors)
+    g = latency_geometry(cfg)
+    if g in stores.s3:
+        key = f"s3+lat threads{FEW_THREADS} {g.name}"
+        fns[key] = timed_or_inf(lambda url=stores.s3[g], k=key: read_epoch(url, cfg, rows_seen, k, FEW_THREADS),
+                                key, errors)
+    endpoint.latency_s = cfg.scaleout_latency_ms / 1000
+    try:
+        return interleaved(fns, cfg.scaleout_read_reps)
+    finally:
+        endpoint.latency_s = 0.0
 
 
 def time_reads(
@@ -501,6 +534,28 @@ def read_rows_out(
             ),
             _census_row(g, stores.census.get(g), _why(g, "count", errors, s3_gap)),
         ]
+    return rows + latency_rows(stores, times, rows_seen, errors, cfg, s3_gap)
+
+
+def latency_rows(stores: ReadStores, times: dict[str, list[float]], rows_seen: dict[str, int],
+                 errors: dict[str, str], cfg: BenchConfig, s3_gap: str | None) -> list[Row]:
+    """The reads with added latency: one row per geometry, then default threads ÷ FEW_THREADS."""
+    mb, ms = stores.act_bytes / 1e6, f"{cfg.scaleout_latency_ms:g} ms"
+    threads = ReaderConfig(layer=0).resolved(remote=True)[0]
+    rows = []
+    for g in geometries(cfg):
+        key = f"s3+lat {g.name}"
+        rows.append(_read_row(f"moto S3 + {ms} per GET", g, best(times.get(key, [])), mb, rows_seen.get(key, 0),
+                              errors.get(key) or _why(g, "s3", errors, s3_gap), f"; {threads} reader threads"))
+    g = latency_geometry(cfg)
+    many, few = best(times.get(f"s3+lat {g.name}", [])), best(times.get(f"s3+lat threads{FEW_THREADS} {g.name}", []))
+    name = f"reader threads {threads} ÷ {FEW_THREADS} at + {ms} per GET, {g.label}"
+    if many is None or few is None:
+        rows.append(Row(KEY, name, None, "×", note=s3_gap or "a side failed (see its row)"))
+    else:
+        rows.append(Row(KEY, name, round(few / many, 2), "×",
+                        note=f"read rate with the default {threads} threads ÷ with {FEW_THREADS}: requests in "
+                             f"flight hide the latency ({few:.2f} s vs {many:.2f} s per epoch)"))
     return rows
 
 
@@ -517,11 +572,12 @@ def measure_reads(ctx: BenchContext, source: Path, folder: Path) -> tuple[list[R
     times: dict[str, list[float]] = {}
     if s3_gap is None:
         try:
-            with moto_s3(BUCKET):
+            with moto_s3(BUCKET) as endpoint:
                 with stopwatch() as t:
                     upload(stores, errors)
                 logger.info("scaleout (b): %d stores uploaded in %.1f s", len(stores.s3), t[0])
                 times = time_reads(stores, cfg, errors, rows_seen)
+                times.update(time_latency_reads(stores, cfg, errors, rows_seen, endpoint))
         except Exception as exc:  # the server itself failed: the local reads below still run
             s3_gap = f"moto S3 server: {_one_line(exc)}"
             logger.warning("%s", s3_gap)
@@ -556,7 +612,8 @@ def _source(ctx: BenchContext, pr: ProcessRuns) -> Path:
 def _text(ctx: BenchContext, details: dict[str, Any]) -> str:
     cfg, n = ctx.cfg, ctx.cfg.scaleout_nproc
     a, b = details["processes"], details["reads"]
-    r = ReaderConfig(layer=0)  # the reader's own defaults, which read_epoch keeps
+    local_threads, local_prefetch = ReaderConfig(layer=0).resolved(remote=False)  # the reader's defaults,
+    s3_threads, s3_prefetch = ReaderConfig(layer=0).resolved(remote=True)  # which read_epoch keeps
     processes = (
         f"**(a) Processes.** `bra-cache build` on study 1's manifest ({ctx.ref().name}), in 1 process and "
         f"with `--nproc {n}` (torchrun --standalone, gloo), each a fresh command; {cfg.scaleout_reps} "
@@ -578,14 +635,18 @@ def _text(ctx: BenchContext, details: dict[str, Any]) -> str:
         f"written in {len(b['geometries'])} chunk/shard geometries with `StoreWriter`, uploaded to a moto "
         f"S3 server on 127.0.0.1 (bucket `{BUCKET}`) and streamed once through `RowStream` with the training "
         f"reader's settings (batch {cfg.train_batch}, buffer {cfg.train_buffer_rows} rows, "
-        f"{r.threads} reader threads, {r.prefetch} chunks prefetched), from S3 and from the same local "
+        f"{s3_threads} reader threads and {s3_prefetch} chunks in flight from S3, {local_threads} and "
+        f"{local_prefetch} from the same local "
         "folder. MB/s counts activation bytes as "
         "stored (before compression). The reader fetches activations a chunk at a time (a byte range of "
         "the shard object, after the shard's index) and the label columns (mask, doc_index, tier) a whole "
         "shard at a time into a cache: larger chunks mean fewer and larger activation requests, larger "
         "shards fewer objects and fewer label reads. Loopback moto has ~0 "
         "network latency and runs inside the bench's process (sharing its cores and GIL), so these numbers "
-        "show per-request overhead of client and server, not S3's first-byte latency (tens of ms); "
+        "show per-request overhead of client and server, not S3's first-byte latency (tens of ms). The "
+        f"server then adds {cfg.scaleout_latency_ms:g} ms before every GET and every geometry is read again, "
+        f"and the default reader is compared with one of {FEW_THREADS} threads: a stand-in for that latency "
+        "(bandwidth limits are not modelled); "
         "README's shard-size advice (16k–64k-token shards, 1k-token chunks, so few-MB GETs) is derived from "
         "that latency, which this machine cannot measure."
     )

@@ -94,6 +94,47 @@ def test_reader__label_cache_bounded_and_same_stream(tiny_store: Path, monkeypat
     assert len(tight._labels) == 1 and tight._labels_bytes <= shard_bytes
 
 
+def test_reader__threads_change_speed_not_order(tiny_store: Path) -> None:
+    """More reader threads (the default for stores at URLs) keep the exact stream: chunks are consumed in
+    the seeded order whatever finishes first."""
+    store = open_store(tiny_store)
+    streams = [[b.row for b in RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=2,
+                                                             threads=t, prefetch=p)).epoch(0)]
+               for t, p in ((1, 1), (8, 16))]
+    assert all(np.array_equal(a, b) for a, b in zip(*streams, strict=True))
+    assert ReaderConfig(layer=1).resolved(remote=False) == (2, 4)
+    assert ReaderConfig(layer=1).resolved(remote=True) == (8, 16)
+    assert ReaderConfig(layer=1, threads=3).resolved(remote=True) == (3, 6)
+    with pytest.raises(ValueError):
+        ReaderConfig(layer=1, threads=0)
+
+
+def test_reader__concurrent_misses_read_a_shards_labels_once(tiny_store: Path, monkeypatch) -> None:
+    """Many threads starting on chunks of the same shards wait for one read of its label columns."""
+    import threading
+    import time
+    from collections import Counter as Count
+
+    store = open_store(tiny_store)
+    calls: Count[tuple[str, int]] = Count()
+    lock = threading.Lock()
+    real = store.read_rows
+
+    def counting(name: str, start: int, stop: int):
+        if not name.startswith("acts/"):
+            with lock:
+                calls[(name, start)] += 1
+            time.sleep(0.01)  # widen the window in which other threads miss the same shard
+        return real(name, start, stop)
+
+    monkeypatch.setattr(store, "read_rows", counting)
+    stream = RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, threads=8, prefetch=16))
+    for epoch in (0, 1):
+        for _ in stream.epoch(epoch):
+            pass
+    assert len(calls) == 3 * store.layout.n_shards and set(calls.values()) == {1}
+
+
 def test_reader__document_selection_and_split_by_document(tiny_store: Path) -> None:
     store = open_store(tiny_store)
     docs = store.docs()

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 # every epoch needs them again, while the activations (4.6 kB a token at d 2304) are read once per visit.
 LABEL_CACHE_BYTES = 64 << 20
 LABEL_COLUMNS = ("mask", "doc_index", "tier")
+LOCAL_READ_THREADS = 2
+REMOTE_READ_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -45,14 +47,21 @@ class ReaderConfig:
     """Shuffle buffer capacity in rows (memory: buffer_rows x d_model x 4 bytes)."""
     seed: int = 0
     """Seed of chunk order and buffer permutations."""
-    prefetch: int = 4
-    """Chunks decompressed ahead by background threads."""
-    threads: int = 2
-    """Reader threads."""
+    prefetch: int | None = None
+    """Chunks requested ahead by background threads (default: twice the threads)."""
+    threads: int | None = None
+    """Reader threads (default: 2 on a local disk, 8 for a store at a URL, where each chunk is a request
+    that waits on the network: more in flight hide the latency; the data order does not depend on it)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.buffer_rows < 1 or self.prefetch < 1 or self.threads < 1:
+        optional = [x for x in (self.prefetch, self.threads) if x is not None]
+        if self.batch_size < 1 or self.buffer_rows < 1 or any(x < 1 for x in optional):
             raise ValueError("batch_size, buffer_rows, prefetch and threads must be positive")
+
+    def resolved(self, remote: bool) -> tuple[int, int]:
+        """(threads, prefetch) for a local or a remote store."""
+        threads = self.threads or (REMOTE_READ_THREADS if remote else LOCAL_READ_THREADS)
+        return threads, self.prefetch or 2 * threads
 
 
 @dataclass(frozen=True)
@@ -106,25 +115,45 @@ class RowStream:
         self._labels: OrderedDict[int, tuple[np.ndarray, ...]] = OrderedDict()  # shard -> LABEL_COLUMNS (LRU)
         self._labels_bytes = 0
         self._labels_lock = threading.Lock()
+        self._loading: dict[int, threading.Event] = {}  # shards whose labels a thread is reading now
 
     def _shard_labels(self, shard: int) -> tuple[np.ndarray, ...]:
-        """``LABEL_COLUMNS`` of a whole shard, from the LRU cache or the store (see ``LABEL_CACHE_BYTES``)."""
+        """``LABEL_COLUMNS`` of a whole shard, from the LRU cache or the store (see ``LABEL_CACHE_BYTES``).
+        Threads that miss the same shard at once wait for one read (at the start of an epoch many prefetched
+        chunks fall in few shards; on object storage each read is three requests)."""
         with self._labels_lock:
             hit = self._labels.get(shard)
             if hit is not None:
                 self._labels.move_to_end(shard)
                 return hit
+            loading = self._loading.get(shard)
+            if loading is None:
+                self._loading[shard] = threading.Event()
+        if loading is not None:
+            loading.wait()
+            with self._labels_lock:
+                hit = self._labels.get(shard)
+            if hit is not None:
+                return hit
+            return self._read_labels(shard)  # the other read failed, or the shard was evicted at once
+        try:
+            cols = self._read_labels(shard)
+            with self._labels_lock:
+                if shard not in self._labels:
+                    self._labels[shard] = cols
+                    self._labels_bytes += sum(c.nbytes for c in cols)
+                    while self._labels_bytes > LABEL_CACHE_BYTES and len(self._labels) > 1:
+                        _, old = self._labels.popitem(last=False)
+                        self._labels_bytes -= sum(c.nbytes for c in old)
+            return cols
+        finally:
+            with self._labels_lock:
+                self._loading.pop(shard).set()
+
+    def _read_labels(self, shard: int) -> tuple[np.ndarray, ...]:
         lo, hi = self.layout.shard_bounds(shard)
         # read_rows turns a corrupt chunk into a StoreError naming it
-        cols = tuple(self.store.read_rows(name, lo, hi) for name in LABEL_COLUMNS)
-        with self._labels_lock:
-            if shard not in self._labels:
-                self._labels[shard] = cols
-                self._labels_bytes += sum(c.nbytes for c in cols)
-                while self._labels_bytes > LABEL_CACHE_BYTES and len(self._labels) > 1:
-                    _, old = self._labels.popitem(last=False)
-                    self._labels_bytes -= sum(c.nbytes for c in old)
-        return cols
+        return tuple(self.store.read_rows(name, lo, hi) for name in LABEL_COLUMNS)
 
     def _read_chunk(self, chunk: int, with_acts: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
         start = chunk * self.layout.chunk_tokens
@@ -173,8 +202,9 @@ class RowStream:
             leftover = tuple(x[n_full:] for x in out)
             pending = [np.concatenate([leftover[i], keep[i]]) for i in range(4)]
 
-        with ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="bra-reader") as pool:
-            futures = [pool.submit(self._read_chunk, int(c), True) for c in order[:self.cfg.prefetch]]
+        threads, prefetch = self.cfg.resolved(remote=not self.store.location.is_local)
+        with ThreadPoolExecutor(threads, thread_name_prefix="bra-reader") as pool:
+            futures = [pool.submit(self._read_chunk, int(c), True) for c in order[:prefetch]]
             next_i = len(futures)
             while futures:
                 rows, acts, tier, doc = futures.pop(0).result()
