@@ -48,7 +48,10 @@ def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: 
         assert all(r["value"] is not None for r in rows), (study, rows)
     scaleout = {r["name"]: r for r in by_study["scaleout"]}
     assert "token ids identical" in scaleout["2 ÷ 1 processes, wall-clock rate"]["note"]
-    assert sum(n.startswith("read from moto S3") for n in scaleout) == len(SIZES["tiny"].scaleout_geometries)
+    n_geometries = len(SIZES["tiny"].scaleout_geometries)
+    assert sum(n.startswith("read from moto S3,") for n in scaleout) == n_geometries  # no added latency
+    assert sum(n.startswith("read from moto S3 + ") for n in scaleout) == n_geometries  # with it
+    assert sum(n.startswith("reader threads ") for n in scaleout) == 1
     assert all(isinstance(r["value"], (int, float)) for r in by_study["scaleout"] if r["value"] is not None)
     targets = {r["study"]: r["target"] for r in data["rows"] if r["target"]}
     assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05"}
