@@ -63,3 +63,18 @@ def test_export_after_a_killed_export__leftover_removed(tmp_path: Path, dead_pid
     sae = TopKSAE.init_random(SAEConfig(d_model=8, d_sae=16, k=2), seed=0)
     save_saelens(sae, tmp_path / "sae")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_gguf_conversion_cache__named_by_content_not_path(tmp_path: Path, monkeypatch) -> None:
+    """The same GGUF file at two paths (two virtualenvs, two clones) maps to one converted folder; other
+    content maps elsewhere."""
+    from bra.pipeline import model
+
+    monkeypatch.setenv("BRA_MODEL_CACHE", str(tmp_path / "cache"))
+    a, b, c = (tmp_path / d / "m.gguf" for d in ("env1", "env2", "env3"))
+    for path, data in ((a, b"GGUF same"), (b, b"GGUF same"), (c, b"GGUF other")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert model.converted_dir(str(a)) == model.converted_dir(str(b))
+    assert model.converted_dir(str(a)) != model.converted_dir(str(c))
+    assert model.converted_dir(str(a)).parent == tmp_path / "cache"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bra.errors import ModelLoadError
+from bra.fsutil import make_temp_dir
 from bra.pipeline.manifest import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,19 @@ def locate_gguf(ref: str) -> Path:
 
 
 def converted_dir(ref: str) -> Path:
-    """Where ``materialize_gguf`` keeps (or will keep) the HF folder converted from a GGUF file."""
+    """Where ``materialize_gguf`` keeps (or will keep) the HF folder converted from a GGUF file: named by
+    the file's content, so the same checkpoint in another virtualenv or clone reuses the conversion."""
     gguf = locate_gguf(ref)
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return model_cache_dir() / f"{gguf.stem}-{key}"
+    return model_cache_dir() / f"{gguf.stem}-{_content_key(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=16)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """First 12 hex digits of the file's SHA-256 (memoised per path, size and mtime: hashing ~100 MB takes
+    a fraction of a second, once per process)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:12]
 
 
 def materialize_gguf(ref: str) -> Path:
@@ -90,7 +99,7 @@ def materialize_gguf(ref: str) -> Path:
     clean = type(src)(src.config)
     clean.load_state_dict(src.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
