@@ -163,3 +163,26 @@ def test_s3_store__build_verify_info_fit_score_from_urls(s3_server: str, local_b
                              "--min-effect", "0.2"]) == 0
     report = json.loads((tmp_path / "score" / "report.json").read_text())
     assert report["settings"]["store"] == eval_url
+
+
+def test_s3_store__two_process_build(s3_server: str, local_build) -> None:
+    """`bra-cache build --nproc 2` into s3://: each rank PUTs its own whole-shard objects; the store verifies
+    and holds the one-process build's rows (activations to float tolerance: the ranks run 1 thread each)."""
+    import os
+    import subprocess
+    import sys
+
+    manifest, local = local_build
+    url = f"s3://{s3_server}/stores/two.zarr"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "bra.cache", "build", str(manifest), "--store", url,
+                           "--nproc", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert verify_store(url) == []
+    got, want = url_arrays(url), snapshot(local)["arrays"]
+    assert set(got[schema.RANK_ARRAY].tolist()) == {0, 1}
+    for name, arr in want.items():
+        if name.startswith(schema.ACTS_GROUP):
+            assert np.allclose(got[name], arr, atol=1e-5), name
+        elif name not in (schema.RANK_ARRAY, schema.CRC_ARRAY) and not name.startswith(schema.STATS_GROUP):
+            assert np.array_equal(got[name], arr), name  # token columns and done flags exactly
