@@ -151,7 +151,8 @@ SIZES: dict[str, BenchConfig] = {
         scaleout_latency_ms=5.0,
     ),
     # a few minutes on 2 CPU cores
-    "small": BenchConfig(size="small", reps=5),  # 5 build/bare reps: 3 left the ratio at the mercy of one burst
+    # 5 build/bare reps: 3 left the ratio at the mercy of one burst
+    "small": BenchConfig(size="small", reps=5),
     "medium": BenchConfig(
         size="medium",
         docs_per_tier=100,

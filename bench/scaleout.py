@@ -433,8 +433,8 @@ def latency_geometry(cfg: BenchConfig) -> Geometry:
     return max((g for g in geometries(cfg) if g.chunk == cfg.chunk_tokens), key=lambda g: g.shard)
 
 
-def time_latency_reads(stores: ReadStores, cfg: BenchConfig, errors: dict[str, str], rows_seen: dict[str, int],
-                       endpoint: Any) -> dict[str, list[float]]:
+def time_latency_reads(stores: ReadStores, cfg: BenchConfig, errors: dict[str, str],
+                       rows_seen: dict[str, int], endpoint: Any) -> dict[str, list[float]]:
     """Every uploaded geometry read again with ``scaleout_latency_ms`` added to each GET, and the threads
     comparison on ``latency_geometry``."""
     fns: dict[str, Callable[[], float]] = {}
@@ -444,8 +444,8 @@ def time_latency_reads(stores: ReadStores, cfg: BenchConfig, errors: dict[str, s
     g = latency_geometry(cfg)
     if g in stores.s3:
         key = f"s3+lat threads{FEW_THREADS} {g.name}"
-        fns[key] = timed_or_inf(lambda url=stores.s3[g], k=key: read_epoch(url, cfg, rows_seen, k, FEW_THREADS),
-                                key, errors)
+        fns[key] = timed_or_inf(
+            lambda url=stores.s3[g], k=key: read_epoch(url, cfg, rows_seen, k, FEW_THREADS), key, errors)
     endpoint.latency_s = cfg.scaleout_latency_ms / 1000
     try:
         return interleaved(fns, cfg.scaleout_read_reps)
@@ -545,17 +545,19 @@ def latency_rows(stores: ReadStores, times: dict[str, list[float]], rows_seen: d
     rows = []
     for g in geometries(cfg):
         key = f"s3+lat {g.name}"
-        rows.append(_read_row(f"moto S3 + {ms} per GET", g, best(times.get(key, [])), mb, rows_seen.get(key, 0),
-                              errors.get(key) or _why(g, "s3", errors, s3_gap), f"; {threads} reader threads"))
+        rows.append(_read_row(f"moto S3 + {ms} per GET", g, best(times.get(key, [])), mb,
+                              rows_seen.get(key, 0), errors.get(key) or _why(g, "s3", errors, s3_gap),
+                              f"; {threads} reader threads"))
     g = latency_geometry(cfg)
-    many, few = best(times.get(f"s3+lat {g.name}", [])), best(times.get(f"s3+lat threads{FEW_THREADS} {g.name}", []))
+    many, few = (best(times.get(f"s3+lat {g.name}", [])),
+                 best(times.get(f"s3+lat threads{FEW_THREADS} {g.name}", [])))
     name = f"reader threads {threads} ÷ {FEW_THREADS} at + {ms} per GET, {g.label}"
     if many is None or few is None:
         rows.append(Row(KEY, name, None, "×", note=s3_gap or "a side failed (see its row)"))
     else:
         rows.append(Row(KEY, name, round(few / many, 2), "×",
-                        note=f"read rate with the default {threads} threads ÷ with {FEW_THREADS}: requests in "
-                             f"flight hide the latency ({few:.2f} s vs {many:.2f} s per epoch)"))
+                        note=f"read rate with the default {threads} threads ÷ with {FEW_THREADS}: "
+                             f"requests in flight hide the latency ({few:.2f} s vs {many:.2f} s per epoch)"))
     return rows
 
 

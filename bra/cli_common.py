@@ -19,8 +19,10 @@ logger = logging.getLogger("bra")
 def setup_logging(verbose: int) -> None:
     """INFO by default, DEBUG with -v; quiet third-party loggers."""
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "fsspec", "numcodecs"):
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    for noisy in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "fsspec",
+                  "numcodecs"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

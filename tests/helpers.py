@@ -36,10 +36,11 @@ def make_tiny_gemma(path: Path, vocab_size: int = 512, layers: int = 4) -> Path:
 
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
     fast.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n"
         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     )
     fast.save_pretrained(path)
@@ -113,7 +114,8 @@ def write_eval_set(path: Path) -> Path:
     return path
 
 
-def build_labelled_eval_store(tmp: Path, model_dir: Path, store: Path | str | None = None) -> tuple[Any, Path]:
+def build_labelled_eval_store(tmp: Path, model_dir: Path,
+                              store: Path | str | None = None) -> tuple[Any, Path]:
     """(store, model copy path): a 24-prompt eval store built from a copy of ``model_dir``, then removed;
     at ``store`` (a folder or a URL), by default ``tmp/eval.zarr``.
 

@@ -67,7 +67,8 @@ def test_build_nproc__relaunches_with_the_same_arguments(launched, tmp_path: Pat
     assert relaunch == ["build", str(manifest), "--store", "memory://x.zarr", "--overwrite"]
 
 
-def test_nproc_inside_torchrun__refused(launched, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+def test_nproc_inside_torchrun__refused(launched, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        capsys) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     code = run_cli(cache_cli, ["build", str(tmp_path / "m.yaml"), "--nproc", "2"])
     assert code != 0 and not launched

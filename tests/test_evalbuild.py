@@ -264,7 +264,8 @@ def test_evalbuild__saved_completions_of_other_prompts_are_not_reused(built, tin
     assert _saved_results(table, prompts, tokenizer) is not None
     assert _saved_results(table.iloc[:-1], prompts, tokenizer) is None
     swapped = table.copy()
-    swapped.loc[0, "prompt_ids"], swapped.loc[1, "prompt_ids"] = table.loc[1, "prompt_ids"], table.loc[0, "prompt_ids"]
+    swapped.loc[0, "prompt_ids"], swapped.loc[1, "prompt_ids"] = (table.loc[1, "prompt_ids"],
+                                                                  table.loc[0, "prompt_ids"])
     assert _saved_results(swapped, prompts, tokenizer) is None
 
 

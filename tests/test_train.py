@@ -45,7 +45,8 @@ def smollm_store(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "corpora": [
             {"tier": "hazard_adjacent", "max_docs": 45,
              "source": {"path": str(DATA / "demo-hazard-adjacent.jsonl"), "id_field": "id"}},
-            {"tier": "benign", "max_docs": 45, "source": {"path": str(DATA / "demo-benign.jsonl"), "id_field": "id"}},
+            {"tier": "benign", "max_docs": 45,
+             "source": {"path": str(DATA / "demo-benign.jsonl"), "id_field": "id"}},
         ],
     }
     return build_store(load_manifest(write_manifest(tmp / "smol.yaml", data)), tmp / "smol.zarr").path
@@ -154,7 +155,8 @@ def test_fit__writes_formats_metrics_and_keeps_decoder_unit_norm(tiny_store: Pat
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6, 8, 10, 12]
-    for key in ("loss", "recon", "auxk", "contrastive", "fvu", "l0", "dead_frac", "dense_frac", "tokens_per_s"):
+    for key in ("loss", "recon", "auxk", "contrastive", "fvu", "l0", "dead_frac", "dense_frac",
+                "tokens_per_s"):
         assert all(np.isfinite(x[key]) for x in lines), key
     assert lines[-1]["l0"] <= 8
     # exports load back and agree with the trained model on raw activations
@@ -243,8 +245,8 @@ def test_train_config__lr_schedule_constant_then_linear_decay() -> None:
     assert [round(cfg.lr_at(i), 3) for i in range(10)] == [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
     assert TrainConfig(steps=10, lr=1.0, lr_decay_frac=0.0).lr_at(9) == 1.0
     assert "steps" in cfg.differences({**cfg.to_dict(), "steps": 20})
-    assert "steps" not in TrainConfig(lr_decay_frac=0.0).differences({**TrainConfig(lr_decay_frac=0.0).to_dict(),
-                                                                        "steps": 1})
+    assert "steps" not in TrainConfig(lr_decay_frac=0.0).differences(
+        {**TrainConfig(lr_decay_frac=0.0).to_dict(), "steps": 1})
 
 
 def test_presets__seed_recipe() -> None:

@@ -73,7 +73,8 @@ def format_info(info: dict[str, Any]) -> str:
              f"layers       {info['layers']}  hooks={info['hook_names']}",
              f"d_model      {info['d_model']}  dtype={info['dtype']}{' (lossy)' if info['lossy'] else ''}  "
              f"compute={info['compute_dtype']}",
-             f"tokens       {info['n_tokens']:,} in {info['n_docs']} docs, {info['shards_done']}/{info['shards']} shards"
+             f"tokens       {info['n_tokens']:,} in {info['n_docs']} docs, "
+             f"{info['shards_done']}/{info['shards']} shards"
              + ("" if info["tokens_written"] == info["n_tokens"] else
                 f" ({info['tokens_written']:,} tokens written so far; sizes below count those)"),
              f"disk         {info['bytes_on_disk']:,} bytes ({info['bytes_per_token']} B/token); activations "
@@ -83,7 +84,8 @@ def format_info(info: dict[str, Any]) -> str:
         hz = " (hazard class)" if tier in (info.get("hazard_tiers") or []) else ""
         lines.append(f"tier         {tier}{hz}: {t['docs']} docs, {t['tokens']:,} tokens")
     for layer, s in info.get("stats", {}).items():
-        lines.append(f"stats L{layer:<6}count={s['count']:,} mean_sq_norm={s['mean_sq_norm']} mean_var={s['mean_var']}")
+        lines.append(f"stats L{layer:<6}count={s['count']:,} mean_sq_norm={s['mean_sq_norm']} "
+                     f"mean_var={s['mean_var']}")
     lines += [f"tokenizer    {info['tokenizer_fingerprint']}  manifest={info['manifest_hash']}  "
               f"bra={info['package_version']}",
               f"datasets     {info['dataset_revisions']}"]

@@ -4,8 +4,9 @@ Random row gathers from compressed chunks are hundreds of times slower than sequ
 shuffle happens in two stages: chunks are visited in a seeded random order (decompressed by background
 threads, ahead of use) and their rows are mixed in an in-memory buffer (SAELens-style mixing buffer:
 fill, permute, emit half, keep half). Peak memory is about ``buffer_rows`` + ``prefetch`` chunks plus the
-label cache (at most ``LABEL_CACHE_BYTES``), whatever the store size. Masked rows (attention sink, BOS) and rows of documents outside the split
-are dropped. Everything is a pure function of (store, config, epoch), so a run is reproducible.
+label cache (at most ``LABEL_CACHE_BYTES``), whatever the store size. Masked rows (attention sink, BOS)
+and rows of documents outside the split are dropped. Everything is a pure function of (store, config,
+epoch), so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class RowStream:
         # read_rows turns a corrupt chunk into a StoreError naming it
         return tuple(self.store.read_rows(name, lo, hi) for name in LABEL_COLUMNS)
 
-    def _read_chunk(self, chunk: int, with_acts: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    def _read_chunk(self, chunk: int,
+                    with_acts: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
         start = chunk * self.layout.chunk_tokens
         stop = min(start + self.layout.chunk_tokens, self.layout.n_tokens)
         shard = start // self.layout.shard_tokens
@@ -252,7 +254,8 @@ def shard_chunks(layout: schema.StoreLayout, shards: Sequence[int]) -> np.ndarra
 
 
 def _concat(batches: list[Batch]) -> Batch:
-    return Batch(*(np.concatenate([getattr(x, f) for x in batches]) for f in ("acts", "tier", "doc_index", "row")))
+    return Batch(*(np.concatenate([getattr(x, f) for x in batches])
+                   for f in ("acts", "tier", "doc_index", "row")))
 
 
 def _take(b: Batch, start: int, stop: int) -> Batch:

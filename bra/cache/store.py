@@ -147,7 +147,8 @@ class Store:
     def docs(self) -> pd.DataFrame:
         """The per-document table."""
         if not self.location.has_file(schema.DOCS_TABLE):
-            raise StoreError(f"store {self.path} has no document table ({schema.DOCS_TABLE}); run `bra-cache verify`")
+            raise StoreError(f"store {self.path} has no document table ({schema.DOCS_TABLE}); "
+                             f"run `bra-cache verify`")
         return self.read_table(schema.DOCS_TABLE)
 
     def read_table(self, name: str) -> pd.DataFrame:
@@ -177,6 +178,6 @@ def open_store(path: str | Path | StoreLocation, require_complete: bool = True) 
         raise StoreError(f"store {p} has schema version {attrs[schema.ATTR_SCHEMA]}, this bra reads "
                          f"{schema.SCHEMA_VERSION}")
     if require_complete and attrs.get(schema.ATTR_STATUS) != schema.STATUS_COMPLETE:
-        raise StoreError(f"store {p} is incomplete (status {attrs.get(schema.ATTR_STATUS)!r}); resume it with "
-                         f"`bra-cache build` or check it with `bra-cache verify {p}`")
+        raise StoreError(f"store {p} is incomplete (status {attrs.get(schema.ATTR_STATUS)!r}); "
+                         f"resume it with `bra-cache build` or check it with `bra-cache verify {p}`")
     return Store(p, group, loc)

@@ -60,7 +60,8 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
                 mask = data
             elif deep and name.startswith(schema.ACTS_GROUP) and mask is not None:
                 layer = int(name.rsplit("_", 1)[1])
-                moments[layer] = moments[layer].merge(Moments.of(schema.from_storage(data[~mask], store.dtype)))
+                moments[layer] = moments[layer].merge(
+                    Moments.of(schema.from_storage(data[~mask], store.dtype)))
     return problems, moments
 
 
@@ -96,15 +97,18 @@ def _check_docs(store: Store) -> list[str]:
     try:
         docs = store.location.read_table(schema.DOCS_TABLE)
     except Exception as exc:  # a truncated parquet raises pyarrow errors
-        return [f"{schema.DOCS_TABLE}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
-    problems = [f"{schema.DOCS_TABLE}: missing column {c!r}" for c in schema.DOC_COLUMNS if c not in docs.columns]
+        return [f"{schema.DOCS_TABLE}: unreadable "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
+    problems = [f"{schema.DOCS_TABLE}: missing column {c!r}" for c in schema.DOC_COLUMNS
+                if c not in docs.columns]
     if problems:
         return problems
     if len(docs) != int(store.attrs.get(schema.ATTR_N_DOCS, len(docs))):
         problems.append(f"{schema.DOCS_TABLE}: {len(docs)} rows, attrs say {store.attrs[schema.ATTR_N_DOCS]}")
     n = docs["n_tokens"].to_numpy()
     if int(n.sum()) != store.n_tokens:
-        problems.append(f"{schema.DOCS_TABLE}: n_tokens sum to {int(n.sum())}, store has {store.n_tokens} rows")
+        problems.append(f"{schema.DOCS_TABLE}: n_tokens sum to {int(n.sum())}, "
+                        f"store has {store.n_tokens} rows")
         return problems
     expected_offsets = np.concatenate([[0], np.cumsum(n)[:-1]])
     if not np.array_equal(docs["token_offset"].to_numpy(), expected_offsets):

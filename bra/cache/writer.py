@@ -80,12 +80,13 @@ class StoreWriter:
         self.layers: list[int] = [int(x) for x in attrs[schema.ATTR_LAYERS]]
         self.dtype: str = attrs[schema.ATTR_DTYPE]
         self.layout = schema.StoreLayout(int(attrs[schema.ATTR_N_TOKENS]), int(attrs[schema.ATTR_D_MODEL]),
-                                         int(attrs[schema.ATTR_CHUNK_TOKENS]), int(attrs[schema.ATTR_SHARD_TOKENS]))
+                                         int(attrs[schema.ATTR_CHUNK_TOKENS]),
+                                         int(attrs[schema.ATTR_SHARD_TOKENS]))
         self.columns = schema.column_names(self.layers)
 
     @classmethod
-    def create(cls, path: Path | str | StoreLocation, layout: schema.StoreLayout, layers: list[int], dtype: str,
-               codec: CodecSpec, attrs: dict[str, Any]) -> StoreWriter:
+    def create(cls, path: Path | str | StoreLocation, layout: schema.StoreLayout, layers: list[int],
+               dtype: str, codec: CodecSpec, attrs: dict[str, Any]) -> StoreWriter:
         """Create an empty store (status ``building``) with all arrays sized for ``layout``.
 
         Local: the skeleton is made in a temp folder beside ``path`` and renamed into place, so a process
@@ -203,7 +204,8 @@ class StoreWriter:
             for name, table in (extra_tables or {}).items():
                 self.location.write_table(name, table)
             stats = {str(layer): self.merged_moments(layer).summary() for layer in self.layers}
-            final = {**dict(self.group.attrs), schema.ATTR_STATS: stats, schema.ATTR_STATUS: schema.STATUS_COMPLETE}
+            final = {**dict(self.group.attrs), schema.ATTR_STATS: stats,
+                     schema.ATTR_STATUS: schema.STATUS_COMPLETE}
             # one metadata write: the store becomes complete together with its statistics and digests
             self.group.attrs.update({schema.ATTR_STATS: stats, schema.ATTR_STATUS: schema.STATUS_COMPLETE,
                                      schema.ATTR_DIGESTS: schema.attr_digests(final)})

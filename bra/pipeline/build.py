@@ -33,7 +33,12 @@ from bra.dist import SINGLE, Dist
 from bra.errors import CorpusError, StoreError, StoreMismatchError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
-    capture_residuals, check_layers, load_config, load_model, resolve_compute_dtype, resolve_device,
+    capture_residuals,
+    check_layers,
+    load_config,
+    load_model,
+    resolve_compute_dtype,
+    resolve_device,
     tokenizer_fingerprint,
 )
 from bra.pipeline.plan import TokenPlan, Window, plan_corpora
@@ -105,7 +110,8 @@ def check_existing(path: Path | str | StoreLocation, attrs_new: dict[str, Any]) 
     if schema.ATTR_SCHEMA not in attrs:
         raise StoreError(f"{path} exists and is not a bra store; choose another --store or pass --overwrite")
     if attrs.get(schema.ATTR_MANIFEST_HASH) != attrs_new[schema.ATTR_MANIFEST_HASH]:
-        diff = _mismatch(attrs.get(schema.ATTR_MANIFEST, {}), attrs_new[schema.ATTR_MANIFEST]) or ["input files"]
+        diff = (_mismatch(attrs.get(schema.ATTR_MANIFEST, {}), attrs_new[schema.ATTR_MANIFEST])
+                or ["input files"])
         raise StoreMismatchError(
             f"store {path} was built from a different manifest (differs in: {', '.join(diff[:6])}); "
             f"pass --overwrite to rebuild it or choose another --store"
@@ -123,7 +129,8 @@ def _read_attrs(path: Path | str | StoreLocation) -> dict[str, Any]:
     try:
         return dict(StoreLocation.parse(path).open_group(mode="r").attrs)
     except Exception:  # unreadable metadata: not ours to touch
-        raise StoreError(f"{path} exists but is not a readable store; pass --overwrite to replace it") from None
+        raise StoreError(f"{path} exists but is not a readable store; "
+                         f"pass --overwrite to replace it") from None
 
 
 def _already_complete(path: Path | str | StoreLocation, m_hash: str) -> bool:
@@ -131,7 +138,8 @@ def _already_complete(path: Path | str | StoreLocation, m_hash: str) -> bool:
     if not store_exists(path):
         return False
     attrs = _read_attrs(path)
-    return attrs.get(schema.ATTR_MANIFEST_HASH) == m_hash and attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE
+    return (attrs.get(schema.ATTR_MANIFEST_HASH) == m_hash
+            and attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE)
 
 
 def _n_tokens(path: Path | str | StoreLocation) -> int:
@@ -146,7 +154,8 @@ def window_columns(w: Window, tier: int, bos_id: int | None) -> dict[str, np.nda
     if bos_id is not None:
         mask |= w.ids == bos_id
     return {
-        "token_id": w.ids.astype(np.int32), "doc_index": np.full(n, w.doc_index, np.int32), "position": position,
+        "token_id": w.ids.astype(np.int32), "doc_index": np.full(n, w.doc_index, np.int32),
+        "position": position,
         "tier": np.full(n, tier, np.int8),
         "segment": w.segment.astype(np.int8) if w.segment is not None else np.zeros(n, np.int8), "mask": mask,
     }
@@ -190,7 +199,8 @@ class ShardAssembler:
 
 def _batches(plan: TokenPlan, batch_size: int, offsets: np.ndarray):
     for b in range(0, len(plan.windows), batch_size):
-        yield b, plan.windows[b:b + batch_size], int(offsets[b]), int(offsets[min(b + batch_size, len(plan.windows))])
+        yield (b, plan.windows[b:b + batch_size], int(offsets[b]),
+               int(offsets[min(b + batch_size, len(plan.windows))]))
 
 
 def forward_batch(model: Any, windows: list[Window], layers: list[int], device: torch.device,
@@ -221,12 +231,13 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
     offsets = plan.offsets()
     assembler = ShardAssembler(layout, layers, schema.STORAGE_DTYPES[writer.dtype], todo)
     needed = [(b, ws, s, e) for b, ws, s, e in _batches(plan, batch_size, offsets)
-              if any(sh in todo for sh in range(s // layout.shard_tokens, (e - 1) // layout.shard_tokens + 1))]
+              if any(sh in todo
+                     for sh in range(s // layout.shard_tokens, (e - 1) // layout.shard_tokens + 1))]
     total = sum(e - s for _, _, s, e in needed)
     pending: deque[Future[None]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bra-writer") as pool, \
-            tqdm(total=total, unit="tok", unit_scale=True, desc="build" if rank == 0 else f"build[rank {rank}]",
-                 dynamic_ncols=True) as bar:
+            tqdm(total=total, unit="tok", unit_scale=True,
+                 desc="build" if rank == 0 else f"build[rank {rank}]", dynamic_ncols=True) as bar:
         for _, ws, start, _end in needed:
             acts32 = forward_batch(model, ws, layers, device, pad_id)
             cols_list = [window_columns(w, plan.tier_codes[w.doc_index], bos_id) for w in ws]
@@ -340,7 +351,8 @@ def _saved_generation(loc: StoreLocation, m_hash: str) -> pd.DataFrame | None:
     if not store_exists(loc) or not loc.has_file(schema.GENERATION_TABLE):
         return None
     attrs = _read_attrs(loc)
-    if attrs.get(schema.ATTR_MANIFEST_HASH) != m_hash or attrs.get(schema.ATTR_STATUS) == schema.STATUS_CREATING:
+    if attrs.get(schema.ATTR_MANIFEST_HASH) != m_hash \
+            or attrs.get(schema.ATTR_STATUS) == schema.STATUS_CREATING:
         return None
     return loc.read_table(schema.GENERATION_TABLE)
 

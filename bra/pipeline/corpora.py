@@ -80,7 +80,8 @@ def _iter_local(path: Path, text_field: str) -> Iterator[dict[str, Any]]:
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise CorpusError(f"{path}: not a readable parquet file: {exc}") from None
         if text_field not in table.schema_arrow.names:
-            raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)})")
+            raise CorpusError(f"{path}: no column {text_field!r} "
+                              f"(columns: {', '.join(table.schema_arrow.names)})")
         for batch in table.iter_batches(batch_size=1024):
             yield from batch.to_pylist()
     else:  # .txt: documents separated by blank lines

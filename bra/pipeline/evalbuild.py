@@ -104,7 +104,8 @@ def _saved_results(saved: pd.DataFrame | None, prompts: list[EvalPrompt],
         logger.warning("the saved completions are unreadable; generating them again")
         return None
     if len(results) != len(prompts) or any(
-            r.prompt_ids != chat_prompt_ids(tokenizer, p.prompt) for r, p in zip(results, prompts, strict=True)):
+            r.prompt_ids != chat_prompt_ids(tokenizer, p.prompt)
+            for r, p in zip(results, prompts, strict=True)):
         logger.warning("the saved completions belong to other prompts; generating them again")
         return None
     logger.info("reusing the %d completions saved by the interrupted build", len(results))

@@ -33,7 +33,8 @@ class ModelSpec:
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
     compute_dtype: str = "auto"
-    """``auto`` = float32 on CPU (bf16 matmuls are hundreds of times slower on CPUs without bf16), bfloat16 on GPU."""
+    """``auto`` = float32 on CPU (bf16 matmuls are hundreds of times slower on CPUs without bf16),
+    bfloat16 on GPU."""
     attn_implementation: str | None = None
     """Passed to from_pretrained; ``eager`` is the safe choice for Gemma-2."""
 
@@ -185,12 +186,14 @@ def _check_keys(cls: type, data: dict[str, Any], where: str, label: str) -> None
     names = {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
     for key in data:
         if key not in names:
-            raise ManifestError(f"{where}: {label}{key}: unknown key (expected one of {', '.join(sorted(names))})")
+            raise ManifestError(f"{where}: {label}{key}: unknown key "
+                                f"(expected one of {', '.join(sorted(names))})")
 
 
 def _build(cls: type, data: Any, where: str, label: str, nested: dict[str, Any] | None = None) -> Any:
     if not isinstance(data, dict):
-        raise ManifestError(f"{where}: {label.rstrip('.') or 'manifest'}: expected a mapping, got {type(data).__name__}")
+        raise ManifestError(f"{where}: {label.rstrip('.') or 'manifest'}: expected a mapping, "
+                            f"got {type(data).__name__}")
     _check_keys(cls, data, where, label)
     kwargs: dict[str, Any] = {}
     hints = {f.name: f for f in dataclasses.fields(cls)}

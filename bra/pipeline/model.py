@@ -69,7 +69,8 @@ def converted_dir(ref: str) -> Path:
     the file's content, so the same checkpoint in another virtualenv or clone reuses the conversion."""
     gguf = locate_gguf(ref)
     stat = gguf.stat()
-    return model_cache_dir() / f"{gguf.stem}-{_content_key(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)}"
+    return model_cache_dir() / (f"{gguf.stem}-"
+                                f"{_content_key(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)}")
 
 
 @functools.lru_cache(maxsize=16)

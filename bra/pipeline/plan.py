@@ -122,6 +122,6 @@ def plan_corpora(manifest: Manifest, tokenizer: Any) -> TokenPlan:
             raise CorpusError(f"corpus {name!r} (tier {spec.tier}) is empty after filtering")
         counts["revision"] = dataset_revision(spec)  # type: ignore[assignment]
         plan.counts[name] = counts
-        logger.info("corpus %s: %d docs, %d tokens, %d split into windows", name, counts["docs"], counts["tokens"],
-                    counts["split_docs"])
+        logger.info("corpus %s: %d docs, %d tokens, %d split into windows", name, counts["docs"],
+                    counts["tokens"], counts["split_docs"])
     return plan

@@ -1,4 +1,5 @@
-"""`bra-sae`: fit, evaluate, export, describe and score SAEs over a store (parses arguments, calls the library)."""
+"""`bra-sae`: fit, evaluate, export, describe and score SAEs over a store
+(parses arguments, calls the library)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _train_options(func: Any) -> Any:
         base = base.split(" |")[0].strip("[]")
         doc = docs.get(f.name, "")
         if base == "bool":
-            opt = click.option(f"--{name}/--no-{name}", f.name, default=None, help=f"{doc} [default: {f.default}]")
+            opt = click.option(f"--{name}/--no-{name}", f.name, default=None,
+                               help=f"{doc} [default: {f.default}]")
         else:
             opt = click.option(f"--{name}", f.name, type=_TYPES.get(base, str), default=None,
                                help=f"{doc} [default: {f.default}]")
@@ -49,8 +51,8 @@ def cli(verbose: int) -> None:
               help="Activation store (bra-cache build): a folder or a URL (s3://, memory://, file://).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="seed: the seed recipe (d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, L1 + cosine tier term); "
-                   "contrastive: NT-Xent + AuxK (default settings); plain: no tier term.")
+              help="seed: the seed recipe (d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, L1 + cosine tier "
+                   "term); contrastive: NT-Xent + AuxK (default settings); plain: no tier term.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @NPROC_OPTION
 @_train_options
@@ -73,8 +75,8 @@ def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, re
         run_fit(store, out, cfg, resume=resume, dist=dist)
     if not dist.is_main:
         return
-    click.echo(f"{out}: trained ({cfg.steps} steps); SAELens format in {out}/sae, seed layout {out}/sae_weights.pt",
-               err=True)
+    click.echo(f"{out}: trained ({cfg.steps} steps); SAELens format in {out}/sae, "
+               f"seed layout {out}/sae_weights.pt", err=True)
 
 
 @cli.command("eval")
@@ -84,8 +86,10 @@ def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, re
 @click.option("--layer", type=int, default=None, help="Store layer (default: the SAE's).")
 @click.option("--split", type=click.Choice(["heldout", "all"]), default="heldout",
               help="Documents to evaluate on (held-out: the run's recorded split).")
-@click.option("--model", "with_model", is_flag=True, help="Also compute the CE-loss score (loads the store's model).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSON here too.")
+@click.option("--model", "with_model", is_flag=True,
+              help="Also compute the CE-loss score (loads the store's model).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write JSON here too.")
 def eval_cmd(sae_path: Path, store: Path | str, layer: int | None, split: str, with_model: bool,
              out: Path | None) -> None:
     """FVU, L0, dead/dense fractions and per-tier reconstruction of an SAE on a store."""
@@ -109,7 +113,8 @@ def export(sae_path: Path, out: Path, fmt: str, overwrite: bool) -> None:
     from bra.sae.workflows import load_any
 
     sae = load_any(sae_path)
-    path = save_saelens(sae, out, overwrite=overwrite) if fmt == "saelens" else save_seed(sae, out, overwrite=overwrite)
+    path = (save_saelens(sae, out, overwrite=overwrite) if fmt == "saelens"
+            else save_seed(sae, out, overwrite=overwrite))
     click.echo(f"wrote {path}")
 
 

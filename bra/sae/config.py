@@ -100,7 +100,8 @@ class TrainConfig:
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Fields whose values differ from a saved config (ignoring logging/checkpoint cadence)."""
         # more steps may extend a run, unless the learning-rate schedule depends on the total
-        cosmetic = {"log_every", "checkpoint_every", "device"} | ({"steps"} if not self.lr_decay_frac else set())
+        cosmetic = ({"log_every", "checkpoint_every", "device"}
+                    | ({"steps"} if not self.lr_decay_frac else set()))
         return sorted(k for k, v in self.to_dict().items() if k not in cosmetic and other.get(k) != v)
 
 
@@ -113,9 +114,10 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                and isinstance(nxt.value.value, str):
             docs[node.target.id] = nxt.value.value.strip()
     return docs
 

@@ -1,4 +1,5 @@
-"""What `fit`, `eval` and `score` need from a store: the layer, input scale, document split and row streams."""
+"""What `fit`, `eval` and `score` need from a store: the layer, input scale, document split and row
+streams."""
 
 from __future__ import annotations
 
@@ -106,9 +107,10 @@ def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows
                 raise SAEError(f"the {label} tier has no training documents in store {store.path} "
                                f"(balanced sampling needs both; use --no-balanced or add data)")
             cfg = ReaderConfig(layer=data.layer, batch_size=half if label == "hazard" else batch_size - half,
-                               buffer_rows=max(buffer_rows // 2, 1), seed=seed + (0 if label == "hazard" else 1))
+                               buffer_rows=max(buffer_rows // 2, 1),
+                               seed=seed + (0 if label == "hazard" else 1))
             parts.append(RowStream(store, cfg, doc_selected=sel, shards=shards).forever())
-        for hz, bn in zip(*parts):
+        for hz, bn in zip(*parts, strict=False):
             batch = Batch(*(np.concatenate([getattr(hz, f), getattr(bn, f)])
                             for f in ("acts", "tier", "doc_index", "row")))
             yield batch, data.doc_hazard[batch.doc_index]

@@ -103,9 +103,10 @@ def reconstruction_metrics(sae: TopKSAE, store: Store, layer: int, doc_selected:
     freq = fires.double() / n
     return {
         "rows": n, "fvu": fvu(np.ones(len(tiers), bool)), "l0": l0_sum / n,
-        "dead_frac": float((fires == 0).double().mean()), "dense_frac": float((freq > dense_threshold).double().mean()),
-        "per_tier": {t: {"rows": int(count[i]), "fvu": fvu(np.arange(len(tiers)) == i)} for i, t in enumerate(tiers)
-                     if count[i]},
+        "dead_frac": float((fires == 0).double().mean()),
+        "dense_frac": float((freq > dense_threshold).double().mean()),
+        "per_tier": {t: {"rows": int(count[i]), "fvu": fvu(np.arange(len(tiers)) == i)}
+                     for i, t in enumerate(tiers) if count[i]},
     }
 
 
@@ -124,7 +125,8 @@ def ce_loss_score(sae: TopKSAE, store: Store, layer: int, model: Any, doc_select
     doc = store.read_rows("doc_index", 0, store.n_tokens)
     starts = np.flatnonzero(pos == 0)
     ends = np.append(starts[1:], len(pos))
-    windows = [(s, e) for s, e in zip(starts, ends) if doc_selected[doc[s]] and e - s > 1][:max_windows]
+    windows = [(s, e) for s, e in zip(starts, ends, strict=True)
+               if doc_selected[doc[s]] and e - s > 1][:max_windows]
     if not windows:
         raise SAEError("no held-out windows for the CE-loss score")
     block = decoder_layers(model)[layer]
@@ -148,7 +150,8 @@ def ce_loss_score(sae: TopKSAE, store: Store, layer: int, model: Any, doc_select
             for m in totals:
                 mode["m"] = m
                 logits = model(input_ids=ids).logits.float()
-                totals[m] += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+                totals[m] += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:],
+                                                                     reduction="sum"))
             n_tok += e - s - 1
     finally:
         handle.remove()

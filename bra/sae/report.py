@@ -94,7 +94,8 @@ def _load_tokenizer(r: ScoreResult) -> tuple[Any, str]:
         converted = converted_dir(spec.gguf) if spec.gguf else None
         if converted is not None and (converted / "tokenizer_config.json").is_file():
             # the build's converted folder: loading it takes a fraction of a second
-            tok = AutoTokenizer.from_pretrained(str(converted), local_files_only=True, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(str(converted), local_files_only=True,
+                                                trust_remote_code=False)
         elif spec.gguf:  # read the tokenizer out of the GGUF itself (slow); never convert (or load) the model
             gguf = locate_gguf(spec.gguf)
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True,

@@ -70,7 +70,8 @@ def _contrastive_features(z: torch.Tensor, hazard: torch.Tensor, doc: torch.Tens
         return z[::stride][:cfg.contrastive_rows], hazard[::stride][:cfg.contrastive_rows]
     uniq, inv = torch.unique(doc, return_inverse=True)
     sums = torch.zeros(len(uniq), z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, inv, z)
-    counts = torch.zeros(len(uniq), dtype=z.dtype, device=z.device).index_add_(0, inv, torch.ones_like(inv, dtype=z.dtype))
+    counts = torch.zeros(len(uniq), dtype=z.dtype, device=z.device).index_add_(
+        0, inv, torch.ones_like(inv, dtype=z.dtype))
     labels = torch.zeros(len(uniq), dtype=hazard.dtype, device=z.device).scatter_(0, inv, hazard)
     return (sums / counts[:, None])[:cfg.contrastive_rows], labels[:cfg.contrastive_rows]
 
@@ -110,7 +111,8 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, hazard
     opt.step()
     sae.set_decoder_norm_to_unit_norm_()
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64).index_add_(
-        0, out.top_indices[out.top_values > 0].cpu(), torch.ones((out.top_values > 0).sum().item(), dtype=torch.int64))
+        0, out.top_indices[out.top_values > 0].cpu(),
+        torch.ones((out.top_values > 0).sum().item(), dtype=torch.int64))
     if dist.active:
         fired = dist.all_sum_(fired.to(x.device)).cpu()
     state.fired_window += fired
@@ -250,15 +252,18 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         if cfg.batch_size % dist.world or cfg.batch_size // dist.world < 2:
             raise SAEError(f"batch_size {cfg.batch_size} must split into {dist.world} equal per-process "
                            f"batches of at least 2 rows")
-    sae_cfg = SAEConfig(d_model=store.d_model, d_sae=cfg.d_sae, k=cfg.k, model_name=str(store.attrs["model_id"]),
+    sae_cfg = SAEConfig(d_model=store.d_model, d_sae=cfg.d_sae, k=cfg.k,
+                        model_name=str(store.attrs["model_id"]),
                         hook_name=f"blocks.{data.layer}.hook_resid_post", layer=data.layer,
-                        input_scale=data.input_scale, store_fingerprint=str(store.attrs.get("manifest_hash", "")))
+                        input_scale=data.input_scale,
+                        store_fingerprint=str(store.attrs.get("manifest_hash", "")))
     record = {**_run_record(store, data, cfg, sae_cfg), "world_size": dist.world}
     dist.on_main(lambda: _prepare_out(out, record, cfg, resume))
     torch.manual_seed(cfg.seed)
     sae = TopKSAE.init_random(sae_cfg, cfg.seed, torch.as_tensor(data.mean, dtype=torch.float32)).to(device)
     opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    state = TrainerState(0, torch.zeros(cfg.d_sae, dtype=torch.int64), torch.zeros(cfg.d_sae, dtype=torch.int64))
+    state = TrainerState(0, torch.zeros(cfg.d_sae, dtype=torch.int64),
+                         torch.zeros(cfg.d_sae, dtype=torch.int64))
     if resume and _checkpoint_dir(out) is not None:
         state = _load_checkpoint(out, sae, opt)
         if dist.is_main:
@@ -269,7 +274,8 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
             logger.info("%s has no checkpoint yet; starting from step 0", out)
             _truncate_metrics(out / METRICS_FILE, 0)
         _write_json(out / SPLIT_FILE, {"heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed,
-                                       "heldout_doc_ids": [d for d, h in zip(data.doc_ids, data.heldout) if h]})
+                                       "heldout_doc_ids": [d for d, h in zip(data.doc_ids, data.heldout,
+                                                                             strict=True) if h]})
     _train_loop(sae, opt, state, store, data, cfg, out, device, stop_at, dist)
     if state.step >= cfg.steps and dist.is_main:
         _finish(sae, out)

@@ -12,7 +12,7 @@ import torch
 from bra.cache.store import Store, open_store
 from bra.errors import SAEError
 from bra.fsutil import temp_sibling
-from bra.sae.evaluate import check_compatible, ce_loss_score, heldout_docs, reconstruction_metrics
+from bra.sae.evaluate import ce_loss_score, check_compatible, heldout_docs, reconstruction_metrics
 from bra.sae.formats import SAELENS_CFG, SEED_WEIGHTS, load_sae
 from bra.sae.model import TopKSAE
 
