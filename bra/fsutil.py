@@ -7,6 +7,7 @@ that the next writer of the same target recognises (its PID is gone) and removes
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ def sweep_leftovers(target: Path) -> list[Path]:
     if not target.parent.is_dir():
         return removed
     for kind in ("tmp", "old"):
-        for leftover in target.parent.glob(f".{glob_escape(target.name)}.{kind}-*"):
+        for leftover in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
             pid = leftover.name[len(target.name) + len(kind) + 3:].split("-")[0]
             if pid.isdigit() and not _alive(int(pid)):
                 logger.info("removing %s (left by a killed process %s)", leftover, pid)
@@ -38,11 +39,6 @@ def sweep_leftovers(target: Path) -> list[Path]:
                     leftover.unlink(missing_ok=True)
                 removed.append(leftover)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob metacharacters escaped."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _alive(pid: int) -> bool:

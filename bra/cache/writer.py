@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from bra.cache import schema
 from bra.cache.location import StoreLocation
 from bra.cache.stats import Moments
 from bra.errors import StoreError
+from bra.fsutil import make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ class StoreWriter:
         tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a build killed while creating
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+            tmp = make_temp_dir(path)  # also removes half-created stores of builds killed while creating
             group = zarr.open_group(str(tmp), mode="w")
             _create_arrays(group, layout, layers, dtype, codec)
             group.attrs.update({**attrs, schema.ATTR_STATUS: schema.STATUS_BUILDING})
