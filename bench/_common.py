@@ -275,6 +275,12 @@ def run_worker(task: str, spec: dict[str, Any], timeout: float = 1800) -> dict[s
     raise RuntimeError(f"worker {task} exited {proc.returncode} without a result:\n{tail}")
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for a results note."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
     """Compact number for tables."""
     if x is None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 logger = logging.getLogger(__name__)
 
@@ -25,22 +26,6 @@ NEEDS = ("moto", "s3fs")
 def missing_packages() -> list[str]:
     """Which of ``NEEDS`` are not installed (an empty list when the endpoint can start)."""
     return [name for name in NEEDS if importlib.util.find_spec(name) is None]
-
-
-@contextmanager
-def patched_environ(values: dict[str, str]) -> Iterator[None]:
-    """Set ``values`` in ``os.environ`` for the block, then restore each variable (or remove it when it was
-    unset): the bench's process must leave no AWS settings behind for the studies after this one."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in before.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 @dataclass
@@ -106,7 +91,8 @@ def moto_s3(bucket: str = "bench") -> Iterator[Endpoint]:
             "AWS_ENDPOINT_URL": endpoint.url,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        with patched_environ(env):
+        # set for the block only: the studies after this one must see no AWS settings
+        with mock.patch.dict(os.environ, env):
             s3fs.S3FileSystem.clear_instance_cache()
             try:
                 s3fs.S3FileSystem().mkdir(bucket)

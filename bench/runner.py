@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench import report
-from bench._common import Row, StudyResult, load_average, machine_record
+from bench._common import Row, StudyResult, load_average, machine_record, one_line
 from bench._context import BenchContext, set_threads
 from bench.config import STUDIES, BenchConfig
 
@@ -101,7 +101,7 @@ def run_bench(
                 res = importlib.import_module(MODULES[key]).run(ctx)
             except Exception as exc:  # recorded in results.md; the other studies still run
                 logger.exception("study %s failed", key)
-                msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                msg = one_line(exc)
                 res = StudyResult(key, TITLES[key], [Row(key, "study failed", None, note=msg)], error=msg)
             res.load_at_start, res.seconds = load, time.perf_counter() - t0
             results.append(res)

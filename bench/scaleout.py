@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from bench._common import Row, StudyResult, fmt, interleaved, stopwatch, worker_env
+from bench._common import Row, StudyResult, fmt, interleaved, one_line, stopwatch, worker_env
 from bench._context import BenchContext
 from bench._inputs import manifest_path
 from bench._s3 import missing_packages, moto_s3
@@ -55,20 +55,15 @@ BUILD_TIMEOUT = 1800.0
 T = TypeVar("T")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def attempt(fn: Callable[[], T], what: str, errors: dict[str, str]) -> T | None:
     """``fn()``, or None with the error recorded under ``what``: one failed sub-measurement must not cost
     the study its other numbers."""
     try:
         return fn()
     except Exception as exc:  # recorded in the row's note
-        logger.warning("%s failed: %s", what, _one_line(exc))
+        logger.warning("%s failed: %s", what, one_line(exc))
         logger.debug("%s failed", what, exc_info=True)
-        errors[what] = _one_line(exc)
+        errors[what] = one_line(exc)
         return None
 
 
@@ -581,7 +576,7 @@ def measure_reads(ctx: BenchContext, source: Path, folder: Path) -> tuple[list[R
                 times = time_reads(stores, cfg, errors, rows_seen)
                 times.update(time_latency_reads(stores, cfg, errors, rows_seen, endpoint))
         except Exception as exc:  # the server itself failed: the local reads below still run
-            s3_gap = f"moto S3 server: {_one_line(exc)}"
+            s3_gap = f"moto S3 server: {one_line(exc)}"
             logger.warning("%s", s3_gap)
             stores.s3.clear()
     if s3_gap is not None:
