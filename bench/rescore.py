@@ -1,7 +1,7 @@
 """Study 5: re-score time ÷ (rebuild + score) time on the same inputs (issue 5).
 
 Rebuild = a fresh `build_store` of an eval manifest: load the model, generate greedy completions, run the
-teacher-forced forward over prompt + completion, write the store. Score = `bra.sae.score.score` (catalog,
+teacher-forced forward over prompt + completion, write the store. Score = `bra.audit.score.score` (catalog,
 T, D, probes, AUROC table with bootstrap CIs and permutations, report.html with plots) reading only the
 store. Re-score = the same `score` call again into a new folder (another SAE, catalog or threshold costs the
 same). Module imports are warmed up before either clock starts.
@@ -23,6 +23,7 @@ import torch
 from bench._common import Row, StudyResult
 from bench._context import BenchContext
 from bench._inputs import EVAL_SET, ModelRef, storage_block, write_jsonl, write_manifest
+from bra.audit.score import ScoreConfig, compute_scores, score
 from bra.cache import schema
 from bra.cache.store import open_store
 from bra.cache.writer import write_table_atomic
@@ -30,7 +31,6 @@ from bra.pipeline.build import build_store
 from bra.pipeline.manifest import Manifest
 from bra.sae.formats import save_saelens
 from bra.sae.model import SAEConfig, TopKSAE
-from bra.sae.score import ScoreConfig, compute_scores, score
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def labels_from_tiers(store: Path) -> None:
     nothing to fit, so surface labels are set from the tier (as tests/test_score.py does)."""
     table = pd.read_parquet(store / schema.PROMPTS_TABLE)
     labels = [TIER_LABEL[t] for t in table["tier"]]
-    from bra.sae.divergence import SURFACE
+    from bra.audit.divergence import SURFACE
 
     table["surface_label"] = labels
     table["surface_probs"] = [[0.8 if c == lab else 0.05 for c in SURFACE] for lab in labels]
@@ -131,7 +131,7 @@ def run(ctx: BenchContext) -> StudyResult:
     """Rebuild, score, re-score."""
     import matplotlib.pyplot  # noqa: F401
 
-    import bra.sae.report  # noqa: F401  (warm imports: matplotlib, sklearn)
+    import bra.audit.report  # noqa: F401  (warm imports: matplotlib, sklearn)
 
     cfg = ctx.cfg
     ref = ctx.ref()

@@ -125,11 +125,11 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path,
     """
     import shutil
 
+    from bra.audit.divergence import SURFACE
     from bra.cache import schema
     from bra.cache.location import StoreLocation
     from bra.pipeline.build import build_store
     from bra.pipeline.manifest import load_manifest
-    from bra.sae.divergence import SURFACE
 
     copy = Path(shutil.copytree(model_dir, tmp / "model"))
     manifest = write_manifest(tmp / "eval.yaml", {

@@ -9,7 +9,6 @@ flipped byte inside an activation shard: the CRC32C codec rejects it when fit/ev
 
 from __future__ import annotations
 
-import ast
 import errno
 import json
 import os
@@ -31,10 +30,10 @@ from helpers import tiny_manifest
 from test_cli_badinput import error_lines
 
 from bra.cache import schema
-from bra.cache.cli import main as cache_main
+from bra.cli.cache import main as cache_main
+from bra.cli.sae import main as sae_main
 from bra.pipeline.build import build_store
 from bra.pipeline.manifest import load_manifest
-from bra.sae.cli import main as sae_main
 from bra.sae.formats import save_saelens
 from bra.sae.model import SAEConfig, TopKSAE
 
@@ -708,45 +707,6 @@ def test_cli__bad_input_is_one_error_line(name: str, shared: dict[str, Path], tm
 
 
 # ---------------------------------------------------------------------------------- static checks
-
-
-def _calls(tree: ast.AST, attr: str) -> list[ast.Call]:
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-            and n.func.attr == attr]
-
-
-def test_static__trust_remote_code_never_enabled() -> None:
-    """No `trust_remote_code=True` anywhere in bra/, and every from_pretrained passes trust_remote_code=False
-    explicitly (so a default that changes upstream cannot turn it on)."""
-    sources = sorted(BRA.rglob("*.py"))
-    assert sources
-    calls = 0
-    for path in sources:
-        text = path.read_text(encoding="utf-8")
-        assert "trust_remote_code=True" not in text.replace(" ", ""), path
-        for call in _calls(ast.parse(text), "from_pretrained"):
-            calls += 1
-            kw = {k.arg: k.value for k in call.keywords if k.arg is not None}
-            value = kw.get("trust_remote_code")
-            where = f"{path.relative_to(BRA.parent)}:{call.lineno}"
-            assert isinstance(value, ast.Constant) and value.value is False, \
-                f"{where}: from_pretrained without trust_remote_code=False"
-        for call in _calls(ast.parse(text), "load_dataset"):
-            kw = {k.arg: k.value for k in call.keywords if k.arg is not None}
-            value = kw.get("trust_remote_code")
-            assert value is None or (isinstance(value, ast.Constant) and value.value is False), path
-    assert calls >= 5  # config, tokenizer and model loads, GGUF conversion, the report's tokenizer
-
-
-def test_static__torch_load_always_weights_only() -> None:
-    """Every torch.load in bra/ passes weights_only=True (pickled code in a checkpoint is refused)."""
-    for path in sorted(BRA.rglob("*.py")):
-        for call in _calls(ast.parse(path.read_text(encoding="utf-8")), "load"):
-            if isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name) \
-                    and call.func.value.id == "torch":
-                kw = {k.arg: k.value for k in call.keywords if k.arg is not None}
-                value = kw.get("weights_only")
-                assert isinstance(value, ast.Constant) and value.value is True, f"{path}:{call.lineno}"
 
 
 def test_console__python_m_bra_sae_refuses_pickled_code(tmp_path: Path) -> None:

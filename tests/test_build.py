@@ -16,8 +16,8 @@ import zarr
 from helpers import SAMPLE_TEXT, tiny_manifest, write_corpus, write_manifest
 
 from bra.cache import schema
-from bra.cache.cli import main as cli_main
 from bra.cache.store import Store, open_store
+from bra.cli.cache import main as cli_main
 from bra.errors import StoreError, StoreMismatchError
 from bra.pipeline.build import BuildResult, build_store
 from bra.pipeline.manifest import load_manifest

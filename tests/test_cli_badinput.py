@@ -16,9 +16,9 @@ import yaml
 from helpers import tiny_manifest, write_manifest
 
 from bra.cache import schema
-from bra.cache.cli import main as cli_main
 from bra.cache.store import open_store
 from bra.cache.verify import verify_store
+from bra.cli.cache import main as cli_main
 from bra.errors import StoreError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

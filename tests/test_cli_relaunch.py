@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 import bra.dist
-from bra.cache.cli import cli as cache_cli
-from bra.cli_common import run_cli
-from bra.sae.cli import cli as sae_cli
+from bra.cli.cache import cli as cache_cli
+from bra.cli.common import run_cli
+from bra.cli.sae import cli as sae_cli
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_fit_nproc__relaunches_with_the_same_flags(launched, tmp_path: Path) -> 
         run_cli(sae_cli, argv)
     assert exit_.value.code == 0
     [(module, relaunch, nproc)] = launched
-    assert (module, nproc) == ("bra.sae", 2)
+    assert (module, nproc) == ("bra.cli.sae", 2)
     assert "--nproc" not in relaunch and relaunch[:2] == ["-v", "fit"]
     want = parsed(sae_cli, argv)
     got = parsed(sae_cli, relaunch)
@@ -63,7 +63,7 @@ def test_build_nproc__relaunches_with_the_same_arguments(launched, tmp_path: Pat
     with pytest.raises(SystemExit):
         run_cli(cache_cli, argv)
     [(module, relaunch, nproc)] = launched
-    assert (module, nproc) == ("bra.cache", 3)
+    assert (module, nproc) == ("bra.cli.cache", 3)
     assert relaunch == ["build", str(manifest), "--store", "memory://x.zarr", "--overwrite"]
 
 

@@ -15,10 +15,10 @@ import zarr
 from helpers import write_manifest
 
 from bra.cache import schema
-from bra.cache.cli import main as cache_main
 from bra.cache.store import open_store
 from bra.cache.verify import verify_store
 from bra.cache.writer import StoreWriter
+from bra.cli.cache import main as cache_main
 from bra.errors import ManifestError, ModelLoadError, StoreError
 from bra.pipeline.build import build_store
 from bra.pipeline.generate import chat_prompt_ids, generate_completions

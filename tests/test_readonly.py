@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bra.cache.cli import main as cache_main
 from bra.cache.store import open_store
+from bra.cli.cache import main as cache_main
 from bra.sae.formats import save_saelens
 from bra.sae.model import SAEConfig, TopKSAE
 
@@ -90,7 +90,7 @@ def freeze(root: Path) -> None:
 SCRIPT = """
 import json, sys
 from pathlib import Path
-from bra.sae.cli import main
+from bra.cli.sae import main
 store, sae, out = sys.argv[1:4]
 try:
     open(Path(store) / "probe", "w")

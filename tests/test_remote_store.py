@@ -19,15 +19,15 @@ from helpers import SAMPLE_TEXT, build_labelled_eval_store, tiny_manifest, write
 from test_resume import snapshot
 
 from bra.cache import schema
-from bra.cache.cli import cli as cache_cli
 from bra.cache.info import store_info
 from bra.cache.location import StoreLocation
 from bra.cache.store import open_store
 from bra.cache.verify import verify_store
-from bra.cli_common import run_cli
+from bra.cli.cache import cli as cache_cli
+from bra.cli.common import run_cli
+from bra.cli.sae import cli as sae_cli
 from bra.pipeline.build import build_store
 from bra.pipeline.manifest import load_manifest
-from bra.sae.cli import cli as sae_cli
 from bra.sae.config import TrainConfig
 from bra.sae.train import fit
 

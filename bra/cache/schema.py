@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from bra.vocab import SEGMENT_COMPLETION, SEGMENT_DOCUMENT, SEGMENT_NAMES, SEGMENT_PROMPT  # noqa: F401
+
 SCHEMA_VERSION = 1
 
 ACTS_GROUP = "acts"
@@ -54,11 +56,6 @@ TOKEN_COLUMNS: dict[str, str] = {
     "mask": "bool",
 }
 
-# segment codes: where a row came from
-SEGMENT_DOCUMENT = 0
-SEGMENT_PROMPT = 1
-SEGMENT_COMPLETION = 2
-SEGMENT_NAMES = ("document", "prompt", "completion")
 
 STATUS_CREATING = "creating"  # remote stores only: arrays being made (object stores cannot rename a folder)
 STATUS_BUILDING = "building"

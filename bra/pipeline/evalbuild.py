@@ -29,8 +29,9 @@ from bra.errors import ManifestError
 from bra.pipeline.generate import GenerationResult, chat_prompt_ids, generate_completions, stop_token_ids
 from bra.pipeline.manifest import Manifest
 from bra.pipeline.plan import TokenPlan, Window
-from bra.pipeline.prompts import TIERS, EvalPrompt, load_eval_set, load_eval_sets
+from bra.pipeline.prompts import EvalPrompt, load_eval_set, load_eval_sets
 from bra.pipeline.relabel import surface_columns
+from bra.vocab import TIERS
 
 logger = logging.getLogger(__name__)
 

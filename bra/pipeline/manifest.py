@@ -154,7 +154,7 @@ class Manifest:
     def tier_names(self) -> tuple[str, ...]:
         """Tier labels in order of first appearance; the index is the stored tier code."""
         if self.kind == "eval":
-            from bra.pipeline.prompts import TIERS
+            from bra.vocab import TIERS
 
             return TIERS
         seen: list[str] = []

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bra.errors import BraError
-from bra.pipeline.surface import SURFACE_CLASSES
+from bra.vocab import FRAMINGS, SURFACE_CLASSES, TIERS
 
 logger = logging.getLogger(__name__)
 
-TIERS: tuple[str, ...] = ("benign_bio", "dual_use_bio", "hazard_adjacent_category")
-FRAMINGS: tuple[str, ...] = ("direct", "educational", "roleplay", "obfuscated")
 
 _MAX_SHOWN_VALUE = 60
 _OPTIONAL_FIELDS: frozenset[str] = frozenset({"sampled_from", "domain"})

@@ -81,10 +81,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bra.vocab import SURFACE_CLASSES, UNKNOWN
+
 logger = logging.getLogger(__name__)
 
-SURFACE_CLASSES: tuple[str, ...] = ("refuse", "comply", "partial", "hedge", "evade")
-UNKNOWN = "unknown"
 
 _PROB_TOLERANCE = 1e-6
 

@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bra.pipeline.prompts import FRAMINGS, TIERS
-from bra.pipeline.surface import UNKNOWN
-from bra.sae.divergence import CATEGORIES, SURFACE
-from bra.sae.score import ScoreConfig, ScoreResult
+from bra.audit.config import ScoreConfig, ScoreResult
+from bra.audit.divergence import CATEGORIES, SURFACE
+from bra.vocab import BENIGN_TIER, DUAL_USE_TIER, FRAMINGS, HAZARD_TIER, TIERS, UNKNOWN
 
-_TIER_COLOURS = {"benign_bio": "#1b9e77", "dual_use_bio": "#7570b3", "hazard_adjacent_category": "#d95f02"}
+_TIER_COLOURS = {BENIGN_TIER: "#1b9e77", DUAL_USE_TIER: "#7570b3", HAZARD_TIER: "#d95f02"}
 _PLOTS = {"d_by_group": "d_by_tier_framing.png", "roc": "roc.png", "surface_hazard": "surface_hazard.png"}
 
 

@@ -22,20 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bra.pipeline.surface import SURFACE_CLASSES, UNKNOWN
+from bra.vocab import FEATURE_CATEGORIES, SURFACE_CLASSES, UNKNOWN
 
 logger = logging.getLogger(__name__)
 
 SURFACE: tuple[str, ...] = SURFACE_CLASSES
 """Surface classes, in the order of s and of T's rows."""
 
-CATEGORIES: tuple[str, ...] = ("bio_content", "hazard_adjacent", "refusal_circuitry", "hedging",
-                               "deception_correlate")
+CATEGORIES: tuple[str, ...] = FEATURE_CATEGORIES
 """SAE-feature categories, in the order of f and of T's columns."""
 
-DEPTH_CATEGORIES: tuple[str, ...] = ("deep_refusal", "shallow_refusal", "compliance", "hazardous_compliance",
-                                     "hedge", "evade", "unknown")
-"""What `refusal_depth_category` can return."""
 
 
 def normalise_l1(x_NK: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from bra.cli_common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
+from bra.cli.common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
 from bra.sae.config import PRESETS, TrainConfig, field_docs
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -70,7 +70,7 @@ def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, re
         cfg = TrainConfig(**values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    relaunch_under_torchrun(ctx, "bra.sae", nproc)
+    relaunch_under_torchrun(ctx, "bra.cli.sae", nproc)
     with process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo") as dist:
         run_fit(store, out, cfg, resume=resume, dist=dist)
     if not dist.is_main:
@@ -172,7 +172,7 @@ def _baseline_pair(value: str) -> tuple[str, Path]:
 def score_cmd(store: Path | str, sae_path: Path, out: Path, baseline: tuple[str, ...], **fields: Any) -> None:
     """Refusal depth of an eval store's prompts: catalog, alignment T, divergence D, hazard AUROC table with
     baselines; writes scores.parquet, catalog.json, report.json and report.html to OUT. Needs no model."""
-    from bra.sae.score import ScoreConfig, score
+    from bra.audit.score import ScoreConfig, score
 
     pairs = [_baseline_pair(b) for b in baseline]
     names = [n for n, _ in pairs]

@@ -27,20 +27,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bra.audit.divergence import CATEGORIES, normalise_l1
 from bra.cache import schema
 from bra.cache.store import Store
-from bra.sae.divergence import CATEGORIES, normalise_l1
 from bra.sae.evaluate import refuse_non_finite
 from bra.sae.model import TopKSAE
+from bra.vocab import BENIGN_TIER, HAZARD_TIER, POOLED_SEGMENTS
 
 logger = logging.getLogger(__name__)
 
-SEGMENTS: tuple[str, ...] = ("prompt", "completion")
+SEGMENTS: tuple[str, ...] = POOLED_SEGMENTS
 """Pooled segments, in the order of the group index (doc * 2 + segment position)."""
 _SEGMENT_CODES = (schema.SEGMENT_PROMPT, schema.SEGMENT_COMPLETION)
 POOLS: tuple[str, ...] = ("mean", "max")
-HAZARD_TIER = "hazard_adjacent_category"
-BENIGN_TIER = "benign_bio"
 
 
 @dataclass(frozen=True)

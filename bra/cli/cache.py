@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from bra.cli_common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
+from bra.cli.common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,7 +35,7 @@ def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrit
     from bra.pipeline.build import build_store
     from bra.pipeline.manifest import load_manifest
 
-    relaunch_under_torchrun(ctx, "bra.cache", nproc)
+    relaunch_under_torchrun(ctx, "bra.cli.cache", nproc)
     with process_group() as dist:
         result = build_store(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
     if not dist.is_main:

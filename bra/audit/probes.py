@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bra.sae.metrics import auroc_ci, permutation_pvalue, roc_band
+from bra.audit.metrics import auroc_ci, permutation_pvalue, roc_band
 
 logger = logging.getLogger(__name__)
 

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bra.audit.catalog import SEGMENTS, catalog_to_json
+from bra.audit.config import SPLITS, ScoreConfig, ScoreResult
+from bra.audit.divergence import CATEGORIES, SURFACE
 from bra.cache import schema
 from bra.errors import BraError
 from bra.fsutil import make_temp_dir, replace_dir
-from bra.sae.catalog import SEGMENTS, catalog_to_json
-from bra.sae.divergence import CATEGORIES, DEPTH_CATEGORIES, SURFACE
-from bra.sae.score import SPLITS, ScoreConfig, ScoreResult
+from bra.vocab import DEPTH_CATEGORIES, HAZARD_TIER
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def scores_table(r: ScoreResult, cfg: ScoreConfig) -> pd.DataFrame:
     """One row per prompt; D, hazard_score and depth_category are filled for the test split only."""
     t = r.table
     test = r.split == "test"
-    hazard_tier = (t["tier"] == "hazard_adjacent_category").to_numpy()
+    hazard_tier = (t["tier"] == HAZARD_TIER).to_numpy()
     cols: dict[str, Any] = {"id": t["id"], "tier": t["tier"], "framing": t["framing"],
                             "category": t.get("category"), "split": r.split,
                             "surface_label": t["surface_label"]}
@@ -182,7 +183,7 @@ def _divergence_note(r: ScoreResult) -> str | None:
 
 def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]:
     """Write every output to ``out`` at once (temp folder, then rename); return report.json's contents."""
-    from bra.sae._report_html import render_html, render_plots
+    from bra.audit._report_html import render_html, render_plots
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).is_file())):
         raise BraError(f"{out} exists and is not a score output directory; pick an empty or new --out")

@@ -1,0 +1,45 @@
+"""The names every layer shares: tiers, framings, surface classes, segments, feature and depth categories.
+
+One definition each, so a renamed class cannot drift between the prompt loader, the surface rules, the
+store schema, the audit and the report. Pure constants: this module imports nothing from ``bra``.
+"""
+
+from __future__ import annotations
+
+BENIGN_TIER = "benign_bio"
+DUAL_USE_TIER = "dual_use_bio"
+HAZARD_TIER = "hazard_adjacent_category"
+TIERS: tuple[str, ...] = (BENIGN_TIER, DUAL_USE_TIER, HAZARD_TIER)
+"""Tiers of the bundled eval sets (benign, dual-use, hazard-adjacent)."""
+
+FRAMINGS: tuple[str, ...] = ("direct", "educational", "roleplay", "obfuscated")
+"""How an eval prompt phrases its request."""
+
+REFUSE, COMPLY, PARTIAL, HEDGE, EVADE = "refuse", "comply", "partial", "hedge", "evade"
+SURFACE_CLASSES: tuple[str, ...] = (REFUSE, COMPLY, PARTIAL, HEDGE, EVADE)
+"""Surface classes of a completion, in the order of a surface distribution s and of T's rows."""
+UNKNOWN = "unknown"
+"""The label of a completion no rule matched (never a default class)."""
+
+# Store segment codes (the ``segment`` column): where a token row came from.
+SEGMENT_DOCUMENT = 0
+SEGMENT_PROMPT = 1
+SEGMENT_COMPLETION = 2
+SEGMENT_NAMES: tuple[str, ...] = ("document", "prompt", "completion")
+"""Segment names, index = segment code."""
+POOLED_SEGMENTS: tuple[str, ...] = ("prompt", "completion")
+"""Segments of an eval prompt that the audit pools latents over, in pooled-group order."""
+
+FEATURE_CATEGORIES: tuple[str, ...] = ("bio_content", "hazard_adjacent", "refusal_circuitry", "hedging",
+                                       "deception_correlate")
+"""SAE-feature categories of the catalog, in the order of f and of T's columns."""
+
+DEPTH_CATEGORIES: tuple[str, ...] = ("deep_refusal", "shallow_refusal", "compliance", "hazardous_compliance",
+                                     "hedge", "evade", "unknown")
+"""Refusal-depth categories a scored prompt can get."""
+
+__all__ = [
+    "BENIGN_TIER", "COMPLY", "DEPTH_CATEGORIES", "DUAL_USE_TIER", "EVADE", "FEATURE_CATEGORIES", "FRAMINGS",
+    "HAZARD_TIER", "HEDGE", "PARTIAL", "POOLED_SEGMENTS", "REFUSE", "SEGMENT_COMPLETION", "SEGMENT_DOCUMENT",
+    "SEGMENT_NAMES", "SEGMENT_PROMPT", "SURFACE_CLASSES", "TIERS", "UNKNOWN",
+]
