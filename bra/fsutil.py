@@ -1,8 +1,10 @@
-"""Small filesystem helpers shared by every writer of whole files and directories.
+"""The one way this project writes a whole file or directory: temp sibling, fsync, rename, one sweep.
 
 Every temp file or folder is a hidden sibling of its target named ``.NAME.tmp-PID-RANDOM``: the rename
 that publishes it is then on one filesystem, and a process killed before the rename leaves a leftover
-that the next writer of the same target recognises (its PID is gone) and removes.
+that the next writer of the same target recognises (its PID is gone) and removes. Data is fsynced before
+the rename and the parent folder after it (the zarr ``_atomic_write`` shape, plus durability), so a power
+cut shows the old file or the new one, never an empty one. A write that fails removes its temp at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -70,3 +74,66 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: makes a rename inside it durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some file systems refuse to open folders; durability is best effort there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on a clean exit fsync it and rename it onto ``target``.
+
+    The caller writes the temp path however it likes (``Path.write_bytes``, ``save_file``, pyarrow). On an
+    exception (a full disk, a bug) the temp is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    tmp = temp_sibling(target)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+        _fsync_path(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically (see `atomic_file`)."""
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``target`` atomically (see `atomic_file`)."""
+    write_bytes_atomic(target, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temp folder beside ``target``; on a clean exit fsync its files and swap it in whole
+    (`replace_dir`: an existing ``target`` is replaced). On an exception the temp folder is removed."""
+    target = Path(target)
+    tmp = make_temp_dir(target)
+    try:
+        yield tmp
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                _fsync_path(path)
+        _fsync_path(tmp)
+        replace_dir(tmp, target)
+        _fsync_path(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -78,3 +78,35 @@ def test_gguf_conversion_cache__named_by_content_not_path(tmp_path: Path, monkey
     assert model.converted_dir(str(a)) == model.converted_dir(str(b))
     assert model.converted_dir(str(a)) != model.converted_dir(str(c))
     assert model.converted_dir(str(a)).parent == tmp_path / "cache"
+
+
+def test_atomic_file__publishes_on_success_and_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    from bra.fsutil import atomic_file, write_text_atomic
+
+    target = tmp_path / "x.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_atomic_dir__swaps_whole_folder_or_nothing(tmp_path: Path) -> None:
+    from bra.fsutil import atomic_dir
+
+    target = tmp_path / "report"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(ValueError), atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("2")
+        raise ValueError("bug")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    with atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
