@@ -137,7 +137,8 @@ def both_halves_done(store: Path) -> bool:
 
 
 def _worker_pids(launcher: subprocess.Popen[bytes]) -> dict[int, int]:
-    """RANK -> pid of torchrun's worker processes (found through the launcher's process tree)."""
+    """RANK -> pid of torchrun's worker processes (found through the launcher's process tree; the workers run
+    `-m bra.cli.cache`, whatever alias started the launcher)."""
     import psutil
 
     out = {}
@@ -146,7 +147,7 @@ def _worker_pids(launcher: subprocess.Popen[bytes]) -> dict[int, int]:
             env, cmd = child.environ(), " ".join(child.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "RANK" in env and "bra.cache" in cmd:
+        if "RANK" in env and "bra.cli.cache" in cmd:
             out[int(env["RANK"])] = child.pid
     return out
 
