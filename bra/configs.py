@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import textwrap
 import types
@@ -79,11 +80,13 @@ def _field_default(f: dataclasses.Field[Any]) -> Any:
     return MISSING
 
 
+@functools.cache
 def config_fields(cls: type) -> tuple[ConfigField, ...]:
     """The leaf fields of config dataclass ``cls`` in declaration order, nested configs expanded in place.
 
     Leaf names must be unique across the nesting (they become one flat namespace: CLI flags, presets);
-    a clash raises TypeError, so a config that could not be flattened fails at import.
+    a clash raises TypeError, so a config that could not be flattened fails at import. Cached per class
+    (configs are frozen; their defaults are read once).
     """
     leaves = _leaves(cls, (), MISSING)
     seen: dict[str, tuple[str, ...]] = {}
