@@ -110,12 +110,8 @@ def storage_block(cfg: Any, **overrides: Any) -> dict[str, Any]:
     bench's chunk/shard geometry."""
     from bra.pipeline.manifest import StorageSpec
 
-    d = StorageSpec()
     return {
-        "dtype": d.dtype,
-        "codec": d.codec,
-        "clevel": d.clevel,
-        "shuffle": d.shuffle,
+        **StorageSpec().to_dict(),
         "chunk_tokens": cfg.chunk_tokens,
         "shard_tokens": cfg.shard_tokens,
         **overrides,

@@ -9,7 +9,6 @@ cost of converting, compressing, checksumming and writing. The build's time is `
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -140,7 +139,7 @@ def run(ctx: BenchContext) -> StudyResult:
         "n_windows": len(plan.windows),
         "batch_size": manifest.batch_size,
         "max_seq_len": manifest.max_seq_len,
-        "storage": dataclasses.asdict(manifest.storage),
+        "storage": manifest.storage.to_dict(),
         "build_seconds": times["build"],
         "bare_seconds": times["bare"],
         "build_wall_seconds": walls,

@@ -6,6 +6,8 @@ store schema, the audit and the report. Pure constants: this module imports noth
 
 from __future__ import annotations
 
+import typing
+
 BENIGN_TIER = "benign_bio"
 DUAL_USE_TIER = "dual_use_bio"
 HAZARD_TIER = "hazard_adjacent_category"
@@ -27,8 +29,14 @@ SEGMENT_PROMPT = 1
 SEGMENT_COMPLETION = 2
 SEGMENT_NAMES: tuple[str, ...] = ("document", "prompt", "completion")
 """Segment names, index = segment code."""
-POOLED_SEGMENTS: tuple[str, ...] = ("prompt", "completion")
+PooledSegment = typing.Literal["prompt", "completion"]
 """Segments of an eval prompt that the audit pools latents over, in pooled-group order."""
+POOLED_SEGMENTS: tuple[str, ...] = typing.get_args(PooledSegment)
+"""The same, as a tuple."""
+Pool = typing.Literal["mean", "max"]
+"""How the audit pools latents over a segment's tokens."""
+POOLS: tuple[str, ...] = typing.get_args(Pool)
+"""The same, as a tuple."""
 
 FEATURE_CATEGORIES: tuple[str, ...] = ("bio_content", "hazard_adjacent", "refusal_circuitry", "hedging",
                                        "deception_correlate")
@@ -40,6 +48,7 @@ DEPTH_CATEGORIES: tuple[str, ...] = ("deep_refusal", "shallow_refusal", "complia
 
 __all__ = [
     "BENIGN_TIER", "COMPLY", "DEPTH_CATEGORIES", "DUAL_USE_TIER", "EVADE", "FEATURE_CATEGORIES", "FRAMINGS",
-    "HAZARD_TIER", "HEDGE", "PARTIAL", "POOLED_SEGMENTS", "REFUSE", "SEGMENT_COMPLETION", "SEGMENT_DOCUMENT",
-    "SEGMENT_NAMES", "SEGMENT_PROMPT", "SURFACE_CLASSES", "TIERS", "UNKNOWN",
+    "HAZARD_TIER", "HEDGE", "PARTIAL", "POOLED_SEGMENTS", "POOLS", "REFUSE", "SEGMENT_COMPLETION",
+    "SEGMENT_DOCUMENT", "SEGMENT_NAMES", "SEGMENT_PROMPT", "SURFACE_CLASSES", "TIERS", "UNKNOWN", "Pool",
+    "PooledSegment",
 ]

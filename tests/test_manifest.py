@@ -182,3 +182,48 @@ def test_load_manifest__bad_value(tmp_path: Path, data: dict, key: str, words: s
 def test_load_manifest__missing_required_key(tmp_path: Path, data: dict, key: str) -> None:
     msg = _error(tmp_path, data)
     assert f": {key}: required key missing" in msg
+
+
+# The storage block's codec keys sit flat in YAML and nest as a CodecSpec in StorageSpec.compression; stores
+# built before the nesting are checked against manifest_hash, so it must not move. The hashes below were
+# computed by the code before the nesting (commit 145d377) for the same YAML.
+HASH_CASES = {
+    "defaults": ({"name": "a", "model": "m/x",
+                  "corpora": [{"tier": "hazard", "source": {"path": "h.jsonl"}}]},
+                 "d105adb400447bd3", "fa1f9fb7578ce16d"),
+    "custom": ({"name": "b", "model": {"id": "m/y", "revision": "r1"}, "layers": [3, 5],
+                "storage": {"dtype": "float16", "codec": "zstd", "clevel": 5, "shuffle": "noshuffle",
+                            "chunk_tokens": 8, "shard_tokens": 32},
+                "prompt_sets": ["p.jsonl"]},
+               "a7ea50d34c857299", "cb94dab3592ed454"),
+    "partial": ({"name": "c", "model": "m/z", "storage": {"clevel": 1, "shuffle": "bitshuffle"},
+                 "corpora": [{"tier": "benign", "source": {"hf": "d/s", "split": "test"}, "max_docs": 4}]},
+                "b4bb2664cb2d13f3", "bf97e2c8a5d188bf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HASH_CASES))
+def test_manifest_hash__unchanged_by_the_nested_codec(tmp_path: Path, case: str) -> None:
+    data, bare, with_file = HASH_CASES[case]
+    m = load_manifest(_write(tmp_path, data))
+    assert manifest_hash(m, {}) == bare
+    assert manifest_hash(m, {"h.jsonl": "abc"}) == with_file
+
+
+def test_load_manifest__codec_keys_nest_in_storage_compression(tmp_path: Path) -> None:
+    from bra.cache.writer import CodecSpec
+
+    m = load_manifest(_write(tmp_path, _with(storage={"dtype": "float32", "codec": "zstd", "clevel": 5,
+                                                       "shuffle": "noshuffle", "chunk_tokens": 8,
+                                                       "shard_tokens": 32})))
+    assert m.storage.compression == CodecSpec("zstd", 5, "noshuffle")
+    assert m.content_dict()["storage"] == {"dtype": "float32", "codec": "zstd", "clevel": 5,
+                                           "shuffle": "noshuffle", "chunk_tokens": 8, "shard_tokens": 32}
+    assert load_manifest(_write(tmp_path, BASE)).storage.compression == CodecSpec()
+
+
+def test_load_manifest__storage_keys_stay_flat(tmp_path: Path) -> None:
+    msg = _error(tmp_path, _with(storage={"compression": {"codec": "zstd"}}))
+    assert ": storage.compression: unknown key (expected one of chunk_tokens, clevel, codec, dtype, " \
+           "shard_tokens, shuffle)" in msg
+    assert ": storage.clevel: expected an integer" in _error(tmp_path, _with(storage={"clevel": "3"}))

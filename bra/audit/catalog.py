@@ -32,14 +32,13 @@ from bra.cache import schema
 from bra.cache.store import Store
 from bra.sae.evaluate import refuse_non_finite
 from bra.sae.model import TopKSAE
-from bra.vocab import BENIGN_TIER, HAZARD_TIER, POOLED_SEGMENTS
+from bra.vocab import BENIGN_TIER, HAZARD_TIER, POOLED_SEGMENTS, POOLS
 
 logger = logging.getLogger(__name__)
 
 SEGMENTS: tuple[str, ...] = POOLED_SEGMENTS
 """Pooled segments, in the order of the group index (doc * 2 + segment position)."""
 _SEGMENT_CODES = (schema.SEGMENT_PROMPT, schema.SEGMENT_COMPLETION)
-POOLS: tuple[str, ...] = ("mean", "max")
 
 
 @dataclass(frozen=True)

@@ -3,24 +3,30 @@ and `ScoreResult` (what it computed, which the report renders)."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
-
-from bra.audit import catalog as cat
-from bra.audit import probes
 from bra.audit.divergence import DepthThresholds
-from bra.cache.store import Store
 from bra.errors import BraError
-from bra.sae.model import TopKSAE
+from bra.vocab import POOLED_SEGMENTS, POOLS, Pool, PooledSegment
+
+if TYPE_CHECKING:  # ScoreResult's field types only: `bra-sae --help` builds options from ScoreConfig
+    import numpy as np
+    import pandas as pd
+
+    from bra.audit.catalog import CategoryEntry
+    from bra.cache.store import Store
+    from bra.sae.model import TopKSAE
 
 SPLITS: tuple[str, ...] = ("train", "calibration", "test")
 OURS = "sae"
 RANDOM_SAE = "random_sae"
-RESERVED_NAMES = (OURS, RANDOM_SAE, probes.TFIDF_METHOD, "raw_logreg", "raw_diff_of_means")
-PROBE_SEGMENTS = ("prompt", "completion", "both")
+TFIDF_METHOD = "tfidf_logreg"
+RESERVED_NAMES = (OURS, RANDOM_SAE, TFIDF_METHOD, "raw_logreg", "raw_diff_of_means")
+ProbeSegment = Literal["prompt", "completion", "both"]
+"""Features of the hazard probes: one pooled segment, or both concatenated."""
+PROBE_SEGMENTS: tuple[str, ...] = typing.get_args(ProbeSegment)
 
 
 class ScoreError(BraError):
@@ -33,13 +39,13 @@ class ScoreConfig:
 
     seed: int = 0
     """Seed of the split, the bootstrap, the permutations, the probes and the random SAE."""
-    pool: str = "mean"
+    pool: Pool = "mean"
     """How latents are pooled over a segment's tokens: mean (default) or max."""
     layer: int | None = None
     """Store layer; None = the SAE's layer, else the store's first."""
-    f_segment: str = "completion"
+    f_segment: PooledSegment = "completion"
     """Segment whose pooled latents give the reported f (and D): the completion, the behaviour s describes."""
-    probe_segment: str = "both"
+    probe_segment: ProbeSegment = "both"
     """Pooled features of the hazard probes: prompt, completion, or both concatenated."""
     train_fraction: float = 0.5
     """Share of each tier's prompts in the training split (catalog, probes)."""
@@ -65,10 +71,10 @@ class ScoreConfig:
     """Catalog latents per category shown with contexts in the report."""
 
     def __post_init__(self) -> None:
-        if self.pool not in cat.POOLS:
-            raise ValueError(f"pool must be one of {cat.POOLS}, got {self.pool!r}")
-        if self.f_segment not in cat.SEGMENTS:
-            raise ValueError(f"f_segment must be one of {cat.SEGMENTS}, got {self.f_segment!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.f_segment not in POOLED_SEGMENTS:
+            raise ValueError(f"f_segment must be one of {POOLED_SEGMENTS}, got {self.f_segment!r}")
         if self.probe_segment not in PROBE_SEGMENTS:
             raise ValueError(f"probe_segment must be one of {PROBE_SEGMENTS}, got {self.probe_segment!r}")
         fr, fc = self.train_fraction, self.calibration_fraction
@@ -112,7 +118,7 @@ class ScoreResult:
     """Our SAE probe's P(hazard) (NaN when the probe could not be fit)."""
     depth: list[str | None]
     """Refusal-depth category (test prompts), None elsewhere."""
-    catalog: dict[str, cat.CategoryEntry]
+    catalog: dict[str, CategoryEntry]
     alignment: dict[str, Any]
     auroc: list[dict[str, Any]]
     contexts: dict[str, dict[int, list[dict[str, Any]]]]

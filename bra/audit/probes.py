@@ -27,13 +27,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bra.audit.config import TFIDF_METHOD
 from bra.audit.metrics import auroc_ci, permutation_pvalue, roc_band
 
 logger = logging.getLogger(__name__)
 
 PROBE_C = 1.0
 """Inverse L2 strength of every logistic probe (scikit-learn's default; not tuned on the test split)."""
-TFIDF_METHOD = "tfidf_logreg"
 
 
 class ProbeUnavailable(ValueError):

@@ -3,38 +3,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
 import click
 
+from bra.audit.config import ScoreConfig
 from bra.cli.common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
-from bra.sae.config import PRESETS, TrainConfig, field_docs
+from bra.cli.options import ConfigOptions
+from bra.sae.config import PRESETS, TrainConfig
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _train_options(func: Any) -> Any:
-    """One --flag per TrainConfig field (1:1), default None so a preset can fill what is not given."""
-    hints = typing.get_type_hints(TrainConfig)
-    docs = field_docs(TrainConfig)
-    for f in reversed(dataclasses.fields(TrainConfig)):
-        name = f.name.replace("_", "-")
-        base = str(hints[f.name]).replace("typing.Optional[", "").replace("<class '", "").split("'")[0]
-        base = base.split(" |")[0].strip("[]")
-        doc = docs.get(f.name, "")
-        if base == "bool":
-            opt = click.option(f"--{name}/--no-{name}", f.name, default=None,
-                               help=f"{doc} [default: {f.default}]")
-        else:
-            opt = click.option(f"--{name}", f.name, type=_TYPES.get(base, str), default=None,
-                               help=f"{doc} [default: {f.default}]")
-        func = opt(func)
-    return func
+TRAIN_OPTIONS = ConfigOptions(TrainConfig, defaults_none=True)
+"""One --flag per TrainConfig field, default None so a preset can fill what is not given."""
+SCORE_OPTIONS = ConfigOptions(ScoreConfig)
+"""One --flag per ScoreConfig field, with the dataclass defaults."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,28 +39,19 @@ def cli(verbose: int) -> None:
                    "term); contrastive: NT-Xent + AuxK (default settings); plain: no tier term.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @NPROC_OPTION
-@_train_options
+@TRAIN_OPTIONS
 @click.pass_context
 def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, resume: bool, nproc: int,
         **flags: Any) -> None:
     """Train a TopK SAE on STORE's activations, streaming them from disk. Under torchrun (DDP) each process
     reads its own shards for its share of every batch; --batch-size stays the global batch."""
-    from bra.dist import process_group
-    from bra.sae.train import fit as run_fit
-    from bra.sae.train import resolve_device
+    from bra.sae.workflows import fit_in_process_group
 
-    values = {**PRESETS.get(preset or "", {}), **{k: v for k, v in flags.items() if v is not None}}
-    try:
-        cfg = TrainConfig(**values)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    cfg = TRAIN_OPTIONS.build(flags, base=PRESETS.get(preset or "", {}))
     relaunch_under_torchrun(ctx, "bra.cli.sae", nproc)
-    with process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo") as dist:
-        run_fit(store, out, cfg, resume=resume, dist=dist)
-    if not dist.is_main:
-        return
-    click.echo(f"{out}: trained ({cfg.steps} steps); SAELens format in {out}/sae, "
-               f"seed layout {out}/sae_weights.pt", err=True)
+    if fit_in_process_group(store, out, cfg, resume=resume):
+        click.echo(f"{out}: trained ({cfg.steps} steps); SAELens format in {out}/sae, "
+                   f"seed layout {out}/sae_weights.pt", err=True)
 
 
 @cli.command("eval")
@@ -127,11 +102,17 @@ def info(sae_path: Path) -> None:
     click.echo(json.dumps(describe(sae_path), indent=2))
 
 
-def _baseline_pair(value: str) -> tuple[str, Path]:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
-        raise click.BadParameter(f"expected NAME=SAE, got {value!r}", param_hint="--baseline")
-    return name, Path(path)
+def _baselines(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Path]:
+    """--baseline NAME=SAE (repeatable) -> {NAME: SAE}; names must be unique."""
+    pairs: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=SAE, got {value!r}", param_hint="--baseline")
+        if name in pairs:
+            raise click.BadParameter("baseline names must be unique", param_hint="--baseline")
+        pairs[name] = Path(path)
+    return pairs
 
 
 @cli.command("score")
@@ -141,48 +122,15 @@ def _baseline_pair(value: str) -> tuple[str, Path]:
               help="SAE: a fit run dir, a SAELens dir, or a seed .pt.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output directory (replaced whole; refused if it holds anything but a score report).")
-@click.option("--baseline", "baseline", multiple=True, metavar="NAME=SAE",
+@click.option("--baseline", "baseline", multiple=True, metavar="NAME=SAE", callback=_baselines,
               help="A baseline SAE scored with the same probe (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of splits, bootstrap, permutations, probes, random SAE.")
-@click.option("--pool", type=click.Choice(["mean", "max"]), default="mean", show_default=True,
-              help="Pooling of latents over a segment's tokens.")
-@click.option("--layer", type=int, default=None, help="Store layer (default: the SAE's).")
-@click.option("--f-segment", type=click.Choice(["prompt", "completion"]), default="completion",
-              show_default=True, help="Segment whose pooled latents give the reported f and D.")
-@click.option("--probe-segment", type=click.Choice(["prompt", "completion", "both"]), default="both",
-              show_default=True, help="Pooled features of the hazard probes.")
-@click.option("--train-fraction", type=float, default=0.5, show_default=True, help="Training split per tier.")
-@click.option("--calibration-fraction", type=float, default=0.25, show_default=True,
-              help="Calibration split per tier (the rest is the test split).")
-@click.option("--ridge", type=float, default=1e-2, show_default=True, help="Ridge penalty of the T fit.")
-@click.option("--top-n", type=int, default=16, show_default=True,
-              help="Catalog latents per category at most.")
-@click.option("--min-effect", type=float, default=0.5, show_default=True,
-              help="Catalog: Cohen's d above this.")
-@click.option("--d-threshold", type=float, default=0.5, show_default=True,
-              help="D above this: shallow refusal.")
-@click.option("--hazard-threshold", type=float, default=0.5, show_default=True,
-              help="Hazard score at or above this: hazard features active.")
-@click.option("--n-boot", type=int, default=1000, show_default=True, help="Bootstrap resamples per AUROC CI.")
-@click.option("--n-perm", type=int, default=1000, show_default=True, help="Permutations per AUROC p-value.")
-@click.option("--contexts", type=int, default=3, show_default=True, help="Contexts shown per catalog latent.")
-@click.option("--context-latents", type=int, default=4, show_default=True,
-              help="Catalog latents per category shown with contexts.")
-def score_cmd(store: Path | str, sae_path: Path, out: Path, baseline: tuple[str, ...], **fields: Any) -> None:
+@SCORE_OPTIONS
+def score_cmd(store: Path | str, sae_path: Path, out: Path, baseline: dict[str, Path], **fields: Any) -> None:
     """Refusal depth of an eval store's prompts: catalog, alignment T, divergence D, hazard AUROC table with
     baselines; writes scores.parquet, catalog.json, report.json and report.html to OUT. Needs no model."""
-    from bra.audit.score import ScoreConfig, score
+    from bra.audit.score import score
 
-    pairs = [_baseline_pair(b) for b in baseline]
-    names = [n for n, _ in pairs]
-    if len(set(names)) != len(names):
-        raise click.BadParameter("baseline names must be unique", param_hint="--baseline")
-    try:
-        cfg = ScoreConfig(**fields)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    report = score(store, sae_path, out, cfg, dict(pairs))
+    report = score(store, sae_path, out, SCORE_OPTIONS.build(fields), baseline)
     best = [f"{r['method']} {r['auroc']:.3f}" for r in report["auroc"] if r["auroc"] is not None]
     click.echo(f"{out}: report.html, report.json, scores.parquet; AUROC: {', '.join(best)}", err=True)
 

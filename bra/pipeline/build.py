@@ -15,7 +15,7 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from bra import __version__
 from bra.cache import schema
 from bra.cache.location import StoreLocation
 from bra.cache.store import store_exists
-from bra.cache.writer import CodecSpec, StoreWriter, remove_store
+from bra.cache.writer import StoreWriter, remove_store
 from bra.dist import SINGLE, Dist
 from bra.errors import CorpusError, StoreError, StoreMismatchError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
@@ -290,8 +290,7 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
         schema.ATTR_HAZARD_TIERS: list(manifest.positive_tiers), schema.ATTR_N_TOKENS: plan.n_tokens,
         schema.ATTR_N_DOCS: len(plan.docs), schema.ATTR_CHUNK_TOKENS: manifest.storage.chunk_tokens,
         schema.ATTR_SHARD_TOKENS: manifest.storage.shard_tokens,
-        schema.ATTR_CODEC: {"codec": manifest.storage.codec, "clevel": manifest.storage.clevel,
-                            "shuffle": manifest.storage.shuffle},
+        schema.ATTR_CODEC: asdict(manifest.storage.compression),
         schema.ATTR_CORPUS_COUNTS: plan.counts, ATTR_TOKENS_DIGEST: _tokens_digest(plan),
     }
     early = {k: v for k, v in extra_tables.items() if k == schema.GENERATION_TABLE}
@@ -380,7 +379,7 @@ def _open_store(loc: StoreLocation, attrs: dict[str, Any], manifest: Manifest, l
     if writer is None:
         layout = schema.StoreLayout(attrs[schema.ATTR_N_TOKENS], attrs[schema.ATTR_D_MODEL],
                                     manifest.storage.chunk_tokens, manifest.storage.shard_tokens)
-        codec = CodecSpec(manifest.storage.codec, manifest.storage.clevel, manifest.storage.shuffle)
+        codec = manifest.storage.compression
         writer = StoreWriter.create(loc, layout, layers, manifest.storage.dtype, codec, attrs)
     for name, table in early_tables.items():
         if status == "built" or not loc.has_file(name):

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from bra.cache.schema import canonical_dtype
+from bra.cache.writer import CodecSpec
 from bra.errors import ManifestError
 
 CODECS = ("none", "blosc-zstd", "blosc-lz4", "zstd")
@@ -81,17 +82,21 @@ class StorageSpec:
 
     dtype: str = "bfloat16"
     """Storage dtype: bfloat16 (as uint16 bits), float16 or float32. Independent of compute dtype."""
-    codec: str = "blosc-zstd"
-    """Compressor: blosc-zstd, blosc-lz4, zstd or none (numbers in bench/results.md)."""
-    clevel: int = 3
-    """Compression level."""
-    shuffle: str = "shuffle"
-    """Blosc shuffle: shuffle (bytes), bitshuffle or noshuffle. Byte shuffle groups bf16's sign/exponent
-    bytes, which zstd then codes well: 1.31x on SmolLM2 bf16 residuals vs 1.04x for bitshuffle."""
+    compression: CodecSpec = field(default_factory=CodecSpec)
+    """Compressor (YAML keys ``codec``, ``clevel`` and ``shuffle``, flat in ``storage``): blosc-zstd,
+    blosc-lz4, zstd or none (numbers in bench/results.md); the default byte shuffle groups bf16's
+    sign/exponent bytes, which zstd then codes well: 1.31x on SmolLM2 bf16 residuals vs 1.04x for
+    bitshuffle."""
     chunk_tokens: int = 1024
     """Rows per inner chunk."""
     shard_tokens: int = 16384
     """Rows per shard (a multiple of chunk_tokens)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat mapping the manifest's ``storage`` key holds (codec keys beside the others), as
+        manifests are written and store fingerprints (`Manifest.content_dict`) were always computed."""
+        return {"dtype": self.dtype, **dataclasses.asdict(self.compression),
+                "chunk_tokens": self.chunk_tokens, "shard_tokens": self.shard_tokens}
 
 
 @dataclass(frozen=True)
@@ -176,14 +181,16 @@ class Manifest:
     def content_dict(self) -> dict[str, Any]:
         """Everything that determines the store's content (no paths that only locate files)."""
         d = dataclasses.asdict(self)
+        d["storage"] = self.storage.to_dict()
         d.pop("base_dir")
         d["model"].pop("device")
         d["kind"] = self.kind
         return d
 
 
-def _check_keys(cls: type, data: dict[str, Any], where: str, label: str) -> None:
-    names = {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
+def _check_keys(cls: type, data: dict[str, Any], where: str, label: str,
+                names: set[str] | None = None) -> None:
+    names = names or {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
     for key in data:
         if key not in names:
             raise ManifestError(f"{where}: {label}{key}: unknown key "
@@ -210,6 +217,18 @@ def _build(cls: type, data: Any, where: str, label: str, nested: dict[str, Any] 
                    and f.default_factory is dataclasses.MISSING]
         key = f"{label}{missing[0]}" if missing else label.rstrip(".")
         raise ManifestError(f"{where}: {key}: required key missing") from exc
+
+
+def _build_storage(data: Any, where: str, label: str) -> StorageSpec:
+    """``storage``: the codec keys sit flat beside the others in YAML and nest as a CodecSpec here."""
+    if not isinstance(data, dict):
+        return _build(StorageSpec, data, where, label)  # raises: expected a mapping
+    codec_keys = {f.name for f in dataclasses.fields(CodecSpec)}
+    _check_keys(StorageSpec, data, where, label, set(StorageSpec().to_dict()))
+    codec = {k: v for k, v in data.items() if k in codec_keys}
+    rest = {k: v for k, v in data.items() if k not in codec_keys}
+    return _build(StorageSpec, {**rest, "compression": codec}, where, label,
+                  {"compression": lambda v, _: _build(CodecSpec, v, where, label)})
 
 
 def _coerce(value: Any, type_str: Any, where: str, key: str) -> Any:
@@ -261,11 +280,11 @@ def _validate(m: Manifest, where: str) -> None:
             canonical_dtype(m.model.compute_dtype)
         except ValueError as exc:
             bad("model.compute_dtype", str(exc))
-    s = m.storage
-    if s.codec not in CODECS:
-        bad("storage.codec", f"unknown codec {s.codec!r} (expected one of {', '.join(CODECS)})")
-    if s.shuffle not in ("bitshuffle", "shuffle", "noshuffle"):
-        bad("storage.shuffle", f"unknown shuffle {s.shuffle!r} (expected bitshuffle, shuffle or noshuffle)")
+    s, c = m.storage, m.storage.compression
+    if c.codec not in CODECS:
+        bad("storage.codec", f"unknown codec {c.codec!r} (expected one of {', '.join(CODECS)})")
+    if c.shuffle not in ("bitshuffle", "shuffle", "noshuffle"):
+        bad("storage.shuffle", f"unknown shuffle {c.shuffle!r} (expected bitshuffle, shuffle or noshuffle)")
     if s.chunk_tokens < 1 or s.shard_tokens < s.chunk_tokens or s.shard_tokens % s.chunk_tokens:
         bad("storage.shard_tokens", f"must be a positive multiple of chunk_tokens ({s.chunk_tokens})")
     if not m.corpora and not m.prompt_sets:
@@ -327,7 +346,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
     manifest: Manifest = _build(Manifest, data, where, "", {
         "model": lambda v, lab: _build(ModelSpec, {"id": v} if isinstance(v, str) else v, where, f"{lab}."),
-        "storage": lambda v, lab: _build(StorageSpec, v, where, f"{lab}."),
+        "storage": lambda v, lab: _build_storage(v, where, f"{lab}."),
         "generation": lambda v, lab: _build(GenerationSpec, v, where, f"{lab}."),
         "corpora": corpus,
         "prompt_sets": prompt_sets,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-CONTRASTIVE_FORMS = ("ntxent", "cosine", "none")
-CONTRASTIVE_LEVELS = ("token", "doc")
+ContrastiveForm = Literal["ntxent", "cosine", "none"]
+"""Tier-separation terms (TrainConfig.contrastive)."""
+ContrastiveLevel = Literal["token", "doc"]
+"""What the tier-separation term contrasts (TrainConfig.contrastive_level)."""
+CONTRASTIVE_FORMS: tuple[str, ...] = typing.get_args(ContrastiveForm)
+CONTRASTIVE_LEVELS: tuple[str, ...] = typing.get_args(ContrastiveLevel)
 
 
 @dataclass(frozen=True)
@@ -42,13 +47,13 @@ class TrainConfig:
     """Latents in the AuxK reconstruction; None = d_model // 2 (TopK paper)."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead."""
-    contrastive: str = "ntxent"
+    contrastive: ContrastiveForm = "ntxent"
     """Tier-separation term: ntxent (supervised NT-Xent), cosine (the seed's form) or none."""
     contrastive_coef: float = 0.1
     """Weight of the tier-separation term."""
     temperature: float = 0.1
     """NT-Xent temperature."""
-    contrastive_level: str = "token"
+    contrastive_level: ContrastiveLevel = "token"
     """Profiles contrasted: token rows, or per-document mean latent profiles within the batch."""
     contrastive_rows: int = 512
     """Rows (or documents) per step entering the contrastive term (its cost is quadratic)."""
@@ -103,23 +108,6 @@ class TrainConfig:
         cosmetic = ({"log_every", "checkpoint_every", "device"}
                     | ({"steps"} if not self.lr_decay_frac else set()))
         return sorted(k for k, v in self.to_dict().items() if k not in cosmetic and other.get(k) != v)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings of a dataclass (the string literal under each field), for --help texts."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
-                and isinstance(nxt.value.value, str):
-            docs[node.target.id] = nxt.value.value.strip()
-    return docs
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,4 +1,4 @@
-"""Library calls behind the `bra-sae` commands that are not training: load, describe, evaluate."""
+"""Library calls behind the `bra-sae` commands: fit in a process group, load, describe, evaluate."""
 
 from __future__ import annotations
 
@@ -10,13 +10,25 @@ from typing import Any
 import torch
 
 from bra.cache.store import Store, open_store
+from bra.dist import process_group
 from bra.errors import SAEError
 from bra.fsutil import temp_sibling
+from bra.sae.config import TrainConfig
 from bra.sae.evaluate import ce_loss_score, check_compatible, heldout_docs, reconstruction_metrics
 from bra.sae.formats import SAELENS_CFG, SEED_WEIGHTS, load_sae
 from bra.sae.model import TopKSAE
+from bra.sae.train import fit, resolve_device
 
 logger = logging.getLogger(__name__)
+
+
+def fit_in_process_group(store_path: str | os.PathLike[str], out: str | os.PathLike[str], cfg: TrainConfig,
+                         resume: bool = False) -> bool:
+    """`bra-sae fit`: join the torchrun group the environment describes (none: one process; NCCL when
+    training on CUDA, else gloo) and train; True in the main process (the one that reports)."""
+    with process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo") as dist:
+        fit(store_path, out, cfg, resume=resume, dist=dist)
+    return dist.is_main
 
 
 def load_any(path: str | os.PathLike[str]) -> TopKSAE:
