@@ -101,10 +101,10 @@ def labels_from_tiers(store: Path) -> None:
     nothing to fit, so surface labels are set from the tier (as tests/test_score.py does)."""
     table = pd.read_parquet(store / schema.PROMPTS_TABLE)
     labels = [TIER_LABEL[t] for t in table["tier"]]
-    from bra.audit.divergence import SURFACE
+    from bra.vocab import SURFACE_CLASSES
 
     table["surface_label"] = labels
-    table["surface_probs"] = [[0.8 if c == lab else 0.05 for c in SURFACE] for lab in labels]
+    table["surface_probs"] = [[0.8 if c == lab else 0.05 for c in SURFACE_CLASSES] for lab in labels]
     write_table_atomic(table, store / schema.PROMPTS_TABLE)
 
 

@@ -15,7 +15,6 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from bra.audit.catalog import NO_CONTRAST, build_catalog, cohens_d, feature_profile
 from bra.audit.divergence import (
-    CATEGORIES,
     DepthThresholds,
     divergence,
     fit_alignment,
@@ -26,6 +25,7 @@ from bra.audit.score import ScoreConfig, ScoreError, split_prompts
 from bra.cache import schema
 from bra.cache.writer import write_table_atomic
 from bra.errors import BraError, SAEError
+from bra.vocab import FEATURE_CATEGORIES
 
 # ------------------------------------------------------------------------------------------- formula
 
@@ -204,7 +204,7 @@ def test_build_catalog__empty_with_reasons_when_contrasts_missing() -> None:
         assert catalog[name].latents == [] and catalog[name].reason == NO_CONTRAST[name]
     assert catalog["hedging"].latents == [] and "too few" in catalog["hedging"].reason  # one hedge sample
     f = feature_profile(pooled["completion"], catalog)
-    assert f.shape == (n, len(CATEGORIES))
+    assert f.shape == (n, len(FEATURE_CATEGORIES))
     np.testing.assert_allclose(f.sum(1), 1.0)
     assert (f[:, [0, 3, 4]] == 0).all()  # empty categories contribute nothing
 
@@ -323,22 +323,21 @@ def test_score__refuses_bad_inputs(eval_env, no_model, tmp_path: Path) -> None:
 
 
 def test_load_tokenizer__decodes_when_local_and_falls_back(tiny_gemma_dir: Path, tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
-    from bra.audit.report import _load_tokenizer
+    from bra.audit.bundle import StoreFacts
+    from bra.audit.contexts import load_tokenizer
     from bra.pipeline.model import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tiny_gemma_dir)))
 
-    def result(model_id: str, fingerprint: str) -> SimpleNamespace:
-        attrs = {schema.ATTR_MANIFEST: {"model": {"id": model_id}}, schema.ATTR_TOKENIZER_FP: fingerprint}
-        return SimpleNamespace(store=SimpleNamespace(attrs=attrs))
+    def facts(model_id: str, fingerprint: str) -> StoreFacts:
+        return StoreFacts(path="store", kind="eval", model_id=model_id, model={"id": model_id},
+                          tokenizer_fingerprint=fingerprint, d_model=64, n_tokens=0)
 
-    tok, status = _load_tokenizer(result(str(tiny_gemma_dir), fp))
+    tok, status = load_tokenizer(facts(str(tiny_gemma_dir), fp))
     assert tok is not None and status.startswith("decoded")
-    tok, status = _load_tokenizer(result(str(tiny_gemma_dir), "0" * 16))
+    tok, status = load_tokenizer(facts(str(tiny_gemma_dir), "0" * 16))
     assert tok is None and "differs" in status
-    tok, status = _load_tokenizer(result(str(tmp_path / "gone"), fp))
+    tok, status = load_tokenizer(facts(str(tmp_path / "gone"), fp))
     assert tok is None and "gone" in status
