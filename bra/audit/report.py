@@ -1,7 +1,8 @@
 """Outputs of `bra-sae score`: scores.parquet, catalog.json, report.json, report.html and its PNG plots.
 
-The whole output directory is written to a temp folder beside ``out`` and renamed into place, so a
-reader never sees a half-written report and report.html always matches its PNGs. report.json holds no
+Everything is written from the `ScoreResult` alone (the store is never re-entered). The whole output
+directory is written to a temp folder beside ``out`` and renamed into place (`bra.fsutil.atomic_dir`), so
+a reader never sees a half-written report and report.html always matches its PNGs. report.json holds no
 timestamp: two runs on the same inputs give identical files.
 """
 

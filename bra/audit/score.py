@@ -86,7 +86,7 @@ def split_prompts(ids: pd.Series, tiers: pd.Series, seed: int, train_fraction: f
 
 
 def calibrate(S: np.ndarray, F: np.ndarray, labels: np.ndarray, cal: np.ndarray,
-               ridge: float) -> dict[str, Any]:
+              ridge: float) -> dict[str, Any]:
     """T from the calibration prompts with a known surface label. A class is present when some calibration
     prompt carries it as its label; T is fit on the present classes only (the mass a soft distribution puts
     on an absent class is ignored) and the absent classes are reported."""
