@@ -101,10 +101,10 @@ def labels_from_tiers(store: Path) -> None:
     nothing to fit, so surface labels are set from the tier (as tests/test_score.py does)."""
     table = pd.read_parquet(store / schema.PROMPTS_TABLE)
     labels = [TIER_LABEL[t] for t in table["tier"]]
-    from bra.audit.divergence import SURFACE
+    from bra.vocab import SURFACE_CLASSES
 
     table["surface_label"] = labels
-    table["surface_probs"] = [[0.8 if c == lab else 0.05 for c in SURFACE] for lab in labels]
+    table["surface_probs"] = [[0.8 if c == lab else 0.05 for c in SURFACE_CLASSES] for lab in labels]
     write_table_atomic(table, store / schema.PROMPTS_TABLE)
 
 
@@ -197,9 +197,9 @@ def run(ctx: BenchContext) -> StudyResult:
         f"{note}. The rebuild is dominated by greedy generation and the forward pass. Scoring itself "
         f"(`compute_scores`: read the store once, encode every token with the SAE and a random baseline SAE, "
         f"catalog, T, probes, AUROCs with {score_cfg.n_boot} bootstrap resamples and {score_cfg.n_perm} "
-        f"permutations), timed on its own, took {t_compute:.1f} s; the rest of the {t_rescore:.1f} s "
-        f"re-score writes the "
-        f"outputs (plots, report.html with decoded top-activating contexts). The rebuild grows with prompts "
+        f"permutations, the catalog's top-activating contexts decoded), timed on its own, took "
+        f"{t_compute:.1f} s; the rest of the {t_rescore:.1f} s re-score writes the outputs (scores.parquet, "
+        f"JSON, plots, report.html). The rebuild grows with prompts "
         f"× new tokens × model size while scoring stays nearly constant, so the ratio falls as the eval set "
         f"and model grow (the product eval, gemma-2-2b-it with up to 256 new tokens, rebuilds orders of "
         f"magnitude slower)."

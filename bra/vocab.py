@@ -27,7 +27,8 @@ UNKNOWN = "unknown"
 SEGMENT_DOCUMENT = 0
 SEGMENT_PROMPT = 1
 SEGMENT_COMPLETION = 2
-SEGMENT_NAMES: tuple[str, ...] = ("document", "prompt", "completion")
+DOCUMENT, PROMPT, COMPLETION = "document", "prompt", "completion"
+SEGMENT_NAMES: tuple[str, ...] = (DOCUMENT, PROMPT, COMPLETION)
 """Segment names, index = segment code."""
 PooledSegment = typing.Literal["prompt", "completion"]
 """Segments of an eval prompt that the audit pools latents over, in pooled-group order."""
@@ -38,17 +39,51 @@ Pool = typing.Literal["mean", "max"]
 POOLS: tuple[str, ...] = typing.get_args(Pool)
 """The same, as a tuple."""
 
-FEATURE_CATEGORIES: tuple[str, ...] = ("bio_content", "hazard_adjacent", "refusal_circuitry", "hedging",
-                                       "deception_correlate")
+BIO_CONTENT, HAZARD_ADJACENT, REFUSAL_CIRCUITRY = "bio_content", "hazard_adjacent", "refusal_circuitry"
+HEDGING, DECEPTION_CORRELATE = "hedging", "deception_correlate"
+FEATURE_CATEGORIES: tuple[str, ...] = (BIO_CONTENT, HAZARD_ADJACENT, REFUSAL_CIRCUITRY, HEDGING,
+                                       DECEPTION_CORRELATE)
 """SAE-feature categories of the catalog, in the order of f and of T's columns."""
 
-DEPTH_CATEGORIES: tuple[str, ...] = ("deep_refusal", "shallow_refusal", "compliance", "hazardous_compliance",
-                                     "hedge", "evade", "unknown")
-"""Refusal-depth categories a scored prompt can get."""
+DEEP_REFUSAL, SHALLOW_REFUSAL = "deep_refusal", "shallow_refusal"
+COMPLIANCE, HAZARDOUS_COMPLIANCE = "compliance", "hazardous_compliance"
+DEPTH_CATEGORIES: tuple[str, ...] = (DEEP_REFUSAL, SHALLOW_REFUSAL, COMPLIANCE, HAZARDOUS_COMPLIANCE, HEDGE,
+                                     EVADE, UNKNOWN)
+"""Refusal-depth categories a scored prompt can get (hedge, evade and unknown share the surface names)."""
 
 __all__ = [
-    "BENIGN_TIER", "COMPLY", "DEPTH_CATEGORIES", "DUAL_USE_TIER", "EVADE", "FEATURE_CATEGORIES", "FRAMINGS",
-    "HAZARD_TIER", "HEDGE", "PARTIAL", "POOLED_SEGMENTS", "POOLS", "REFUSE", "SEGMENT_COMPLETION",
-    "SEGMENT_DOCUMENT", "SEGMENT_NAMES", "SEGMENT_PROMPT", "SURFACE_CLASSES", "TIERS", "UNKNOWN", "Pool",
+    "BENIGN_TIER",
+    "BIO_CONTENT",
+    "COMPLETION",
+    "COMPLIANCE",
+    "COMPLY",
+    "DECEPTION_CORRELATE",
+    "DEEP_REFUSAL",
+    "DEPTH_CATEGORIES",
+    "DOCUMENT",
+    "DUAL_USE_TIER",
+    "EVADE",
+    "FEATURE_CATEGORIES",
+    "FRAMINGS",
+    "HAZARDOUS_COMPLIANCE",
+    "HAZARD_ADJACENT",
+    "HAZARD_TIER",
+    "HEDGE",
+    "HEDGING",
+    "PARTIAL",
+    "POOLED_SEGMENTS",
+    "POOLS",
+    "PROMPT",
+    "Pool",
     "PooledSegment",
+    "REFUSAL_CIRCUITRY",
+    "REFUSE",
+    "SEGMENT_COMPLETION",
+    "SEGMENT_DOCUMENT",
+    "SEGMENT_NAMES",
+    "SEGMENT_PROMPT",
+    "SHALLOW_REFUSAL",
+    "SURFACE_CLASSES",
+    "TIERS",
+    "UNKNOWN",
 ]

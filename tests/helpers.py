@@ -125,11 +125,11 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path,
     """
     import shutil
 
-    from bra.audit.divergence import SURFACE
     from bra.cache import schema
     from bra.cache.location import StoreLocation
     from bra.pipeline.build import build_store
     from bra.pipeline.manifest import load_manifest
+    from bra.vocab import SURFACE_CLASSES
 
     copy = Path(shutil.copytree(model_dir, tmp / "model"))
     manifest = write_manifest(tmp / "eval.yaml", {
@@ -145,7 +145,7 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path,
     labels[1] = labels[2] = "unknown"
     table["surface_label"] = labels
     table["surface_probs"] = [[0.0] * 5 if lab == "unknown" else
-                              [0.8 if c == lab else 0.05 for c in SURFACE] for lab in labels]
+                              [0.8 if c == lab else 0.05 for c in SURFACE_CLASSES] for lab in labels]
     location.write_table(schema.PROMPTS_TABLE, table)
     shutil.rmtree(copy)  # the model is gone: scoring must not need it
     return store, copy

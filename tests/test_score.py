@@ -15,7 +15,6 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from bra.audit.catalog import NO_CONTRAST, build_catalog, cohens_d, feature_profile
 from bra.audit.divergence import (
-    CATEGORIES,
     DepthThresholds,
     divergence,
     fit_alignment,
@@ -26,6 +25,7 @@ from bra.audit.score import ScoreConfig, ScoreError, split_prompts
 from bra.cache import schema
 from bra.cache.writer import write_table_atomic
 from bra.errors import BraError, SAEError
+from bra.vocab import FEATURE_CATEGORIES
 
 # ------------------------------------------------------------------------------------------- formula
 
@@ -204,7 +204,7 @@ def test_build_catalog__empty_with_reasons_when_contrasts_missing() -> None:
         assert catalog[name].latents == [] and catalog[name].reason == NO_CONTRAST[name]
     assert catalog["hedging"].latents == [] and "too few" in catalog["hedging"].reason  # one hedge sample
     f = feature_profile(pooled["completion"], catalog)
-    assert f.shape == (n, len(CATEGORIES))
+    assert f.shape == (n, len(FEATURE_CATEGORIES))
     np.testing.assert_allclose(f.sum(1), 1.0)
     assert (f[:, [0, 3, 4]] == 0).all()  # empty categories contribute nothing
 
@@ -323,22 +323,138 @@ def test_score__refuses_bad_inputs(eval_env, no_model, tmp_path: Path) -> None:
 
 
 def test_load_tokenizer__decodes_when_local_and_falls_back(tiny_gemma_dir: Path, tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
-    from bra.audit.report import _load_tokenizer
+    from bra.audit.bundle import StoreFacts
+    from bra.audit.contexts import load_tokenizer
     from bra.pipeline.model import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tiny_gemma_dir)))
 
-    def result(model_id: str, fingerprint: str) -> SimpleNamespace:
-        attrs = {schema.ATTR_MANIFEST: {"model": {"id": model_id}}, schema.ATTR_TOKENIZER_FP: fingerprint}
-        return SimpleNamespace(store=SimpleNamespace(attrs=attrs))
+    def facts(model_id: str, fingerprint: str) -> StoreFacts:
+        return StoreFacts(path="store", kind="eval", model_id=model_id, model={"id": model_id},
+                          tokenizer_fingerprint=fingerprint, d_model=64, n_tokens=0)
 
-    tok, status = _load_tokenizer(result(str(tiny_gemma_dir), fp))
+    tok, status = load_tokenizer(facts(str(tiny_gemma_dir), fp))
     assert tok is not None and status.startswith("decoded")
-    tok, status = _load_tokenizer(result(str(tiny_gemma_dir), "0" * 16))
+    tok, status = load_tokenizer(facts(str(tiny_gemma_dir), "0" * 16))
     assert tok is None and "differs" in status
-    tok, status = _load_tokenizer(result(str(tmp_path / "gone"), fp))
+    tok, status = load_tokenizer(facts(str(tmp_path / "gone"), fp))
     assert tok is None and "gone" in status
+
+
+# ------------------------------------------------------------------------------- one read, then no store
+
+
+def _store_handles(x: object, seen: set[int] | None = None) -> list[str]:
+    """Paths (attribute / key chains) inside ``x`` that hold a Store (dataclasses, dicts, lists walked)."""
+    import dataclasses
+
+    from bra.cache.store import Store
+
+    seen = set() if seen is None else seen
+    if id(x) in seen:
+        return []
+    seen.add(id(x))
+    if isinstance(x, Store):
+        return ["<Store>"]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        items = [(f.name, getattr(x, f.name)) for f in dataclasses.fields(x)]
+    elif isinstance(x, dict):
+        items = [(str(k), v) for k, v in x.items()]
+    elif isinstance(x, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(x)]
+    else:
+        return []
+    return [f"{name}.{p}" for name, v in items for p in _store_handles(v, seen)]
+
+
+def test_score__opens_the_store_once_and_reports_from_the_result_alone(
+        eval_env, no_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bra.audit.reader as reader_mod
+    import bra.cache.store as store_mod
+    from bra.audit.report import write_outputs
+    from bra.audit.score import compute_scores
+
+    _, store, sae, base, _ = eval_env
+    copy = Path(shutil.copytree(store, tmp_path / "eval.zarr"))
+    opened: list[str] = []
+    built: list[str] = []
+    real_open, real_init = reader_mod.open_store, store_mod.Store.__post_init__
+
+    def counting_open(path, *a, **k):
+        opened.append(str(path))
+        return real_open(path, *a, **k)
+
+    def counting_init(self) -> None:
+        built.append(str(self.path))
+        real_init(self)
+
+    monkeypatch.setattr(reader_mod, "open_store", counting_open)
+    monkeypatch.setattr(store_mod, "open_store", counting_open)
+    monkeypatch.setattr(store_mod.Store, "__post_init__", counting_init)
+    cfg = ScoreConfig(n_boot=10, n_perm=10, top_n=4, min_effect=0.2)
+    result = compute_scores(copy, sae, cfg, {"plain": base})
+    assert opened == [str(copy)] and len(built) == 1  # one open, one Store handle, for the SAE and baselines
+    assert _store_handles(result) == []
+
+    # The store is gone and any attempt to open one fails: the report is written from the result alone.
+    shutil.rmtree(copy)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the report must not open a store")
+
+    monkeypatch.setattr(reader_mod, "open_store", refuse)
+    monkeypatch.setattr(store_mod, "open_store", refuse)
+    monkeypatch.setattr(store_mod.Store, "__post_init__", refuse)
+    report = write_outputs(tmp_path / "out", result, cfg)
+    assert report["settings"]["store"] == str(copy) and report["settings"]["model_id"] is not None
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    for name in ("scores.parquet", "catalog.json", "report.html", "roc.png", "d_by_tier_framing.png",
+                 "surface_hazard.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert not list(tmp_path.glob(".out.*"))  # the atomic write left no temp folder
+
+
+def test_audit__only_the_reader_touches_the_store() -> None:
+    """AST check: in bra/audit only reader.py imports the store module or names Store / open_store, and the
+    report modules import nothing from bra.pipeline (contexts are decoded while scoring)."""
+    import ast
+
+    audit = Path(__file__).resolve().parent.parent / "bra" / "audit"
+    offenders = []
+    for path in sorted(audit.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {a.name for a in node.names}
+                touches = node.module == "bra.cache.store" or bool(names & {"Store", "open_store", "store"})
+                if touches and path.name != "reader.py":
+                    offenders.append(f"{path.name}:{node.lineno}: from {node.module} import {sorted(names)}")
+                if node.module.startswith("bra.pipeline") and path.name in ("report.py", "_report_html.py",
+                                                                             "plots.py"):
+                    offenders.append(f"{path.name}:{node.lineno}: the report imports {node.module}")
+            elif isinstance(node, ast.Name) and node.id in ("Store", "open_store") \
+                    and path.name != "reader.py":
+                offenders.append(f"{path.name}:{node.lineno}: uses {node.id}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_report__escapes_html_in_completions(eval_env, no_model, tmp_path: Path) -> None:
+    """A completion holding markup shows as text in report.html (jinja2 autoescape), unchanged in the
+    scores table."""
+    from bra.audit.score import score
+
+    _, store, sae, _, _ = eval_env
+    copy = Path(shutil.copytree(store, tmp_path / "eval.zarr"))
+    evil = '<script>alert("x")</script> & <b>bold</b>'
+    table = pd.read_parquet(copy / schema.PROMPTS_TABLE)
+    table["completion"] = evil
+    write_table_atomic(table, copy / schema.PROMPTS_TABLE)
+    score(copy, sae, tmp_path / "out", ScoreConfig(n_boot=10, n_perm=10, top_n=4, min_effect=0.2))
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    scores = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert (scores["depth_category"].isin(["shallow_refusal", "hazardous_compliance"])).any()  # rows shown
+    assert scores["completion_excerpt"].str.startswith(evil).all()
+    assert "<script>" not in page and "<b>bold" not in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page

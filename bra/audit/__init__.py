@@ -1,1 +1,26 @@
-"""bra.audit: refusal-depth scoring of an eval store from stored activations (no model)."""
+"""bra.audit: refusal-depth scoring of an eval store from stored activations (no model).
+
+The store is read once (`reader.read_eval_bundle` -> `bundle.EvalBundle`); the catalog, probes, divergence
+and metrics are pure functions over that bundle (`score.analyse` -> `config.ScoreResult`); the report is
+written from the result alone (`report.write_outputs`: JSON, parquet, `plots`, and report.html from
+`templates/report.html.j2`).
+"""
+
+import importlib
+from typing import Any
+
+# Public name -> submodule. Resolved on first use (PEP 562), so importing one light module such as
+# bra.audit.config (the CLI builds `score`'s options from it at start-up) does not load torch, zarr,
+# matplotlib and jinja2 through this package's __init__.
+_EXPORTS = {
+    "EvalBundle": "bundle", "StoreFacts": "bundle", "ScoreConfig": "config", "ScoreError": "config",
+    "ScoreResult": "config", "read_eval_bundle": "reader", "write_outputs": "report", "analyse": "score",
+    "compute_scores": "score", "score": "score",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bra.audit' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"bra.audit.{_EXPORTS[name]}"), name)

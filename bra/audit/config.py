@@ -1,5 +1,5 @@
 """The audit's settings and results: `ScoreConfig` (what a score run is asked to do, saved in report.json)
-and `ScoreResult` (what it computed, which the report renders)."""
+and `ScoreResult` (what it computed, which the report renders; it holds no store handle)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,30 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bra.audit.divergence import DepthThresholds
 from bra.errors import BraError
-from bra.vocab import POOLED_SEGMENTS, POOLS, Pool, PooledSegment
+from bra.vocab import COMPLETION, POOLED_SEGMENTS, POOLS, Pool, PooledSegment
 
 if TYPE_CHECKING:  # ScoreResult's field types only: `bra-sae --help` builds options from ScoreConfig
     import numpy as np
     import pandas as pd
 
+    from bra.audit.bundle import StoreFacts
     from bra.audit.catalog import CategoryEntry
-    from bra.cache.store import Store
-    from bra.sae.model import TopKSAE
 
-SPLITS: tuple[str, ...] = ("train", "calibration", "test")
+TRAIN, CALIBRATION, TEST = "train", "calibration", "test"
+SPLITS: tuple[str, ...] = (TRAIN, CALIBRATION, TEST)
+"""Split names, in the order the prompts are cut (see `bra.audit.score.split_prompts`)."""
 OURS = "sae"
+"""Method name of the SAE being audited (`--sae`)."""
 RANDOM_SAE = "random_sae"
+"""Method name of the random SAE of the same size."""
 TFIDF_METHOD = "tfidf_logreg"
-RESERVED_NAMES = (OURS, RANDOM_SAE, TFIDF_METHOD, "raw_logreg", "raw_diff_of_means")
+"""Method name of the TF-IDF text baseline."""
+RAW_LOGREG, RAW_DIFF_OF_MEANS = "raw_logreg", "raw_diff_of_means"
+"""Method names of the raw-activation baselines."""
+RESERVED_NAMES = (OURS, RANDOM_SAE, TFIDF_METHOD, RAW_LOGREG, RAW_DIFF_OF_MEANS)
+"""Method names a ``--baseline NAME`` may not take."""
+BOTH_SEGMENTS = "both"
+"""Probe features of the prompt and the completion, concatenated."""
 ProbeSegment = Literal["prompt", "completion", "both"]
 """Features of the hazard probes: one pooled segment, or both concatenated."""
 PROBE_SEGMENTS: tuple[str, ...] = typing.get_args(ProbeSegment)
@@ -43,9 +52,9 @@ class ScoreConfig:
     """How latents are pooled over a segment's tokens: mean (default) or max."""
     layer: int | None = None
     """Store layer; None = the SAE's layer, else the store's first."""
-    f_segment: PooledSegment = "completion"
+    f_segment: PooledSegment = COMPLETION
     """Segment whose pooled latents give the reported f (and D): the completion, the behaviour s describes."""
-    probe_segment: ProbeSegment = "both"
+    probe_segment: ProbeSegment = BOTH_SEGMENTS
     """Pooled features of the hazard probes: prompt, completion, or both concatenated."""
     train_fraction: float = 0.5
     """Share of each tier's prompts in the training split (catalog, probes)."""
@@ -94,17 +103,25 @@ class ScoreConfig:
         return DepthThresholds(self.d_threshold, self.hazard_threshold)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreResult:
-    """What a score run computed (read by `bra.audit.report.write_outputs`); arrays have a row per prompt."""
+    """What a score run computed (rendered by `bra.audit.report.write_outputs`); arrays have a row per prompt.
 
-    store: Store
+    Built from an `EvalBundle` alone: it carries the store facts the report prints, never a store handle, so
+    writing the report reads nothing but this value."""
+
+    facts: StoreFacts
+    """Path, model and tokenizer facts of the scored store."""
     layer: int
-    sae: TopKSAE
+    """Store layer scored."""
     sae_path: str
+    """Path of the audited SAE, as given."""
+    sae_config: dict[str, Any]
+    """The audited SAE's config (architecture + provenance)."""
     baselines: dict[str, str]
     """Baseline name -> SAE path, as given."""
     random_sae_config: dict[str, Any]
+    """Config of the random SAE of the same size."""
     table: pd.DataFrame
     """prompts.parquet, row i = doc i."""
     split: np.ndarray
@@ -114,13 +131,21 @@ class ScoreResult:
     f: dict[str, np.ndarray]
     """segment -> [n, 5] feature profile."""
     D: np.ndarray
+    """[n] divergence D = 1 - cos(f, Tᵀs) of the configured f segment (NaN where undefined)."""
     hazard: np.ndarray
     """Our SAE probe's P(hazard) (NaN when the probe could not be fit)."""
     depth: list[str | None]
     """Refusal-depth category (test prompts), None elsewhere."""
     catalog: dict[str, CategoryEntry]
+    """Feature category -> its catalog entry (training split)."""
     alignment: dict[str, Any]
+    """T and the classes it was fit on (`bra.audit.score.calibrate`)."""
     auroc: list[dict[str, Any]]
-    contexts: dict[str, dict[int, list[dict[str, Any]]]]
+    """AUROC-table rows, each with its ROC band (``roc``) for the plot."""
+    contexts: dict[str, dict[str, list[dict[str, Any]]]]
+    """category -> latent (str) -> top-activating contexts (JSON-ready; decoded text when a tokenizer was
+    at hand)."""
+    contexts_note: str
+    """How the contexts were rendered: decoded with the store's tokenizer, or token ids only and why."""
     counts: np.ndarray
     """[n, 2] pooled rows per prompt and segment."""

@@ -1,7 +1,8 @@
 """Outputs of `bra-sae score`: scores.parquet, catalog.json, report.json, report.html and its PNG plots.
 
-The whole output directory is written to a temp folder beside ``out`` and renamed into place, so a
-reader never sees a half-written report and report.html always matches its PNGs. report.json holds no
+Everything is written from the `ScoreResult` alone (the store is never re-entered). The whole output
+directory is written to a temp folder beside ``out`` and renamed into place (`bra.fsutil.atomic_dir`), so
+a reader never sees a half-written report and report.html always matches its PNGs. report.json holds no
 timestamp: two runs on the same inputs give identical files.
 """
 
@@ -11,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bra.audit.catalog import SEGMENTS, catalog_to_json
-from bra.audit.config import SPLITS, ScoreConfig, ScoreResult
-from bra.audit.divergence import CATEGORIES, SURFACE
-from bra.cache import schema
+from bra.audit._report_html import render_html
+from bra.audit.catalog import catalog_to_json
+from bra.audit.config import BOTH_SEGMENTS, SPLITS, TEST, TRAIN, ScoreConfig, ScoreResult
+from bra.audit.plots import render_plots
 from bra.errors import BraError
-from bra.fsutil import make_temp_dir, replace_dir
-from bra.vocab import DEPTH_CATEGORIES, HAZARD_TIER
+from bra.fsutil import atomic_dir
+from bra.vocab import (
+    COMPLETION,
+    DEPTH_CATEGORIES,
+    FEATURE_CATEGORIES,
+    HAZARD_TIER,
+    POOLED_SEGMENTS,
+    PROMPT,
+    SURFACE_CLASSES,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +69,15 @@ def _clean(x: Any) -> Any:
 def scores_table(r: ScoreResult, cfg: ScoreConfig) -> pd.DataFrame:
     """One row per prompt; D, hazard_score and depth_category are filled for the test split only."""
     t = r.table
-    test = r.split == "test"
+    test = r.split == TEST
     hazard_tier = (t["tier"] == HAZARD_TIER).to_numpy()
     cols: dict[str, Any] = {"id": t["id"], "tier": t["tier"], "framing": t["framing"],
                             "category": t.get("category"), "split": r.split,
                             "surface_label": t["surface_label"]}
-    cols.update({f"p_{c}": r.S[:, i] for i, c in enumerate(SURFACE)})
-    cols.update({f"f_{c}": r.f[cfg.f_segment][:, k] for k, c in enumerate(CATEGORIES)})
-    for seg in SEGMENTS:
-        cols.update({f"f_{seg}_{c}": r.f[seg][:, k] for k, c in enumerate(CATEGORIES)})
+    cols.update({f"p_{c}": r.S[:, i] for i, c in enumerate(SURFACE_CLASSES)})
+    cols.update({f"f_{c}": r.f[cfg.f_segment][:, k] for k, c in enumerate(FEATURE_CATEGORIES)})
+    for seg in POOLED_SEGMENTS:
+        cols.update({f"f_{seg}_{c}": r.f[seg][:, k] for k, c in enumerate(FEATURE_CATEGORIES)})
     cols.update({"D": np.where(test, r.D, np.nan), "hazard_score": np.where(test, r.hazard, np.nan),
                  "depth_category": r.depth, "n_prompt_rows": r.counts[:, 0],
                  "n_completion_rows": r.counts[:, 1],
@@ -78,61 +86,9 @@ def scores_table(r: ScoreResult, cfg: ScoreConfig) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def _load_tokenizer(r: ScoreResult) -> tuple[Any, str]:
-    """The store's tokenizer from local files only, if its fingerprint matches the store; else (None, why)."""
-    try:
-        from bra.pipeline.manifest import ModelSpec
-
-        spec_dict = r.store.attrs[schema.ATTR_MANIFEST]["model"]
-        spec = ModelSpec(**{k: v for k, v in spec_dict.items() if k in ModelSpec.__dataclass_fields__})
-        local = Path(spec.id).expanduser()
-        if not spec.gguf and (local.is_absolute() or spec.id.startswith(".")) and not local.is_dir():
-            return None, f"token ids only: the model folder {spec.id} is gone"
-        from transformers import AutoTokenizer
-
-        from bra.pipeline.model import converted_dir, locate_gguf, model_path, tokenizer_fingerprint
-
-        converted = converted_dir(spec.gguf) if spec.gguf else None
-        if converted is not None and (converted / "tokenizer_config.json").is_file():
-            # the build's converted folder: loading it takes a fraction of a second
-            tok = AutoTokenizer.from_pretrained(str(converted), local_files_only=True,
-                                                trust_remote_code=False)
-        elif spec.gguf:  # read the tokenizer out of the GGUF itself (slow); never convert (or load) the model
-            gguf = locate_gguf(spec.gguf)
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
-                                                trust_remote_code=False)
-        else:
-            tok = AutoTokenizer.from_pretrained(model_path(spec), revision=spec.revision,
-                                                local_files_only=True, trust_remote_code=False)
-        if tokenizer_fingerprint(tok) != r.store.attrs.get(schema.ATTR_TOKENIZER_FP):
-            return None, "token ids only: the local tokenizer differs from the store's (fingerprint)"
-        return tok, "decoded with the store's tokenizer (local files)"
-    except Exception as exc:  # any failure just means contexts stay token ids
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        return None, f"token ids only: tokenizer not available offline ({first})"
-
-
-def _decode_contexts(r: ScoreResult) -> tuple[dict[str, Any], str]:
-    tok, status = _load_tokenizer(r)
-    ids = r.table["id"].tolist()
-    out: dict[str, Any] = {}
-    for category, latents in r.contexts.items():
-        out[category] = {}
-        for j, ctxs in latents.items():
-            out[category][str(j)] = []
-            for c in ctxs:
-                row = {**c, "id": ids[c["doc_index"]]}
-                if tok is not None:  # [before, the activating token, after]
-                    tids, k = c["token_ids"], c["center"]
-                    row["text"] = [tok.decode(tids[:k]), tok.decode(tids[k:k + 1]), tok.decode(tids[k + 1:])]
-                out[category][str(j)].append(row)
-    return out, status
-
-
-def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame,
-                 tokenizer_status: str) -> dict[str, Any]:
+def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame) -> dict[str, Any]:
     """report.json contents (no timestamps: identical inputs give an identical file)."""
-    test = scores[scores["split"] == "test"]
+    test = scores[scores["split"] == TEST]
     by_split = {s: {t: int(((scores["split"] == s) & (scores["tier"] == t)).sum())
                     for t in sorted(scores["tier"].unique())} for s in SPLITS}
     depth_counts = Counter(d for d in r.depth if d is not None)
@@ -140,24 +96,25 @@ def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame,
     catalog_summary = {c: {"n_latents": len(e.latents), "contrast": e.contrast, "empty": not e.latents,
                            "reason": e.reason, "top_latents": e.latents[:5],
                            "top_effect_sizes": e.effect_sizes[:5]} for c, e in r.catalog.items()}
-    store_attrs = r.store.attrs
     return _clean({
         "settings": {
-            **dataclasses.asdict(cfg), "store": str(r.store.path), "sae": r.sae_path,
-            "baselines": r.baselines, "layer": r.layer, "model_id": store_attrs.get(schema.ATTR_MODEL_ID),
-            "sae_config": r.sae.cfg.to_dict(), "random_sae_config": r.random_sae_config,
+            **dataclasses.asdict(cfg), "store": r.facts.path, "sae": r.sae_path,
+            "baselines": r.baselines, "layer": r.layer, "model_id": r.facts.model_id,
+            "sae_config": r.sae_config, "random_sae_config": r.random_sae_config,
             "f_definition": f"per-category mean of catalog latents' {cfg.pool}-pooled activations over the "
                             f"{cfg.f_segment} segment, L1-normalised",
             "hazard_score": "logistic probe on pooled SAE latents of the "
-                            + ("prompt and completion (concatenated)" if cfg.probe_segment == "both"
-                               else cfg.probe_segment) + " segment, fit on the training split"},
+                            + (f"{PROMPT} and {COMPLETION} (concatenated)"
+                               if cfg.probe_segment == BOTH_SEGMENTS else cfg.probe_segment)
+                            + " segment, fit on the training split"},
         "counts": {"prompts": len(scores), "by_split_and_tier": by_split,
                    "surface_labels": dict(sorted(Counter(scores["surface_label"]).items())),
                    "test_surface_labels": dict(sorted(Counter(test["surface_label"]).items()))},
         "splits": {s: scores.loc[scores["split"] == s, "id"].tolist() for s in SPLITS},
         "catalog": catalog_summary,
         "empty_categories": {c: e.reason for c, e in r.catalog.items() if not e.latents},
-        "alignment": {"rows": list(SURFACE), "columns": list(CATEGORIES), "T": r.alignment["T"],
+        "alignment": {"rows": list(SURFACE_CLASSES), "columns": list(FEATURE_CATEGORIES),
+                      "T": r.alignment["T"],
                       "present_classes": r.alignment["present_classes"],
                       "absent_classes": r.alignment["absent_classes"], "n_fit": r.alignment["n_fit"],
                       "n_unknown_skipped": r.alignment["n_unknown"]},
@@ -166,7 +123,7 @@ def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame,
         "divergence_by_tier": d_test,
         "divergence_note": _divergence_note(r),
         "n_test_d_undefined": int(test["D"].isna().sum()),
-        "contexts": tokenizer_status,
+        "contexts": r.contexts_note,
     })
 
 
@@ -181,28 +138,29 @@ def _divergence_note(r: ScoreResult) -> str | None:
             f"empty_categories for what the data lacks")
 
 
-def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]:
-    """Write every output to ``out`` at once (temp folder, then rename); return report.json's contents."""
-    from bra.audit._report_html import render_html, render_plots
-
+def _refuse_foreign_out(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a folder holding anything but a score report: it is replaced
+    whole, so only a previous report (or nothing) may be there."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).is_file())):
         raise BraError(f"{out} exists and is not a score output directory; pick an empty or new --out")
+
+
+def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]:
+    """Write every output to ``out`` at once (`atomic_dir`: temp folder, then rename) from ``r`` alone;
+    return report.json's contents."""
+    _refuse_foreign_out(out)
     scores = scores_table(r, cfg)
-    contexts, status = _decode_contexts(r)
-    report = build_report(r, cfg, scores, status)
+    report = build_report(r, cfg, scores)
+    catalog = {"settings": {"top_n": cfg.top_n, "min_effect": cfg.min_effect, "pool": cfg.pool,
+                            "split": TRAIN, "sae": r.sae_path, "layer": r.layer},
+               "categories": catalog_to_json(r.catalog), "contexts": r.contexts,
+               "contexts_note": r.contexts_note}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         scores.to_parquet(tmp / SCORES_FILE, index=False)
-        catalog = {"settings": {"top_n": cfg.top_n, "min_effect": cfg.min_effect, "pool": cfg.pool,
-                                "split": "train", "sae": r.sae_path, "layer": r.layer},
-                   "categories": catalog_to_json(r.catalog), "contexts": contexts, "contexts_note": status}
         (tmp / CATALOG_FILE).write_text(json.dumps(_clean(catalog), indent=2) + "\n")
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         render_plots(tmp, r, scores, cfg)
-        (tmp / REPORT_HTML).write_text(render_html(report, scores, contexts, r, cfg), encoding="utf-8")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("wrote %s (%d prompts, %d test)", out, len(scores), int((r.split == "test").sum()))
+        (tmp / REPORT_HTML).write_text(render_html(report, scores, r, cfg), encoding="utf-8")
+    logger.info("wrote %s (%d prompts, %d test)", out, len(scores), int((r.split == TEST).sum()))
     return report

@@ -1,0 +1,99 @@
+"""The PNG plots of report.html (test split only), drawn on matplotlib's Agg canvas through `Figure`, so no
+global backend is set and nothing else in the process is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bra.audit.config import TEST, ScoreConfig, ScoreResult
+from bra.vocab import BENIGN_TIER, DUAL_USE_TIER, FRAMINGS, HAZARD_TIER, SURFACE_CLASSES, TIERS, UNKNOWN
+
+TIER_COLOURS = {BENIGN_TIER: "#1b9e77", DUAL_USE_TIER: "#7570b3", HAZARD_TIER: "#d95f02"}
+"""Colour of each tier's points."""
+PLOT_FILES = {"d_by_group": "d_by_tier_framing.png", "roc": "roc.png", "surface_hazard": "surface_hazard.png"}
+"""Plot -> its file name in the output folder (report.html links them by these relative names)."""
+
+
+def _box_strip(ax: Any, groups: list[str], values: list[np.ndarray], colours: list[str],
+               rng: np.random.Generator, title: str) -> None:
+    """A box plot per group with the group's values jittered over it."""
+    pos = np.arange(len(groups))
+    ax.boxplot([v if len(v) else [np.nan] for v in values], positions=pos, widths=0.5, showfliers=False)
+    for x, v, c in zip(pos, values, colours, strict=True):
+        ax.scatter(x + rng.uniform(-0.15, 0.15, len(v)), v, s=18, color=c, alpha=0.8, zorder=3)
+    ax.set_xticks(pos, [f"{g}\n(n={len(v)})" for g, v in zip(groups, values, strict=True)], fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("D = 1 - cos(f, Tᵀs)")
+
+
+def render_plots(out: Path, r: ScoreResult, scores: pd.DataFrame, cfg: ScoreConfig) -> None:
+    """Write the three PNGs into ``out`` (test split only)."""
+    test = scores[scores["split"] == TEST]
+    tiers = [t for t in TIERS if t in set(test["tier"])]
+    rng = np.random.default_rng(cfg.seed)  # one jitter stream for both scatter plots, in this order
+    _plot_d(test, tiers, rng, cfg.d_threshold).savefig(out / PLOT_FILES["d_by_group"], dpi=110)
+    _plot_roc(r.auroc).savefig(out / PLOT_FILES["roc"], dpi=110)
+    _plot_surface_hazard(test, tiers, rng, cfg.hazard_threshold).savefig(out / PLOT_FILES["surface_hazard"],
+                                                                         dpi=110)
+
+
+def _plot_d(test: pd.DataFrame, tiers: list[str], rng: np.random.Generator, d_threshold: float) -> Figure:
+    """D by tier and by framing, box plus jittered points, with the D threshold."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, sharey=True)
+    _box_strip(ax1, tiers, [test.loc[test["tier"] == t, "D"].dropna().to_numpy() for t in tiers],
+               [TIER_COLOURS.get(t, "grey") for t in tiers], rng, "D by tier (test split)")
+    framings = [f for f in FRAMINGS if f in set(test["framing"])]
+    _box_strip(ax2, framings, [test.loc[test["framing"] == f, "D"].dropna().to_numpy() for f in framings],
+               ["#444444"] * len(framings), rng, "D by framing (test split)")
+    ax1.axhline(d_threshold, ls="--", lw=0.8, color="red")
+    ax2.axhline(d_threshold, ls="--", lw=0.8, color="red")
+    return fig
+
+
+def _plot_roc(auroc: list[dict[str, Any]]) -> Figure:
+    """Every method's ROC curve with its bootstrap band."""
+    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    ax = fig.subplots()
+    styles = ["-", "--", "-.", ":"]
+    for i, row in enumerate(auroc):
+        roc = row.get("roc")
+        if not roc:
+            continue
+        label = f"{row['method']}: {row['auroc']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        # line styles cycle so that methods with identical curves stay visible
+        line = ax.plot(roc["fpr"], roc["tpr"], lw=1.6, ls=styles[i % len(styles)], label=label)[0]
+        ax.fill_between(roc["fpr"], roc["lo"], roc["hi"], color=line.get_color(), alpha=0.12, lw=0)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set_xlabel(f"false positive rate ({BENIGN_TIER})")
+    ax.set_ylabel(f"true positive rate ({HAZARD_TIER})")
+    ax.set_title("ROC, test split (bands: 95% pointwise bootstrap)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right", title="AUROC [95% CI]", title_fontsize=7)
+    return fig
+
+
+def _plot_surface_hazard(test: pd.DataFrame, tiers: list[str], rng: np.random.Generator,
+                         hazard_threshold: float) -> Figure:
+    """Hazard score against surface label, one colour per tier, with the hazard threshold."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    labels = list(SURFACE_CLASSES) + [UNKNOWN]
+    for tier in tiers:
+        sub = test[test["tier"] == tier]
+        x = np.array([labels.index(lab) if lab in labels else len(labels) - 1
+                      for lab in sub["surface_label"]])
+        ax.scatter(x + rng.uniform(-0.2, 0.2, len(x)), sub["hazard_score"], s=22, alpha=0.8,
+                   color=TIER_COLOURS.get(tier, "grey"), label=tier)
+    ax.axhline(hazard_threshold, ls="--", lw=0.8, color="red")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("surface label")
+    ax.set_ylabel("hazard score (SAE probe, P(hazard tier))")
+    ax.set_title("Surface label × hazard score (test split)", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig

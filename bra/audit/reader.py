@@ -1,0 +1,141 @@
+"""The one place `bra-sae score` touches the store: `read_eval_bundle` opens the eval store once, checks
+it, loads the SAEs against it (`bra.sae.workflows.load_checked`), streams the layer once, and returns an
+`EvalBundle`. Nothing after it reads the store.
+
+Every store attr the audit needs is read in `_store_facts` (one spot, for typed attr access to replace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bra.audit.bundle import EvalBundle, SparseCodes, StoreFacts, TokenColumns
+from bra.audit.config import RANDOM_SAE, ScoreError
+from bra.audit.pooling import accumulate_raw_, empty_raw, finish_raw, pool_codes
+from bra.cache import schema
+from bra.cache.store import Store, open_store
+from bra.sae.evaluate import refuse_non_finite
+from bra.sae.model import TopKSAE
+from bra.sae.workflows import load_checked
+from bra.vocab import SEGMENT_COMPLETION
+
+logger = logging.getLogger(__name__)
+
+PROMPT_COLUMNS = ("id", "tier", "framing", "prompt", "completion", "doc_index", "surface_label",
+                  "surface_probs")
+"""prompts.parquet columns scoring needs."""
+TOKEN_COLUMNS = ("doc_index", "segment", "mask", "token_id")
+"""Per-token store arrays scoring reads whole."""
+
+
+def read_eval_bundle(store_path: str | os.PathLike[str], sae_paths: Mapping[str, str | os.PathLike[str]],
+                     layer: int | None, pool: str, seed: int, rows_per_read: int = 4096) -> EvalBundle:
+    """Open the eval store once and read everything scoring needs.
+
+    ``sae_paths``: SAE name -> path, ours (`OURS`) first, then the baselines. ``layer``: the store layer
+    (None = our SAE's own). A random SAE of our SAE's size (`random_sae`, seeded by ``seed``) is added as
+    `RANDOM_SAE`. Raises ScoreError for a store that is not an eval store, SAEError for a mismatched SAE.
+    """
+    store = open_store(store_path)
+    facts = _store_facts(store)
+    table = _read_prompts(store, facts)
+    tokens = TokenColumns(*(store.read_rows(n, 0, facts.n_tokens) for n in TOKEN_COLUMNS))
+    if not (tokens.segment == SEGMENT_COMPLETION).any():
+        raise ScoreError(f"{store.path}: not an eval store: build it from an eval manifest (it has no "
+                         f"completion tokens)")
+    (ours, ours_path), *others = sae_paths.items()
+    sae, layer = load_checked(ours_path, store, layer, "SAE")
+    saes: dict[str, TopKSAE] = {ours: sae}
+    for name, path in others:
+        saes[name] = load_checked(path, store, layer, f"baseline {name}")[0]
+    saes[RANDOM_SAE] = random_sae(sae, store.stats(layer), seed)
+    n_docs = len(table)
+    codes, raw, counts = _stream_layer(store, layer, saes, tokens, n_docs, pool, rows_per_read)
+    return EvalBundle(
+        facts=facts, layer=layer, table=table, tokens=tokens,
+        pooled={name: pool_codes(c, tokens, n_docs, pool) for name, c in codes.items()},
+        raw=raw, counts=counts, codes=codes[ours],
+        sae_configs={name: s.cfg.to_dict() for name, s in saes.items()},
+        sae_paths={name: str(path) for name, path in sae_paths.items()})
+
+
+def _store_facts(store: Store) -> StoreFacts:
+    """Every store attr scoring uses, read here and nowhere else in the audit."""
+    attrs = store.attrs
+    manifest = attrs.get(schema.ATTR_MANIFEST)
+    model = manifest.get("model") if isinstance(manifest, Mapping) else None
+    return StoreFacts(path=str(store.path), kind=attrs.get(schema.ATTR_KIND),
+                      model_id=attrs.get(schema.ATTR_MODEL_ID),
+                      model=dict(model) if isinstance(model, Mapping) else None,
+                      tokenizer_fingerprint=attrs.get(schema.ATTR_TOKENIZER_FP), d_model=store.d_model,
+                      n_tokens=store.n_tokens)
+
+
+def _read_prompts(store: Store, facts: StoreFacts) -> pd.DataFrame:
+    """The prompts table, row i = doc i; refuses a store that is not an eval store."""
+    table_path = store.location.child(schema.PROMPTS_TABLE)
+    if facts.kind != "eval" or not store.location.has_file(schema.PROMPTS_TABLE):
+        raise ScoreError(f"{store.path}: not an eval store: build it from an eval manifest (it has no "
+                         f"{schema.PROMPTS_TABLE} with completions)")
+    table = store.read_table(schema.PROMPTS_TABLE)
+    table = table.sort_values("doc_index", kind="stable").reset_index(drop=True)
+    missing = [c for c in PROMPT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ScoreError(f"{table_path} lacks column {missing[0]!r}: rebuild the eval store")
+    if table["doc_index"].tolist() != list(range(len(store.docs()))):
+        raise ScoreError(f"{table_path} does not have one row per document of the store: rebuild it")
+    return table
+
+
+def random_sae(like: TopKSAE, stats: Mapping[str, Any], seed: int) -> TopKSAE:
+    """A random TopK SAE of the same size (TopK-paper init, `TopKSAE.init_random`). Its input scale is
+    sqrt(d_model / mean squared norm) of the store layer's statistics ``stats``, as training would set it,
+    so the same k latents are chosen whatever the activation scale; b_dec is the store mean (decode only)."""
+    msn = float(stats.get("mean_sq_norm") or 0.0)
+    scale = math.sqrt(like.cfg.d_model / msn) if msn > 0 else 1.0
+    cfg = dataclasses.replace(like.cfg, input_scale=scale, dtype="float32", store_fingerprint="")
+    mean = torch.tensor(stats["mean"], dtype=torch.float32) if "mean" in stats else None
+    return TopKSAE.init_random(cfg, seed, data_mean=mean).eval()
+
+
+@torch.no_grad()
+def _stream_layer(store: Store, layer: int, saes: Mapping[str, TopKSAE], tokens: TokenColumns, n_docs: int,
+                  pool: str, rows_per_read: int
+                  ) -> tuple[dict[str, SparseCodes], dict[str, np.ndarray], np.ndarray]:
+    """Read the layer once: pool the raw rows per (doc, segment) and encode them with every SAE.
+
+    Returns (SAE name -> sparse codes of every row, segment -> [n_docs, d_model] pooled raw rows,
+    [n_docs, 2] pooled rows per doc and segment)."""
+    groups = tokens.groups()
+    raw = empty_raw(n_docs, store.d_model, pool)
+    codes = {name: SparseCodes(np.zeros((len(groups), sae.cfg.k), np.int32),
+                               np.zeros((len(groups), sae.cfg.k), np.float32), sae.cfg.d_sae)
+             for name, sae in saes.items()}
+    for start in range(0, len(groups), rows_per_read):
+        stop = min(start + rows_per_read, len(groups))
+        g = groups[start:stop]
+        keep = np.flatnonzero(g >= 0)
+        if not keep.size:
+            continue
+        x = store.read_acts(layer, start, stop)[keep]
+        refuse_non_finite(x, start + keep, store, "score")
+        accumulate_raw_(raw, x, g[keep], pool)
+        xt = torch.from_numpy(x)
+        for name, sae in saes.items():
+            values, indices, _ = sae.encode_topk(xt.to(sae.W_enc.device))
+            codes[name].indices[start + keep] = indices.cpu().numpy()
+            codes[name].values[start + keep] = values.float().cpu().numpy()
+    counts = np.bincount(groups[groups >= 0], minlength=2 * n_docs).reshape(n_docs, 2)
+    return codes, finish_raw(raw, counts, n_docs, pool), counts
+
+
+__all__ = ["read_eval_bundle", "random_sae"]
