@@ -4,6 +4,7 @@ Everything goes through `StoreWriter`, so statistics, checksums and status are t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pandas as pd
 
 from bra.cache import schema
 from bra.cache.store import open_store
-from bra.cache.writer import CodecSpec, StoreWriter
+from bra.cache.writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +52,11 @@ def copy_store(
     docs = src.docs()
     cols = {k: src.array(k)[:] for k in schema.TOKEN_COLUMNS}
     raws = {layer: src.acts(layer)[:] for layer in src.layers}
-    attrs = {
-        k: v
-        for k, v in src.attrs.items()
-        if k not in (schema.ATTR_STATS, schema.ATTR_DIGESTS, schema.ATTR_STATUS)
-    }
-    attrs.update(
-        {
-            schema.ATTR_N_TOKENS: n * copies,
-            schema.ATTR_N_DOCS: len(docs) * copies,
-            schema.ATTR_CHUNK_TOKENS: chunk,
-            schema.ATTR_SHARD_TOKENS: shard,
-        }
+    attrs = dataclasses.replace(
+        src.meta, n_tokens=n * copies, n_docs=len(docs) * copies, chunk_tokens=chunk, shard_tokens=shard
     )
-    codec = CodecSpec(**src.attrs[schema.ATTR_CODEC])
-    new_layout = schema.StoreLayout(n * copies, layout.d_model, chunk, shard)
-    writer = StoreWriter.create(dst, new_layout, src.layers, src.dtype, codec, attrs)
+    new_layout = attrs.layout
+    writer = StoreWriter.create(dst, attrs)
     for i in range(new_layout.n_shards):
         s0, s1 = new_layout.shard_bounds(i)
         rows = np.arange(s0, s1)

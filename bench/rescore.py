@@ -118,7 +118,7 @@ def scoring_sae(store_path: Path, d_sae: int, k: int, out: Path) -> Path:
         d_model=store.d_model,
         d_sae=d_sae,
         k=k,
-        model_name=str(store.attrs[schema.ATTR_MODEL_ID]),
+        model_name=store.meta.model_id,
         hook_name=schema.hook_name(layer),
         layer=layer,
         input_scale=math.sqrt(store.d_model / msn),

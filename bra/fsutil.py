@@ -76,6 +76,16 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _rename_unless_present(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless a non-empty ``dst`` exists (then ``src`` is left for the caller)."""
+    try:
+        os.rename(src, dst)  # replaces an empty folder, fails on a non-empty one
+    except OSError:
+        if not dst.is_dir():
+            raise
+        logger.info("%s was published by another process first; keeping it", dst)
+
+
 def _fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's entry list: makes a rename inside it durable)."""
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
@@ -121,9 +131,14 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike[str], keep_existing: bool = False) -> Iterator[Path]:
     """Yield a fresh temp folder beside ``target``; on a clean exit fsync its files and swap it in whole
-    (`replace_dir`: an existing ``target`` is replaced). On an exception the temp folder is removed."""
+    (`replace_dir`: an existing ``target`` is replaced). On an exception the temp folder is removed.
+
+    ``keep_existing``: when ``target`` already exists at the end (another process published it first), keep
+    it and drop this one. For caches whose writers all produce the same contents: replacing would pull the
+    folder from under a process that is reading it.
+    """
     target = Path(target)
     tmp = make_temp_dir(target)
     try:
@@ -132,7 +147,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             if path.is_file():
                 _fsync_path(path)
         _fsync_path(tmp)
-        replace_dir(tmp, target)
+        if keep_existing:
+            _rename_unless_present(tmp, target)
+        else:
+            replace_dir(tmp, target)
         _fsync_path(target.parent)
     finally:
         if tmp.exists():

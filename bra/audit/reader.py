@@ -70,13 +70,11 @@ def read_eval_bundle(store_path: str | os.PathLike[str], sae_paths: Mapping[str,
 
 def _store_facts(store: Store) -> StoreFacts:
     """Every store attr scoring uses, read here and nowhere else in the audit."""
-    attrs = store.attrs
-    manifest = attrs.get(schema.ATTR_MANIFEST)
-    model = manifest.get("model") if isinstance(manifest, Mapping) else None
-    return StoreFacts(path=str(store.path), kind=attrs.get(schema.ATTR_KIND),
-                      model_id=attrs.get(schema.ATTR_MODEL_ID),
+    meta = store.meta
+    model = (meta.manifest or {}).get("model")
+    return StoreFacts(path=str(store.path), kind=meta.kind, model_id=meta.model_id,
                       model=dict(model) if isinstance(model, Mapping) else None,
-                      tokenizer_fingerprint=attrs.get(schema.ATTR_TOKENIZER_FP), d_model=store.d_model,
+                      tokenizer_fingerprint=meta.tokenizer_fingerprint, d_model=store.d_model,
                       n_tokens=store.n_tokens)
 
 

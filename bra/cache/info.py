@@ -15,7 +15,7 @@ from bra.cache.store import open_store
 def store_info(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of a store (complete or not)."""
     store = open_store(path, require_complete=False)
-    attrs = store.attrs
+    meta = store.meta
     n, d = store.n_tokens, store.d_model
     itemsize = np.dtype(schema.STORAGE_DTYPES[store.dtype]).itemsize
     done = store.array(schema.DONE_ARRAY)[:].astype(bool)
@@ -27,19 +27,19 @@ def store_info(path: str | Path) -> dict[str, Any]:
     total_disk = loc.nbytes()
     info: dict[str, Any] = {
         "path": str(store.path),
-        "status": attrs.get(schema.ATTR_STATUS),
-        "kind": attrs.get(schema.ATTR_KIND),
-        "model": attrs.get(schema.ATTR_MODEL_ID),
-        "model_revision": attrs.get(schema.ATTR_MODEL_REVISION),
+        "status": store.status,
+        "kind": meta.kind,
+        "model": meta.model_id,
+        "model_revision": meta.model_revision,
         "layers": store.layers,
-        "hook_names": attrs.get(schema.ATTR_HOOK_NAMES),
+        "hook_names": list(meta.hook_names),
         "d_model": d,
         "dtype": store.dtype,
         "lossy": False,
-        "compute_dtype": attrs.get(schema.ATTR_COMPUTE_DTYPE),
-        "codec": attrs.get(schema.ATTR_CODEC),
+        "compute_dtype": meta.compute_dtype,
+        "codec": meta.codec,
         "n_tokens": n,
-        "n_docs": attrs.get(schema.ATTR_N_DOCS),
+        "n_docs": meta.n_docs,
         "shards": store.layout.n_shards,
         "shards_done": int(done.sum()),
         "tokens_written": int(rows_written),
@@ -48,13 +48,13 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "activation_bytes_on_disk": acts_disk,
         "compression_ratio": round(acts_raw / acts_disk, 3) if acts_disk else None,
         "bytes_per_token": round(total_disk / rows_written, 1) if rows_written else None,
-        "tokenizer_fingerprint": attrs.get(schema.ATTR_TOKENIZER_FP),
-        "manifest_hash": attrs.get(schema.ATTR_MANIFEST_HASH),
-        "dataset_revisions": attrs.get(schema.ATTR_DATASET_REVISIONS),
-        "package_version": attrs.get(schema.ATTR_PACKAGE_VERSION),
+        "tokenizer_fingerprint": meta.tokenizer_fingerprint,
+        "manifest_hash": meta.manifest_hash,
+        "dataset_revisions": meta.dataset_revisions,
+        "package_version": meta.package_version,
         "tier_names": store.tier_names,
-        "hazard_tiers": attrs.get(schema.ATTR_HAZARD_TIERS),
-        "corpus_counts": attrs.get(schema.ATTR_CORPUS_COUNTS),
+        "hazard_tiers": None if meta.hazard_tiers is None else list(meta.hazard_tiers),
+        "corpus_counts": meta.corpus_counts,
     }
     if info["status"] == schema.STATUS_COMPLETE:
         docs = store.docs()
@@ -62,7 +62,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         info["tiers"] = {t: {"docs": int(r.docs), "tokens": int(r.tokens)} for t, r in tiers.iterrows()}
         info["stats"] = {layer: {"count": s["count"], "mean_sq_norm": round(s["mean_sq_norm"], 4),
                                  "mean_var": round(float(np.mean(s["var"])), 6)}
-                         for layer, s in attrs.get(schema.ATTR_STATS, {}).items()}
+                         for layer, s in schema.stats_of(store.attrs).items()}
     return info
 
 

@@ -7,9 +7,9 @@ same filesystem. Credentials and endpoints come from the usual environment of ea
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ... for s3fs) or from fsspec's own
 ``FSSPEC_<PROTOCOL>_<OPTION>`` variables, read when the filesystem is first made.
 
-Object stores have no rename, so where a local write goes through a temp file and ``os.replace``, a remote
-one relies on single-object PUTs being atomic and on completion markers written last (see
-``bra.cache.writer``).
+Object stores have no rename, so where a local write goes through a temp sibling and a rename
+(``bra.fsutil.atomic_file``), a remote one relies on single-object PUTs being atomic and on completion
+markers written last (see ``bra.cache.writer``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
+
+from bra.fsutil import atomic_file, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -133,20 +134,13 @@ class StoreLocation:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a file so that a reader sees the old or the new contents, never half of them.
 
-        Local: temp file + ``os.replace``. Remote: one PUT (object stores publish an object whole).
+        Local: a temp sibling renamed into place (``bra.fsutil``). Remote: one PUT (object stores publish an
+        object whole).
         """
         if self.local is None:
             self._fs[0].pipe_file(self._remote(name), data)
             return
-        target = self.local / name
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(self.local / name, data)
 
     def read_table(self, name: str) -> pd.DataFrame:
         """A parquet table inside the store."""
@@ -161,15 +155,8 @@ class StoreLocation:
             table.to_parquet(buf, index=False)
             self.write_bytes(name, buf.getvalue())
             return
-        target = self.local / name
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_file(self.local / name) as tmp:
             table.to_parquet(tmp, index=False)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def nbytes(self, prefix: str = "") -> int:
         """Bytes of all files under ``prefix`` (the whole store by default)."""

@@ -3,7 +3,7 @@
 Layout of a store (a Zarr v3 group; every reader and writer goes through this module)::
 
     STORE/
-      zarr.json                  group attrs: provenance, status, statistics (see ATTR_* below)
+      zarr.json                  group attrs: provenance (StoreAttrs), status, statistics, digests
       acts/layer_<L>             [n_tokens, d_model] residual stream after block L, storage dtype
       token_id, doc_index, position, tier, segment, mask     [n_tokens] per-token columns
       shards/done                [n_shards] uint8, 1 once the shard's rows are all written
@@ -21,14 +21,18 @@ or not the tokenizer adds a BOS) and any BOS token. Padding is never stored.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from bra.errors import StoreError
 from bra.vocab import SEGMENT_COMPLETION, SEGMENT_DOCUMENT, SEGMENT_NAMES, SEGMENT_PROMPT  # noqa: F401
 
 SCHEMA_VERSION = 1
@@ -86,6 +90,7 @@ ATTR_SHARD_TOKENS = "shard_tokens"
 ATTR_CODEC = "codec"
 ATTR_STATS = "stats"  # {layer: {count, mean, var, mean_sq_norm}}, masked rows excluded
 ATTR_CORPUS_COUNTS = "corpus_counts"
+ATTR_TOKENS_DIGEST = "tokens_digest"  # CRC32 of every planned token id: a resume refuses an edited corpus
 ATTR_DIGESTS = "attrs_digest"  # per-key digests written at completion, so verify can name an edited attr
 
 REQUIRED_ATTRS = (
@@ -115,12 +120,6 @@ def canonical_dtype(name: str) -> str:
     if name not in STORAGE_DTYPES:
         raise ValueError(f"unknown dtype {name!r} (expected one of {', '.join(STORAGE_DTYPES)})")
     return name
-
-
-def attr_digests(attrs: dict[str, Any]) -> dict[str, str]:
-    """Per-key digest of the attrs (the digest record itself excluded)."""
-    return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:12]
-            for k, v in sorted(attrs.items()) if k != ATTR_DIGESTS}
 
 
 def acts_path(layer: int) -> str:
@@ -198,3 +197,215 @@ class StoreLayout:
         """Row range [start, stop) of one shard."""
         start = shard * self.shard_tokens
         return start, min(start + self.shard_tokens, self.n_tokens)
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    return tuple(int(x) for x in value)
+
+
+def _strs(value: Any) -> tuple[str, ...]:
+    return tuple(str(x) for x in value)
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    return copy.deepcopy(value)  # never alias the group's cached metadata
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreAttrs:
+    """The write-once group attrs of a store: provenance and geometry, fixed when the store is created.
+
+    Fields are in the order they are written to ``zarr.json``. The progress keys (``status``, ``stats``,
+    ``attrs_digest``) change during a build and are read and written by the functions below instead.
+    Stores written before a key was added lack it: those fields are optional (None when absent).
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    """Layout version of the store (``SCHEMA_VERSION`` for stores this code writes)."""
+    kind: str
+    """``corpus`` (tiered documents, for training) or ``eval`` (prompts and greedy completions)."""
+    model_id: str
+    """Hugging Face id or local folder of the model the activations came from."""
+    model_revision: str | None = None
+    """The model's revision (None: the default branch); written even when None."""
+    layers: tuple[int, ...]
+    """Hooked blocks, ascending; the rows of ``acts/layer_<L>`` are the residual stream after block L."""
+    hook_names: tuple[str, ...]
+    """SAELens / TransformerLens hook name of each layer (``blocks.L.hook_resid_post``)."""
+    d_model: int
+    """Width of the residual stream."""
+    dtype: str
+    """Logical storage dtype of the activations: float32, float16 or bfloat16."""
+    compute_dtype: str | None = None
+    """Dtype the forward pass ran in (float32, bfloat16, ...)."""
+    tokenizer_fingerprint: str
+    """Digest of the tokenizer's vocabulary and settings: a resume with another tokenizer is refused."""
+    manifest_hash: str
+    """Digest of the manifest's content and its input files: a build of another manifest is refused."""
+    manifest: dict[str, Any] | None = None
+    """The manifest's content (JSON), to say which key differs when a build is refused."""
+    dataset_revisions: dict[str, Any] | None = None
+    """Revision of every corpus read from the Hugging Face hub (``local`` for files)."""
+    package_version: str | None = None
+    """Version of bra that created the store."""
+    tier_names: tuple[str, ...]
+    """Tier names; index = the code in the ``tier`` column."""
+    hazard_tiers: tuple[str, ...] | None = None
+    """The tiers the manifest marks as the hazard class."""
+    n_tokens: int
+    """Rows in the store."""
+    n_docs: int | None = None
+    """Documents (rows of ``docs.parquet``)."""
+    chunk_tokens: int
+    """Rows per compressed inner chunk."""
+    shard_tokens: int
+    """Rows per shard file (a multiple of ``chunk_tokens``)."""
+    codec: dict[str, Any] | None = None
+    """Compression of every array: ``{codec, clevel, shuffle}``."""
+    corpus_counts: dict[str, Any] | None = None
+    """Per corpus (or the generation, for eval stores): documents and tokens read, and how."""
+    tokens_digest: str | None = None
+    """CRC32 of every planned token id and their count: a resume over an edited corpus is refused."""
+
+    @property
+    def layout(self) -> StoreLayout:
+        """Chunk/shard geometry (raises ValueError when the sizes are unusable)."""
+        return StoreLayout(self.n_tokens, self.d_model, self.chunk_tokens, self.shard_tokens)
+
+    @property
+    def manifest_model(self) -> dict[str, Any]:
+        """The ``model`` section of the saved manifest (id, revision, gguf, ...), to load the model again."""
+        model = (self.manifest or {}).get("model")
+        if not isinstance(model, dict):
+            raise StoreError(f"store attrs have no {ATTR_MANIFEST!r} with a model section")
+        return copy.deepcopy(model)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The JSON attrs, keys in on-disk order; optional fields that are None are left out."""
+        out: dict[str, Any] = {}
+        for name, key in _FIELD_KEYS.items():
+            value = getattr(self, name)
+            if value is None and name not in _WRITTEN_WHEN_NONE:
+                continue
+            out[key] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], where: str = "store") -> StoreAttrs:
+        """Typed attrs from a store's group attrs; unknown and progress keys are ignored.
+
+        A required key that is missing, or a value of the wrong type, is a one-line StoreError naming it.
+        """
+        values: dict[str, Any] = {}
+        for name, key in _FIELD_KEYS.items():
+            if key not in attrs:
+                if name in _REQUIRED_FIELDS:
+                    raise StoreError(f"{where} has no {key!r} attr; check it with `bra-cache verify`")
+                continue
+            raw = attrs[key]
+            try:
+                values[name] = None if raw is None and name not in _REQUIRED_FIELDS else _CONVERT[name](raw)
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"{where}: attr {key!r} is unusable ({exc})") from None
+        return cls(**values)
+
+
+# field -> attr key, in on-disk order (the order of the build's attrs since schema 1)
+_FIELD_KEYS: dict[str, str] = {
+    "schema_version": ATTR_SCHEMA,
+    "kind": ATTR_KIND,
+    "model_id": ATTR_MODEL_ID,
+    "model_revision": ATTR_MODEL_REVISION,
+    "layers": ATTR_LAYERS,
+    "hook_names": ATTR_HOOK_NAMES,
+    "d_model": ATTR_D_MODEL,
+    "dtype": ATTR_DTYPE,
+    "compute_dtype": ATTR_COMPUTE_DTYPE,
+    "tokenizer_fingerprint": ATTR_TOKENIZER_FP,
+    "manifest_hash": ATTR_MANIFEST_HASH,
+    "manifest": ATTR_MANIFEST,
+    "dataset_revisions": ATTR_DATASET_REVISIONS,
+    "package_version": ATTR_PACKAGE_VERSION,
+    "tier_names": ATTR_TIER_NAMES,
+    "hazard_tiers": ATTR_HAZARD_TIERS,
+    "n_tokens": ATTR_N_TOKENS,
+    "n_docs": ATTR_N_DOCS,
+    "chunk_tokens": ATTR_CHUNK_TOKENS,
+    "shard_tokens": ATTR_SHARD_TOKENS,
+    "codec": ATTR_CODEC,
+    "corpus_counts": ATTR_CORPUS_COUNTS,
+    "tokens_digest": ATTR_TOKENS_DIGEST,
+}
+_REQUIRED_FIELDS = frozenset(name for name, key in _FIELD_KEYS.items() if key in REQUIRED_ATTRS)
+# every build writes the revision, None meaning the default branch; leaving it out would change the attrs
+_WRITTEN_WHEN_NONE = frozenset({"model_revision"})
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "schema_version": int, "kind": str, "model_id": str, "model_revision": str, "layers": _ints,
+    "hook_names": _strs, "d_model": int, "dtype": str, "compute_dtype": str, "tokenizer_fingerprint": str,
+    "manifest_hash": str, "manifest": _json_object, "dataset_revisions": _json_object, "package_version": str,
+    "tier_names": _strs, "hazard_tiers": _strs, "n_tokens": int, "n_docs": int, "chunk_tokens": int,
+    "shard_tokens": int, "codec": _json_object, "corpus_counts": _json_object, "tokens_digest": str,
+}
+assert list(_FIELD_KEYS) == [f.name for f in dataclasses.fields(StoreAttrs)] == list(_CONVERT)
+
+
+def tokens_digest(windows: Iterable[np.ndarray], n_tokens: int) -> str:
+    """The ``tokens_digest`` value: CRC32 over every window's token ids, in plan order, and the row count."""
+    crc = 0
+    for ids in windows:
+        crc = zlib.crc32(ids.tobytes(), crc)
+    return f"{crc:08x}:{n_tokens}"
+
+
+# The progress keys: status, statistics and the digest record. They change while a store is built, so they
+# are not StoreAttrs fields; these functions are the only code that names them.
+
+def schema_version_of(attrs: Mapping[str, Any]) -> Any:
+    """The recorded schema version, or None when the attrs are not a bra store's."""
+    return attrs.get(ATTR_SCHEMA)
+
+
+def status_of(attrs: Mapping[str, Any]) -> str | None:
+    """The build status (creating, building, complete), or None when unset."""
+    status = attrs.get(ATTR_STATUS)
+    return None if status is None else str(status)
+
+
+def status_update(status: str) -> dict[str, Any]:
+    """The attrs update that sets the build status."""
+    return {ATTR_STATUS: status}
+
+
+def stats_of(attrs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Final statistics per layer (``{"L": {count, mean, var, mean_sq_norm}}``); empty until complete."""
+    return dict(attrs.get(ATTR_STATS) or {})
+
+
+def attr_digests(attrs: Mapping[str, Any]) -> dict[str, str]:
+    """Per-key digest of the attrs (the digest record itself excluded)."""
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:12]
+            for k, v in sorted(attrs.items()) if k != ATTR_DIGESTS}
+
+
+def completion_update(attrs: Mapping[str, Any], stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The one attrs update that completes a store: its statistics, status complete, and the digests of the
+    attrs as they will then be (so verify can name a key edited later)."""
+    update = {ATTR_STATS: stats, ATTR_STATUS: STATUS_COMPLETE}
+    return {**update, ATTR_DIGESTS: attr_digests({**attrs, **update})}
+
+
+def missing_attrs(attrs: Mapping[str, Any]) -> list[str]:
+    """Required keys the attrs lack."""
+    return [k for k in REQUIRED_ATTRS if k not in attrs]
+
+
+def digest_problems(attrs: Mapping[str, Any]) -> list[str]:
+    """Keys changed since the store was completed (or the missing digest record), one line each."""
+    recorded = attrs.get(ATTR_DIGESTS)
+    if not isinstance(recorded, dict):
+        return [f"no {ATTR_DIGESTS!r} record"]
+    now = attr_digests(attrs)
+    return [f"{k!r} was changed after the build" for k in sorted(set(recorded) | set(now))
+            if recorded.get(k) != now.get(k)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,40 +41,49 @@ class Store:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        """Group attrs as a plain dict."""
+        """Group attrs as a plain dict, untyped (verify digests them); read fields through ``meta``."""
         return dict(self.group.attrs)
+
+    @cached_property
+    def meta(self) -> schema.StoreAttrs:
+        """The typed provenance and geometry attrs (a StoreError names a missing or unusable key). Parsed
+        once: these keys are written when the store is created and never change."""
+        return schema.StoreAttrs.from_attrs(self.attrs, f"store {self.path}")
+
+    @property
+    def status(self) -> str | None:
+        """Build status: building, complete (creating: a remote store whose arrays are being made)."""
+        return schema.status_of(self.group.attrs)
 
     @property
     def layers(self) -> list[int]:
         """Hooked layers."""
-        return [int(x) for x in self.attrs[schema.ATTR_LAYERS]]
+        return list(self.meta.layers)
 
     @property
     def dtype(self) -> str:
         """Logical storage dtype."""
-        return str(self.attrs[schema.ATTR_DTYPE])
+        return self.meta.dtype
 
     @property
     def d_model(self) -> int:
         """Residual width."""
-        return int(self.attrs[schema.ATTR_D_MODEL])
+        return self.meta.d_model
 
     @property
     def n_tokens(self) -> int:
         """Rows in the store."""
-        return int(self.attrs[schema.ATTR_N_TOKENS])
+        return self.meta.n_tokens
 
     @property
     def tier_names(self) -> list[str]:
         """Tier names; index = tier code."""
-        return list(self.attrs[schema.ATTR_TIER_NAMES])
+        return list(self.meta.tier_names)
 
     @property
     def layout(self) -> schema.StoreLayout:
         """Chunk/shard geometry."""
-        a = self.attrs
-        return schema.StoreLayout(self.n_tokens, self.d_model, int(a[schema.ATTR_CHUNK_TOKENS]),
-                                  int(a[schema.ATTR_SHARD_TOKENS]))
+        return self.meta.layout
 
     def array(self, name: str) -> zarr.Array:
         """One array of the store by path (opened once: opening reads its metadata from disk)."""
@@ -137,12 +147,12 @@ class Store:
     def _shard_of(self, row: int) -> str:
         try:
             return f"shard {row // self.layout.shard_tokens}"
-        except (KeyError, TypeError, ValueError):  # attrs too damaged to say
+        except (StoreError, ValueError):  # attrs too damaged to say
             return "shard unknown"
 
     def stats(self, layer: int) -> dict[str, Any]:
         """Final statistics of a layer (masked rows excluded)."""
-        return dict(self.attrs[schema.ATTR_STATS][str(layer)])
+        return dict(schema.stats_of(self.group.attrs)[str(layer)])
 
     def docs(self) -> pd.DataFrame:
         """The per-document table."""
@@ -172,12 +182,13 @@ def open_store(path: str | Path | StoreLocation, require_complete: bool = True) 
     except Exception as exc:  # zarr raises several types for unreadable metadata
         raise StoreError(f"store {p} is unreadable: {exc}; run `bra-cache verify {p}`") from None
     attrs = dict(group.attrs)
-    if schema.ATTR_SCHEMA not in attrs:
+    version = schema.schema_version_of(attrs)
+    if version is None:
         raise StoreError(f"{p} is a Zarr group but not a bra store (no {schema.ATTR_SCHEMA} attr)")
-    if attrs[schema.ATTR_SCHEMA] != schema.SCHEMA_VERSION:
-        raise StoreError(f"store {p} has schema version {attrs[schema.ATTR_SCHEMA]}, this bra reads "
-                         f"{schema.SCHEMA_VERSION}")
-    if require_complete and attrs.get(schema.ATTR_STATUS) != schema.STATUS_COMPLETE:
-        raise StoreError(f"store {p} is incomplete (status {attrs.get(schema.ATTR_STATUS)!r}); "
+    if version != schema.SCHEMA_VERSION:
+        raise StoreError(f"store {p} has schema version {version}, this bra reads {schema.SCHEMA_VERSION}")
+    status = schema.status_of(attrs)
+    if require_complete and status != schema.STATUS_COMPLETE:
+        raise StoreError(f"store {p} is incomplete (status {status!r}); "
                          f"resume it with `bra-cache build` or check it with `bra-cache verify {p}`")
     return Store(p, group, loc)

@@ -16,22 +16,15 @@ from bra.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
+
 def _check_attrs(store: Store) -> list[str]:
     attrs = store.attrs
-    problems = [f"attrs: missing {k!r}" for k in schema.REQUIRED_ATTRS if k not in attrs]
-    if attrs.get(schema.ATTR_STATUS) != schema.STATUS_COMPLETE:
-        problems.append(f"status is {attrs.get(schema.ATTR_STATUS)!r}, not complete "
+    problems = [f"attrs: missing {k!r}" for k in schema.missing_attrs(attrs)]
+    if store.status != schema.STATUS_COMPLETE:
+        problems.append(f"status is {store.status!r}, not complete "
                         "(an interrupted build: re-run `bra-cache build` to resume)")
         return problems
-    recorded = attrs.get(schema.ATTR_DIGESTS)
-    if not isinstance(recorded, dict):
-        problems.append(f"attrs: no {schema.ATTR_DIGESTS!r} record")
-    else:
-        now = schema.attr_digests(attrs)
-        for k in sorted(set(recorded) | set(now)):
-            if recorded.get(k) != now.get(k):
-                problems.append(f"attrs: {k!r} was changed after the build")
-    return problems
+    return problems + [f"attrs: {p}" for p in schema.digest_problems(attrs)]
 
 
 def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[str], dict[int, Moments]]:
@@ -76,7 +69,7 @@ def _missing_file(store: Store, name: str, shard: int) -> str:
 
 def _check_prompts(store: Store) -> list[str]:
     """Eval stores: prompts.parquet must be there and readable (score and relabel read it)."""
-    if store.attrs.get(schema.ATTR_KIND) != "eval":
+    if store.meta.kind != "eval":
         return []
     if not store.location.has_file(schema.PROMPTS_TABLE):
         return [f"{schema.PROMPTS_TABLE}: missing"]
@@ -85,8 +78,8 @@ def _check_prompts(store: Store) -> list[str]:
     except Exception as exc:  # a truncated parquet raises pyarrow errors
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return [f"{schema.PROMPTS_TABLE}: unreadable ({first})"]
-    n_docs = store.attrs.get(schema.ATTR_N_DOCS)
-    if n_docs is not None and len(table) != int(n_docs):
+    n_docs = store.meta.n_docs
+    if n_docs is not None and len(table) != n_docs:
         return [f"{schema.PROMPTS_TABLE}: {len(table)} rows, attrs say {n_docs} documents"]
     return []
 
@@ -103,8 +96,9 @@ def _check_docs(store: Store) -> list[str]:
                 if c not in docs.columns]
     if problems:
         return problems
-    if len(docs) != int(store.attrs.get(schema.ATTR_N_DOCS, len(docs))):
-        problems.append(f"{schema.DOCS_TABLE}: {len(docs)} rows, attrs say {store.attrs[schema.ATTR_N_DOCS]}")
+    n_docs = store.meta.n_docs
+    if n_docs is not None and len(docs) != n_docs:
+        problems.append(f"{schema.DOCS_TABLE}: {len(docs)} rows, attrs say {n_docs}")
     n = docs["n_tokens"].to_numpy()
     if int(n.sum()) != store.n_tokens:
         problems.append(f"{schema.DOCS_TABLE}: n_tokens sum to {int(n.sum())}, "
@@ -127,7 +121,7 @@ def _check_docs(store: Store) -> list[str]:
 
 def _check_stats(store: Store, moments: dict[int, Moments]) -> list[str]:
     problems = []
-    stats = store.attrs.get(schema.ATTR_STATS) or {}
+    stats = schema.stats_of(store.attrs)
     for layer, m in moments.items():
         s = stats.get(str(layer))
         if s is None:
@@ -147,12 +141,11 @@ def verify_store(path: str | Path, deep: bool = True) -> list[str]:
     except StoreError as exc:
         return [str(exc)]
     problems = _check_attrs(store)
-    missing = [k for k in schema.REQUIRED_ATTRS if k not in store.attrs]
-    if missing:
+    if schema.missing_attrs(store.attrs):
         return problems
     try:  # edited attrs can make the geometry meaningless; report instead of crashing
         columns, layout = schema.column_names(store.layers), store.layout
-    except (TypeError, ValueError) as exc:
+    except (StoreError, ValueError) as exc:
         return problems + [f"attrs: layers/sizes unusable ({exc})"]
     expected_rows = {name: store.n_tokens for name in columns}
     per_shard = [schema.DONE_ARRAY, schema.CRC_ARRAY] + [schema.stats_path(layer, f) for layer in store.layers
@@ -173,7 +166,7 @@ def verify_store(path: str | Path, deep: bool = True) -> list[str]:
         return problems
     shard_problems, moments = _check_shards(store, columns, deep)
     problems += shard_problems
-    if store.attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE:
+    if store.status == schema.STATUS_COMPLETE:
         problems += _check_docs(store) + _check_prompts(store)
         if deep and not shard_problems:
             problems += _check_stats(store, moments)

@@ -12,6 +12,7 @@ same object. Only the process that finalizes writes the group attrs and tables.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -29,7 +30,7 @@ from bra.cache import schema
 from bra.cache.location import StoreLocation
 from bra.cache.stats import Moments
 from bra.errors import StoreError
-from bra.fsutil import make_temp_dir
+from bra.fsutil import atomic_file, make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,15 @@ class CodecSpec:
         out.append(Crc32cCodec())
         return out
 
+    def to_attrs(self) -> dict[str, Any]:
+        """The store's ``codec`` attr value."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attrs(cls, value: dict[str, Any]) -> CodecSpec:
+        """The spec a store's ``codec`` attr value records."""
+        return cls(**value)
+
 
 def _wrap_os_error(path: Path | str, exc: OSError) -> StoreError:
     if exc.errno == errno.ENOSPC:
@@ -76,31 +86,32 @@ class StoreWriter:
         self.location = StoreLocation.parse(path)
         self.path = self.location.handle
         self.group = group
-        attrs = dict(group.attrs)
-        self.layers: list[int] = [int(x) for x in attrs[schema.ATTR_LAYERS]]
-        self.dtype: str = attrs[schema.ATTR_DTYPE]
-        self.layout = schema.StoreLayout(int(attrs[schema.ATTR_N_TOKENS]), int(attrs[schema.ATTR_D_MODEL]),
-                                         int(attrs[schema.ATTR_CHUNK_TOKENS]),
-                                         int(attrs[schema.ATTR_SHARD_TOKENS]))
+        self.meta = schema.StoreAttrs.from_attrs(dict(group.attrs), f"store {self.path}")
+        self.layers: list[int] = list(self.meta.layers)
+        self.dtype: str = self.meta.dtype
+        self.layout = self.meta.layout
         self.columns = schema.column_names(self.layers)
 
     @classmethod
-    def create(cls, path: Path | str | StoreLocation, layout: schema.StoreLayout, layers: list[int],
-               dtype: str, codec: CodecSpec, attrs: dict[str, Any]) -> StoreWriter:
-        """Create an empty store (status ``building``) with all arrays sized for ``layout``.
+    def create(cls, path: Path | str | StoreLocation, attrs: schema.StoreAttrs) -> StoreWriter:
+        """Create an empty store (status ``building``) with the arrays ``attrs`` describe (layers, dtype,
+        geometry and codec).
 
         Local: the skeleton is made in a temp folder beside ``path`` and renamed into place, so a process
         killed mid-creation never leaves a half-made store that a resume would refuse. Remote (no rename):
         the group is written first with status ``creating`` and switched to ``building`` once every array
         exists; a build finding ``creating`` makes the store again.
         """
+        if attrs.codec is None:
+            raise ValueError("a new store's attrs must record its codec")
         loc = StoreLocation.parse(path)
+        values = attrs.to_attrs()
         if loc.local is None:
             try:
                 group = loc.open_group(mode="w")
-                group.attrs.update({**attrs, schema.ATTR_STATUS: schema.STATUS_CREATING})
-                _create_arrays(group, layout, layers, dtype, codec)
-                group.attrs.update({schema.ATTR_STATUS: schema.STATUS_BUILDING})
+                group.attrs.update({**values, **schema.status_update(schema.STATUS_CREATING)})
+                _create_arrays(group, attrs)
+                group.attrs.update(schema.status_update(schema.STATUS_BUILDING))
             except OSError as exc:
                 raise _wrap_os_error(loc.handle, exc) from None
             return cls.reopen(loc)
@@ -110,8 +121,8 @@ class StoreWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(path)  # also removes half-created stores of builds killed while creating
             group = zarr.open_group(str(tmp), mode="w")
-            _create_arrays(group, layout, layers, dtype, codec)
-            group.attrs.update({**attrs, schema.ATTR_STATUS: schema.STATUS_BUILDING})
+            _create_arrays(group, attrs)
+            group.attrs.update({**values, **schema.status_update(schema.STATUS_BUILDING)})
             os.rename(tmp, path)  # also replaces an empty directory at path
             tmp = None
         except OSError as exc:
@@ -202,18 +213,17 @@ class StoreWriter:
             for name, table in (extra_tables or {}).items():
                 self.location.write_table(name, table)
             stats = {str(layer): self.merged_moments(layer).summary() for layer in self.layers}
-            final = {**dict(self.group.attrs), schema.ATTR_STATS: stats,
-                     schema.ATTR_STATUS: schema.STATUS_COMPLETE}
             # one metadata write: the store becomes complete together with its statistics and digests
-            self.group.attrs.update({schema.ATTR_STATS: stats, schema.ATTR_STATUS: schema.STATUS_COMPLETE,
-                                     schema.ATTR_DIGESTS: schema.attr_digests(final)})
+            self.group.attrs.update(schema.completion_update(dict(self.group.attrs), stats))
         except OSError as exc:
             raise _wrap_os_error(self.path, exc) from None
 
 
 def write_table_atomic(table: pd.DataFrame, path: Path) -> None:
-    """Write a parquet file via a temp file and rename, so a reader never sees half a table."""
-    StoreLocation(path.parent).write_table(path.name, table)
+    """Write a parquet file via a temp sibling and rename (``bra.fsutil.atomic_file``), so a reader never
+    sees half a table."""
+    with atomic_file(path) as tmp:
+        table.to_parquet(tmp, index=False)
 
 
 def remove_store(path: Path | str | StoreLocation) -> None:
@@ -234,9 +244,10 @@ def remove_store(path: Path | str | StoreLocation) -> None:
     loc.remove()
 
 
-def _create_arrays(group: zarr.Group, layout: schema.StoreLayout, layers: list[int], dtype: str,
-                   codec: CodecSpec) -> None:
-    """Every array of an empty store sized for ``layout`` (per-shard arrays: one chunk per shard)."""
+def _create_arrays(group: zarr.Group, attrs: schema.StoreAttrs) -> None:
+    """Every array of an empty store sized for its layout (per-shard arrays: one chunk per shard)."""
+    layout, layers, dtype = attrs.layout, list(attrs.layers), attrs.dtype
+    codec = CodecSpec.from_attrs(attrs.codec or {})
     n, c, s = layout.n_tokens, layout.chunk_tokens, layout.shard_tokens
     for name, dt in schema.TOKEN_COLUMNS.items():
         group.create_array(name, shape=(n,), dtype=dt, chunks=(c,), shards=(s,),

@@ -4,33 +4,31 @@ The token plan fixes every row's place before any forward pass, so several proce
 build one store without talking while they work: rank 0 creates (or checks) the store, the not-done shards
 are split into contiguous runs, one per rank, each rank runs only the batches that touch its run and writes
 only those whole shards, and rank 0 finalizes once every rank is done. Per-shard statistics partials make
-the merged statistics independent of who wrote what.
+the merged statistics independent of who wrote what. Creating, resuming or refusing the store is
+``bra.cache.lifecycle``'s; this module owns the plan and the forward loop.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from bra import __version__
-from bra.cache import schema
+from bra.cache import lifecycle, schema
 from bra.cache.location import StoreLocation
-from bra.cache.store import store_exists
-from bra.cache.writer import StoreWriter, remove_store
+from bra.cache.writer import StoreWriter
 from bra.dist import SINGLE, Dist
-from bra.errors import CorpusError, StoreError, StoreMismatchError
+from bra.errors import CorpusError, StoreError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
     capture_residuals,
@@ -45,7 +43,6 @@ from bra.pipeline.plan import TokenPlan, Window, plan_corpora
 
 logger = logging.getLogger(__name__)
 
-ATTR_TOKENS_DIGEST = "tokens_digest"
 _MAX_PENDING_SHARDS = 2  # shards queued for the writer thread before the forward loop waits
 
 
@@ -71,10 +68,7 @@ def default_store_path(manifest: Manifest) -> Path:
 
 
 def _tokens_digest(plan: TokenPlan) -> str:
-    crc = 0
-    for w in plan.windows:
-        crc = zlib.crc32(w.ids.tobytes(), crc)
-    return f"{crc:08x}:{plan.n_tokens}"
+    return schema.tokens_digest((w.ids for w in plan.windows), plan.n_tokens)
 
 
 def _input_digests(manifest: Manifest) -> dict[str, str]:
@@ -89,61 +83,6 @@ def _input_digests(manifest: Manifest) -> dict[str, str]:
             raise CorpusError(f"{key}: file not found: {local}")
         digests[rel] = file_digest(local)
     return digests
-
-
-def _mismatch(stored: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(stored) | set(new))
-    out: list[str] = []
-    for k in keys:
-        a, b = stored.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _mismatch(a, b, f"{prefix}{k}.")
-        elif a != b and not (isinstance(a, list) and isinstance(b, (list, tuple)) and list(a) == list(b)):
-            out.append(f"{prefix}{k}")
-    return out
-
-
-def check_existing(path: Path | str | StoreLocation, attrs_new: dict[str, Any]) -> str:
-    """Decide what to do with an existing store: ``resume``, ``complete`` or ``create`` (a remote store
-    whose creation was interrupted); raise if it is someone else's."""
-    attrs = _read_attrs(path)
-    if schema.ATTR_SCHEMA not in attrs:
-        raise StoreError(f"{path} exists and is not a bra store; choose another --store or pass --overwrite")
-    if attrs.get(schema.ATTR_MANIFEST_HASH) != attrs_new[schema.ATTR_MANIFEST_HASH]:
-        diff = (_mismatch(attrs.get(schema.ATTR_MANIFEST, {}), attrs_new[schema.ATTR_MANIFEST])
-                or ["input files"])
-        raise StoreMismatchError(
-            f"store {path} was built from a different manifest (differs in: {', '.join(diff[:6])}); "
-            f"pass --overwrite to rebuild it or choose another --store"
-        )
-    for key in (schema.ATTR_TOKENIZER_FP, ATTR_TOKENS_DIGEST):
-        if attrs.get(key) != attrs_new.get(key):
-            raise StoreMismatchError(f"store {path} was built from different {key.replace('_', ' ')} "
-                                     f"(the model or the corpus changed); pass --overwrite to rebuild it")
-    if attrs.get(schema.ATTR_STATUS) == schema.STATUS_CREATING:
-        return "create"
-    return "complete" if attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE else "resume"
-
-
-def _read_attrs(path: Path | str | StoreLocation) -> dict[str, Any]:
-    try:
-        return dict(StoreLocation.parse(path).open_group(mode="r").attrs)
-    except Exception:  # unreadable metadata: not ours to touch
-        raise StoreError(f"{path} exists but is not a readable store; "
-                         f"pass --overwrite to replace it") from None
-
-
-def _already_complete(path: Path | str | StoreLocation, m_hash: str) -> bool:
-    """Cheap check, before loading any model: a finished store of the same manifest needs no work."""
-    if not store_exists(path):
-        return False
-    attrs = _read_attrs(path)
-    return (attrs.get(schema.ATTR_MANIFEST_HASH) == m_hash
-            and attrs.get(schema.ATTR_STATUS) == schema.STATUS_COMPLETE)
-
-
-def _n_tokens(path: Path | str | StoreLocation) -> int:
-    return int(_read_attrs(path)[schema.ATTR_N_TOKENS])
 
 
 def window_columns(w: Window, tier: int, bos_id: int | None) -> dict[str, np.ndarray]:
@@ -264,7 +203,7 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     path = loc.handle
     m_hash = manifest_hash(manifest, _input_digests(manifest))
     if not overwrite:
-        done_tokens = dist.on_main(lambda: _n_tokens(loc) if _already_complete(loc, m_hash) else None)
+        done_tokens = dist.on_main(lambda: lifecycle.completed_tokens(loc, m_hash))
         if done_tokens is not None:
             logger.info("store %s is already complete; nothing to do", path)
             return BuildResult(path, done_tokens, 0, 0.0, "already-complete")
@@ -276,26 +215,12 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     check_layers(manifest.layers, int(config.num_hidden_layers), manifest.model.id)
     model, tokenizer = load_model(manifest.model, device, dtype)
     plan, extra_tables = _plan(manifest, model, tokenizer, device, dist, loc, m_hash, overwrite)
-    layers = sorted(manifest.layers)
-    attrs = {
-        schema.ATTR_SCHEMA: schema.SCHEMA_VERSION, schema.ATTR_KIND: manifest.kind,
-        schema.ATTR_MODEL_ID: manifest.model.id, schema.ATTR_MODEL_REVISION: manifest.model.revision,
-        schema.ATTR_LAYERS: layers, schema.ATTR_HOOK_NAMES: [schema.hook_name(layer) for layer in layers],
-        schema.ATTR_D_MODEL: int(config.hidden_size), schema.ATTR_DTYPE: manifest.storage.dtype,
-        schema.ATTR_COMPUTE_DTYPE: str(dtype).removeprefix("torch."),
-        schema.ATTR_TOKENIZER_FP: tokenizer_fingerprint(tokenizer),
-        schema.ATTR_MANIFEST_HASH: m_hash, schema.ATTR_MANIFEST: manifest.content_dict(),
-        schema.ATTR_DATASET_REVISIONS: {k: v["revision"] for k, v in plan.counts.items() if "revision" in v},
-        schema.ATTR_PACKAGE_VERSION: __version__, schema.ATTR_TIER_NAMES: list(manifest.tier_names),
-        schema.ATTR_HAZARD_TIERS: list(manifest.positive_tiers), schema.ATTR_N_TOKENS: plan.n_tokens,
-        schema.ATTR_N_DOCS: len(plan.docs), schema.ATTR_CHUNK_TOKENS: manifest.storage.chunk_tokens,
-        schema.ATTR_SHARD_TOKENS: manifest.storage.shard_tokens,
-        schema.ATTR_CODEC: asdict(manifest.storage.compression),
-        schema.ATTR_CORPUS_COUNTS: plan.counts, ATTR_TOKENS_DIGEST: _tokens_digest(plan),
-    }
+    attrs = _store_attrs(manifest, plan, m_hash, int(config.hidden_size), dtype, tokenizer)
+    layers = list(attrs.layers)
     early = {k: v for k, v in extra_tables.items() if k == schema.GENERATION_TABLE}
-    status, todo = dist.on_main(lambda: _open_store(loc, attrs, manifest, layers, overwrite, early))
-    if status == "already-complete":
+    opened = dist.on_main(lambda: lifecycle.open_for_build(loc, attrs, overwrite, early))
+    status, todo = opened.status, opened.todo
+    if status == lifecycle.ALREADY_COMPLETE:
         logger.info("store %s is already complete (%d tokens); nothing to do", path, plan.n_tokens)
         return BuildResult(path, plan.n_tokens, 0, 0.0, "already-complete")
     mine = owned_shards(todo, dist.rank, dist.world)
@@ -318,6 +243,26 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     return BuildResult(path, plan.n_tokens, computed, seconds, status)
 
 
+def _store_attrs(manifest: Manifest, plan: TokenPlan, m_hash: str, d_model: int, dtype: torch.dtype,
+                 tokenizer: Any) -> schema.StoreAttrs:
+    """What the store records about this build: provenance, geometry and the digests a resume checks."""
+    layers = sorted(manifest.layers)
+    storage = manifest.storage
+    return schema.StoreAttrs(
+        kind=manifest.kind, model_id=manifest.model.id, model_revision=manifest.model.revision,
+        layers=tuple(layers), hook_names=tuple(schema.hook_name(layer) for layer in layers), d_model=d_model,
+        dtype=storage.dtype, compute_dtype=str(dtype).removeprefix("torch."),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), manifest_hash=m_hash,
+        manifest=manifest.content_dict(),
+        dataset_revisions={k: v["revision"] for k, v in plan.counts.items() if "revision" in v},
+        package_version=__version__, tier_names=tuple(manifest.tier_names),
+        hazard_tiers=tuple(manifest.positive_tiers), n_tokens=plan.n_tokens, n_docs=len(plan.docs),
+        chunk_tokens=storage.chunk_tokens, shard_tokens=storage.shard_tokens,
+        codec=storage.compression.to_attrs(),
+        corpus_counts=plan.counts, tokens_digest=_tokens_digest(plan),
+    )
+
+
 def owned_shards(todo: Sequence[int], rank: int, world: int) -> list[int]:
     """Rank ``rank``'s share of the shards to write: one of ``world`` contiguous, near-equal runs of ``todo``.
 
@@ -335,7 +280,7 @@ def _plan(manifest: Manifest, model: Any, tokenizer: Any, device: torch.device, 
     if manifest.kind == "eval":
         from bra.pipeline.evalbuild import plan_prompts
 
-        saved = None if overwrite else dist.on_main(lambda: _saved_generation(loc, m_hash))
+        saved = None if overwrite else dist.on_main(lambda: lifecycle.saved_generation(loc, m_hash))
         return plan_prompts(manifest, model, tokenizer, device, dist, saved)
     plan = plan_corpora(manifest, tokenizer)
     digests = dist.gather(_tokens_digest(plan))
@@ -343,45 +288,3 @@ def _plan(manifest: Manifest, model: Any, tokenizer: Any, device: torch.device, 
         raise StoreError(f"ranks tokenised the corpora differently ({digests}); are they reading the same "
                          f"files with the same tokenizer?")
     return plan, {}
-
-
-def _saved_generation(loc: StoreLocation, m_hash: str) -> pd.DataFrame | None:
-    """The completions an interrupted build of the same manifest saved in the store, if any."""
-    if not store_exists(loc) or not loc.has_file(schema.GENERATION_TABLE):
-        return None
-    attrs = _read_attrs(loc)
-    if attrs.get(schema.ATTR_MANIFEST_HASH) != m_hash \
-            or attrs.get(schema.ATTR_STATUS) == schema.STATUS_CREATING:
-        return None
-    return loc.read_table(schema.GENERATION_TABLE)
-
-
-def _open_store(loc: StoreLocation, attrs: dict[str, Any], manifest: Manifest, layers: list[int],
-                overwrite: bool, early_tables: dict[str, pd.DataFrame]) -> tuple[str, list[int]]:
-    """Create, resume-check or refuse the store (rank 0 only); returns (status, not-done shards).
-    ``early_tables`` are written before any shard (when missing), so a resume can read them back."""
-    if overwrite:
-        remove_store(loc)
-    status = "built"
-    writer = None
-    if store_exists(loc):
-        state = check_existing(loc, attrs)
-        if state == "complete":
-            return "already-complete", []
-        if state == "create":
-            remove_store(loc)
-        else:
-            writer, status = StoreWriter.reopen(loc), "resumed"
-            logger.info("resuming %s: %d of %d shards done", loc, int(writer.done_shards().sum()),
-                        writer.layout.n_shards)
-    elif not loc.is_empty():
-        raise StoreError(f"{loc} exists and is not a store; choose another --store or pass --overwrite")
-    if writer is None:
-        layout = schema.StoreLayout(attrs[schema.ATTR_N_TOKENS], attrs[schema.ATTR_D_MODEL],
-                                    manifest.storage.chunk_tokens, manifest.storage.shard_tokens)
-        codec = manifest.storage.compression
-        writer = StoreWriter.create(loc, layout, layers, manifest.storage.dtype, codec, attrs)
-    for name, table in early_tables.items():
-        if status == "built" or not loc.has_file(name):
-            loc.write_table(name, table)
-    return status, np.flatnonzero(~writer.done_shards()).tolist()

@@ -7,7 +7,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from bra.errors import ModelLoadError
-from bra.fsutil import make_temp_dir
+from bra.fsutil import atomic_dir
 from bra.pipeline.manifest import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -100,17 +99,11 @@ def materialize_gguf(ref: str) -> Path:
     clean = type(src)(src.config)
     clean.load_state_dict(src.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target)
-    try:
+    # every rank of a multi-process build may convert at once: the first to finish wins, the others keep its
+    # folder (same contents) rather than swap theirs in under a rank that is already loading it
+    with atomic_dir(target, keep_existing=True) as tmp:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -56,7 +56,7 @@ def training_data(store: Store, layer: int | None, heldout_fraction: float, seed
     if stats["count"] == 0 or msn <= 0:
         raise SAEError(f"store {store.path} has no unmasked rows at layer {layer}")
     docs = store.docs()
-    hazard_names = set(store.attrs.get("hazard_tiers") or [])
+    hazard_names = set(store.meta.hazard_tiers or ())
     doc_hazard = docs["tier"].isin(hazard_names).to_numpy()
     if shuffle_tiers:
         doc_hazard = np.random.default_rng([seed, 7]).permutation(doc_hazard)

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bra.cache import schema
 from bra.cache.reader import document_split
 from bra.cache.store import Store
 from bra.errors import SAEError
@@ -25,7 +24,7 @@ def check_compatible(sae: TopKSAE, store: Store, layer: int) -> None:
     cfg = sae.cfg
     if cfg.d_model != store.d_model:
         raise SAEError(f"SAE d_model {cfg.d_model} does not match store {store.path} d_model {store.d_model}")
-    model = str(store.attrs.get(schema.ATTR_MODEL_ID, ""))
+    model = store.meta.model_id
     if cfg.model_name and model and cfg.model_name != model:
         raise SAEError(f"SAE was trained on {cfg.model_name}, store {store.path} holds {model}")
     if cfg.layer >= 0 and cfg.layer != layer:

@@ -174,7 +174,7 @@ def _load_checkpoint(out: Path, sae: TopKSAE, opt: torch.optim.Optimizer) -> Tra
 
 def _run_record(store: Store, data: TrainingData, cfg: TrainConfig, sae_cfg: SAEConfig) -> dict[str, Any]:
     return {"train_config": cfg.to_dict(), "sae_config": sae_cfg.to_dict(), "store": str(store.path),
-            "store_manifest_hash": store.attrs.get("manifest_hash"), "layer": data.layer,
+            "store_manifest_hash": store.meta.manifest_hash, "layer": data.layer,
             "input_scale": data.input_scale}
 
 
@@ -253,10 +253,10 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
             raise SAEError(f"batch_size {cfg.batch_size} must split into {dist.world} equal per-process "
                            f"batches of at least 2 rows")
     sae_cfg = SAEConfig(d_model=store.d_model, d_sae=cfg.d_sae, k=cfg.k,
-                        model_name=str(store.attrs["model_id"]),
+                        model_name=store.meta.model_id,
                         hook_name=f"blocks.{data.layer}.hook_resid_post", layer=data.layer,
                         input_scale=data.input_scale,
-                        store_fingerprint=str(store.attrs.get("manifest_hash", "")))
+                        store_fingerprint=store.meta.manifest_hash)
     record = {**_run_record(store, data, cfg, sae_cfg), "world_size": dist.world}
     dist.on_main(lambda: _prepare_out(out, record, cfg, resume))
     torch.manual_seed(cfg.seed)

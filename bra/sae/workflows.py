@@ -92,7 +92,7 @@ def evaluate(sae_path: str | os.PathLike[str], store_path: str | os.PathLike[str
         from bra.pipeline.manifest import ModelSpec
         from bra.pipeline.model import load_model, resolve_device
 
-        manifest = store.attrs["manifest"]["model"]
+        manifest = store.meta.manifest_model
         spec = ModelSpec(**{k: v for k, v in manifest.items() if k in ModelSpec.__dataclass_fields__})
         model, _ = load_model(spec, resolve_device("auto"), torch.float32)
         result.update(ce_loss_score(sae, store, layer, model, selected))
