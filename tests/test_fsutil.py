@@ -110,3 +110,17 @@ def test_atomic_dir__swaps_whole_folder_or_nothing(tmp_path: Path) -> None:
         (tmp / "c.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_atomic_dir__keep_existing_keeps_the_first_published(tmp_path: Path) -> None:
+    """Content-addressed caches (the GGUF conversion): a second writer finishing later keeps the first
+    folder, which another process may be reading, and leaves no temp folder."""
+    from bra.fsutil import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target, keep_existing=True) as tmp:
+        (tmp / "config.json").write_text("first")
+    with atomic_dir(target, keep_existing=True) as tmp:
+        (tmp / "config.json").write_text("second")
+    assert (target / "config.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

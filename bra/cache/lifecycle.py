@@ -74,8 +74,9 @@ def check_existing(path: Path | str | StoreLocation, new: schema.StoreAttrs) -> 
     return "complete" if status == schema.STATUS_COMPLETE else "resume"
 
 
-def saved_generation(loc: StoreLocation, manifest_hash: str) -> pd.DataFrame | None:
+def saved_generation(path: Path | str | StoreLocation, manifest_hash: str) -> pd.DataFrame | None:
     """The completions an interrupted build of the same manifest saved in the store, if any."""
+    loc = StoreLocation.parse(path)
     if not store_exists(loc) or not loc.has_file(schema.GENERATION_TABLE):
         return None
     raw = _read_attrs(loc)
@@ -86,10 +87,11 @@ def saved_generation(loc: StoreLocation, manifest_hash: str) -> pd.DataFrame | N
     return loc.read_table(schema.GENERATION_TABLE)
 
 
-def open_for_build(loc: StoreLocation, attrs: schema.StoreAttrs, overwrite: bool,
+def open_for_build(path: Path | str | StoreLocation, attrs: schema.StoreAttrs, overwrite: bool,
                    early_tables: Mapping[str, pd.DataFrame]) -> OpenedStore:
     """Create, resume-check or refuse the store (rank 0 only). ``early_tables`` are written before any shard
     (when missing), so a resumed build can read them back."""
+    loc = StoreLocation.parse(path)
     if overwrite:
         remove_store(loc)
     status = BUILT

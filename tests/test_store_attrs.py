@@ -1,0 +1,126 @@
+"""StoreAttrs (the typed group attrs), the progress-key helpers beside it, and the store lifecycle, without a
+model: hand-set attrs with exact expected results."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bra.cache import lifecycle, schema
+from bra.cache.store import open_store
+from bra.errors import StoreError, StoreMismatchError
+
+BRA = Path(__file__).resolve().parent.parent / "bra"
+
+
+def build_like_attrs() -> dict:
+    """Attrs as a build writes them, in on-disk order (progress keys excluded)."""
+    return {
+        "bra_schema_version": 1, "kind": "corpus", "model_id": "tiny/model", "model_revision": None,
+        "layers": [1, 2], "hook_names": ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"],
+        "d_model": 8, "dtype": "float32", "compute_dtype": "float32", "tokenizer_fingerprint": "fp",
+        "manifest_hash": "mh",
+        "manifest": {"model": {"id": "tiny/model", "revision": None}, "layers": [1, 2]},
+        "dataset_revisions": {"benign": "local"}, "package_version": "0.1.0",
+        "tier_names": ["benign", "hazard"], "hazard_tiers": ["hazard"], "n_tokens": 40, "n_docs": 3,
+        "chunk_tokens": 8, "shard_tokens": 16,
+        "codec": {"codec": "blosc-zstd", "clevel": 3, "shuffle": "shuffle"},
+        "corpus_counts": {"benign": {"docs": 3}}, "tokens_digest": "0000abcd:40",
+    }
+
+
+def test_store_attrs__round_trip_keeps_keys_values_and_order() -> None:
+    raw = build_like_attrs()
+    meta = schema.StoreAttrs.from_attrs({**raw, "status": "building", "unknown": 1})
+    assert meta.layers == (1, 2) and meta.layout == schema.StoreLayout(40, 8, 8, 16)
+    assert meta.manifest_model == {"id": "tiny/model", "revision": None}
+    out = meta.to_attrs()
+    assert out == raw and list(out) == list(raw)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.n_tokens = 1  # type: ignore[misc]
+
+
+def test_store_attrs__old_store_without_optional_keys() -> None:
+    optional = ("compute_dtype", "hazard_tiers", "codec", "corpus_counts", "dataset_revisions",
+                "tokens_digest", "n_docs", "package_version", "manifest")
+    raw = {k: v for k, v in build_like_attrs().items() if k not in optional}
+    meta = schema.StoreAttrs.from_attrs(raw)
+    assert all(getattr(meta, name) is None for name in optional)
+    assert meta.to_attrs() == raw  # nothing is added: model_revision (None) was there and stays
+    with pytest.raises(StoreError, match="model section"):
+        _ = meta.manifest_model
+
+
+@pytest.mark.parametrize("key", ["model_id", "layers", "n_tokens", "bra_schema_version"])
+def test_store_attrs__missing_required_key_named(key: str) -> None:
+    raw = build_like_attrs()
+    del raw[key]
+    with pytest.raises(StoreError) as info:
+        schema.StoreAttrs.from_attrs(raw, "store x.zarr")
+    assert str(info.value) == f"store x.zarr has no {key!r} attr; check it with `bra-cache verify`"
+
+
+def test_store_attrs__unusable_value_named() -> None:
+    with pytest.raises(StoreError, match=r"^store x.zarr: attr 'layers' is unusable \(") as info:
+        schema.StoreAttrs.from_attrs({**build_like_attrs(), "layers": ["one"]}, "store x.zarr")
+    assert "\n" not in str(info.value)
+
+
+def test_progress_keys__status_completion_and_digests() -> None:
+    raw = {**build_like_attrs(), **schema.status_update(schema.STATUS_BUILDING)}
+    assert schema.status_of(raw) == "building" and schema.stats_of(raw) == {}
+    assert schema.digest_problems(raw) == ["no 'attrs_digest' record"]
+    stats = {"1": {"count": 2, "mean": [0.0], "var": [1.0], "mean_sq_norm": 1.0}}
+    done = {**raw, **schema.completion_update(raw, stats)}
+    assert schema.status_of(done) == schema.STATUS_COMPLETE and schema.stats_of(done) == stats
+    assert schema.digest_problems(done) == [] and schema.missing_attrs(done) == []
+    done["model_id"] = "someone/else"
+    assert schema.digest_problems(done) == ["'model_id' was changed after the build"]
+    del done["d_model"]
+    assert schema.missing_attrs(done) == ["d_model"]
+
+
+def test_lifecycle__create_resume_refuse_without_a_model(tmp_path: Path) -> None:
+    attrs = schema.StoreAttrs.from_attrs(build_like_attrs())
+    loc = tmp_path / "s.zarr"
+    assert lifecycle.completed_tokens(loc, "mh") is None
+    opened = lifecycle.open_for_build(loc, attrs, False, {})
+    assert opened == lifecycle.OpenedStore("built", (0, 1, 2))
+    store = open_store(loc, require_complete=False)
+    assert store.meta == attrs and store.status == schema.STATUS_BUILDING
+    assert lifecycle.check_existing(loc, attrs) == "resume"
+    assert lifecycle.open_for_build(loc, attrs, False, {}).status == "resumed"
+    with pytest.raises(StoreMismatchError, match="different tokens digest"):
+        lifecycle.check_existing(loc, dataclasses.replace(attrs, tokens_digest="ffff0000:40"))
+    other = dataclasses.replace(attrs, manifest_hash="other",
+                                manifest={**(attrs.manifest or {}), "layers": [1]})
+    with pytest.raises(StoreMismatchError, match=r"differs in: layers\)"):
+        lifecycle.check_existing(loc, other)
+    assert lifecycle.completed_tokens(loc, "mh") is None  # not complete yet
+
+
+def _attrs_reads(path: Path) -> list[str]:
+    """``x.attrs[...]`` and ``x.attrs.get(...)`` (or on a variable named attrs) in one module."""
+    def is_attrs(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "attrs") or \
+            (isinstance(node, ast.Name) and node.id == "attrs")
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Subscript) and is_attrs(node.value):
+            found.append(f"{path.relative_to(BRA.parent)}:{node.lineno}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
+                and is_attrs(node.func.value):
+            found.append(f"{path.relative_to(BRA.parent)}:{node.lineno}")
+    return found
+
+
+def test_static__attr_keys_read_only_in_schema() -> None:
+    """Outside bra/cache/schema.py nothing indexes store attrs by key: code reads StoreAttrs fields or the
+    schema's progress-key helpers, so a renamed key cannot drift between modules."""
+    reads = [hit for path in sorted(BRA.rglob("*.py")) if path != BRA / "cache" / "schema.py"
+             for hit in _attrs_reads(path)]
+    assert not reads, "\n".join(reads)
