@@ -35,6 +35,7 @@ from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
     capture_residuals,
     check_layers,
+    config_int,
     load_config,
     load_model,
     resolve_compute_dtype,
@@ -273,7 +274,8 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
         device = torch.device("cuda", dist.local_rank)
     dtype = resolve_compute_dtype(manifest.model.compute_dtype, device)
     config = load_config(manifest.model)
-    check_layers(manifest.layers, int(config.num_hidden_layers), manifest.model.id)
+    check_layers(manifest.layers, config_int(config, "num_hidden_layers", manifest.model.id),
+                 manifest.model.id)
     model, tokenizer = load_model(manifest.model, device, dtype)
     plan, extra_tables = _plan(manifest, model, tokenizer, device, dist, loc, m_hash, overwrite)
     layers = sorted(manifest.layers)
@@ -281,7 +283,8 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
         schema.ATTR_SCHEMA: schema.SCHEMA_VERSION, schema.ATTR_KIND: manifest.kind,
         schema.ATTR_MODEL_ID: manifest.model.id, schema.ATTR_MODEL_REVISION: manifest.model.revision,
         schema.ATTR_LAYERS: layers, schema.ATTR_HOOK_NAMES: [schema.hook_name(layer) for layer in layers],
-        schema.ATTR_D_MODEL: int(config.hidden_size), schema.ATTR_DTYPE: manifest.storage.dtype,
+        schema.ATTR_D_MODEL: config_int(config, "hidden_size", manifest.model.id),
+        schema.ATTR_DTYPE: manifest.storage.dtype,
         schema.ATTR_COMPUTE_DTYPE: str(dtype).removeprefix("torch."),
         schema.ATTR_TOKENIZER_FP: tokenizer_fingerprint(tokenizer),
         schema.ATTR_MANIFEST_HASH: m_hash, schema.ATTR_MANIFEST: manifest.content_dict(),
