@@ -79,6 +79,7 @@ ATTR_DATASET_REVISIONS = "dataset_revisions"
 ATTR_PACKAGE_VERSION = "package_version"
 ATTR_TIER_NAMES = "tier_names"
 ATTR_HAZARD_TIERS = "hazard_tiers"
+ATTR_BENIGN_TIERS = "benign_tiers"  # the negative class beside hazard_tiers; absent in stores built before
 ATTR_N_TOKENS = "n_tokens"
 ATTR_N_DOCS = "n_docs"
 ATTR_CHUNK_TOKENS = "chunk_tokens"

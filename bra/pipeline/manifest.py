@@ -17,6 +17,7 @@ import yaml
 from bra.cache.schema import canonical_dtype
 from bra.cache.writer import CodecSpec
 from bra.errors import ManifestError
+from bra.vocab import DEFAULT_NEGATIVE_TIERS, DEFAULT_POSITIVE_TIERS, EVAL_TIERS, TIERS
 
 CODECS = ("none", "blosc-zstd", "blosc-lz4", "zstd")
 
@@ -138,7 +139,11 @@ class Manifest:
     add_bos: bool | None = None
     """Prepend BOS to each window; None = do what the tokenizer does by default."""
     hazard_tiers: tuple[str, ...] = ()
-    """Tiers treated as the positive (hazard) class; default: tiers whose name starts with 'hazard'."""
+    """Tiers treated as the positive (hazard) class; default: eval stores ``hazard_adjacent_category``,
+    corpus stores the tiers whose name starts with 'hazard'."""
+    benign_tiers: tuple[str, ...] = ()
+    """Tiers treated as the negative (benign) class; default: eval stores ``benign_bio``, corpus stores every
+    tier outside the hazard class. Left out of the store fingerprint while empty."""
     storage: StorageSpec = field(default_factory=StorageSpec)
     """On-disk layout."""
     corpora: tuple[CorpusSpec, ...] = ()
@@ -157,10 +162,9 @@ class Manifest:
 
     @property
     def tier_names(self) -> tuple[str, ...]:
-        """Tier labels in order of first appearance; the index is the stored tier code."""
+        """Tier labels in order of first appearance; the index is the stored tier code. Eval manifests:
+        ``TIERS`` (an eval build appends the control tiers its prompts use, see ``EVAL_TIERS``)."""
         if self.kind == "eval":
-            from bra.vocab import TIERS
-
             return TIERS
         seen: list[str] = []
         for c in self.corpora:
@@ -170,8 +174,21 @@ class Manifest:
 
     @property
     def positive_tiers(self) -> tuple[str, ...]:
-        """The hazard class."""
-        return self.hazard_tiers or tuple(t for t in self.tier_names if t.startswith("hazard"))
+        """The hazard class: ``hazard_tiers``, else the default (see there)."""
+        if self.hazard_tiers:
+            return self.hazard_tiers
+        if self.kind == "eval":
+            return DEFAULT_POSITIVE_TIERS
+        return tuple(t for t in self.tier_names if t.startswith("hazard"))
+
+    @property
+    def negative_tiers(self) -> tuple[str, ...]:
+        """The benign class: ``benign_tiers``, else the default (see there)."""
+        if self.benign_tiers:
+            return self.benign_tiers
+        if self.kind == "eval":
+            return DEFAULT_NEGATIVE_TIERS
+        return tuple(t for t in self.tier_names if t not in self.positive_tiers)
 
     def resolve(self, path: str) -> Path:
         """Resolve a manifest-relative path."""
@@ -183,6 +200,8 @@ class Manifest:
         d = dataclasses.asdict(self)
         d["storage"] = self.storage.to_dict()
         d.pop("base_dir")
+        if not self.benign_tiers:  # a key added later: absent, so manifests written before hash as they did
+            d.pop("benign_tiers")
         d["model"].pop("device")
         d["kind"] = self.kind
         return d
@@ -301,13 +320,26 @@ def _validate(m: Manifest, where: str) -> None:
             v = getattr(c, lim)
             if v is not None and v < 1:
                 bad(f"corpora[{i}].{lim}", "must be positive")
-    for t in m.hazard_tiers:
-        if t not in m.tier_names:
-            bad("hazard_tiers", f"tier {t!r} is not a tier of any corpus")
+    _validate_classes(m, bad)
     if m.generation.max_new_tokens < 1:
         bad("generation.max_new_tokens", "must be positive")
     if m.generation.batch_size < 1:
         bad("generation.batch_size", "must be at least 1")
+
+
+def _validate_classes(m: Manifest, bad: Any) -> None:
+    """``hazard_tiers`` and ``benign_tiers`` name known tiers (corpus stores: tiers of a corpus; eval stores:
+    ``EVAL_TIERS``; that some prompt has them is checked when the prompts are read) and do not overlap."""
+    known = EVAL_TIERS if m.kind == "eval" else m.tier_names
+    what = "an eval tier (expected one of " + ", ".join(EVAL_TIERS) + ")" if m.kind == "eval" \
+        else "a tier of any corpus"
+    for key in ("hazard_tiers", "benign_tiers"):
+        for t in getattr(m, key):
+            if t not in known:
+                bad(key, f"tier {t!r} is not {what}")
+    both = [t for t in m.benign_tiers if t in m.positive_tiers]
+    if both:
+        bad("benign_tiers", f"tier {both[0]!r} is also in the hazard class")
 
 
 def load_manifest(path: str | Path) -> Manifest:
