@@ -342,20 +342,49 @@ def _validate_classes(m: Manifest, bad: Any) -> None:
         bad("benign_tiers", f"tier {both[0]!r} is also in the hazard class")
 
 
+def _invalid_unicode(value: Any, label: str) -> str | None:
+    """``KEY: holds invalid Unicode ...`` for the first key or string with no UTF-8 form (YAML's
+    ``"\\ud800"`` escape makes a lone surrogate), else None."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        shown = str(k).encode("utf-8", "backslashreplace").decode("utf-8")  # printable even if k is bad
+        key = f"{label}[{k}]" if isinstance(k, int) else f"{label}.{shown}" if label else shown
+        for text in (k, v):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return f"{key}: holds invalid Unicode (lone surrogate {text[exc.start]!r})"
+        found = _invalid_unicode(v, key)
+        if found is not None:
+            return found
+    return None
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file; raise ManifestError (one line) on any problem."""
     p = Path(path)
     where = str(path)
     if not p.is_file():
         raise ManifestError(f"{where}: manifest file not found")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, line_start = raw.count(b"\n", 0, exc.start) + 1, raw.rfind(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"{where}: line {line}: not valid UTF-8 (byte {exc.start - line_start + 1}); "
+                            f"save the manifest as UTF-8") from None
+    try:
+        data = yaml.safe_load(text.replace("\r\n", "\n").replace("\r", "\n"))  # as read_text reads
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f"line {mark.line + 1}" if mark is not None else "?"
         raise ManifestError(f"{where}: malformed YAML at {loc}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected a mapping at the top level")
+    bad_text = _invalid_unicode(data, "")
+    if bad_text is not None:
+        raise ManifestError(f"{where}: {bad_text}")
     data = dict(data)
     data.setdefault("name", p.stem)
 
