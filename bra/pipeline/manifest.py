@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,7 @@ def _validate(m: Manifest, where: str) -> None:
         bad("generation.batch_size", "must be at least 1")
 
 
-def _validate_classes(m: Manifest, bad: Any) -> None:
+def _validate_classes(m: Manifest, bad: Callable[[str, str], None]) -> None:
     """``hazard_tiers`` and ``benign_tiers`` name known tiers (corpus stores: tiers of a corpus; eval stores:
     ``EVAL_TIERS``; that some prompt has them is checked when the prompts are read) and do not overlap."""
     known = EVAL_TIERS if m.kind == "eval" else m.tier_names

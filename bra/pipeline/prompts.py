@@ -85,7 +85,7 @@ class EvalPrompt:
     """Source the prompt was sampled or adapted from, if any."""
     domain: str | None = None
     """Scientific domain, e.g. ``"virology"``, if apt."""
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
     """The record's other fields (``dataset_version``, ``generation_model``...), as read; never validated
     beyond being valid Unicode."""
 
