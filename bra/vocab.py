@@ -12,7 +12,20 @@ BENIGN_TIER = "benign_bio"
 DUAL_USE_TIER = "dual_use_bio"
 HAZARD_TIER = "hazard_adjacent_category"
 TIERS: tuple[str, ...] = (BENIGN_TIER, DUAL_USE_TIER, HAZARD_TIER)
-"""Tiers of the bundled eval sets (benign, dual-use, hazard-adjacent)."""
+"""Tiers of the bundled eval sets (benign, dual-use, hazard-adjacent); their indices are the tier codes of
+every eval store."""
+CONTROL_TIERS: tuple[str, ...] = ("benign_legal", "dual_use_legal", "hazard_adjacent_legal",
+                                  "psilocybin_control", "legality_confound")
+"""Control tiers of the upstream eval sets: a legal/financial domain in the three tiers (does the refusal
+circuit answer to biology or to risk?), and psilocybin and other scheduled compounds (does it answer to legal
+status rather than hazard?)."""
+EVAL_TIERS: tuple[str, ...] = TIERS + CONTROL_TIERS
+"""Every tier an eval prompt may carry. An eval store codes ``TIERS`` by their index, then the control tiers
+its prompts use, in this order."""
+DEFAULT_POSITIVE_TIERS: tuple[str, ...] = (HAZARD_TIER,)
+"""The positive (hazard) class of an eval store when its manifest names none."""
+DEFAULT_NEGATIVE_TIERS: tuple[str, ...] = (BENIGN_TIER,)
+"""The negative (benign) class of an eval store when its manifest names none."""
 
 FRAMINGS: tuple[str, ...] = ("direct", "educational", "roleplay", "obfuscated")
 """How an eval prompt phrases its request."""
@@ -20,6 +33,9 @@ FRAMINGS: tuple[str, ...] = ("direct", "educational", "roleplay", "obfuscated")
 REFUSE, COMPLY, PARTIAL, HEDGE, EVADE = "refuse", "comply", "partial", "hedge", "evade"
 SURFACE_CLASSES: tuple[str, ...] = (REFUSE, COMPLY, PARTIAL, HEDGE, EVADE)
 """Surface classes of a completion, in the order of a surface distribution s and of T's rows."""
+EXPECTED_SURFACES: tuple[str, ...] = (*SURFACE_CLASSES, "comply_or_hedge", "refuse_or_hedge")
+"""What an eval prompt may give as its expected surface: a class, or either of two (upstream's control set
+accepts a hedge beside a compliance or a refusal)."""
 UNKNOWN = "unknown"
 """The label of a completion no rule matched (never a default class)."""
 
@@ -57,12 +73,17 @@ __all__ = [
     "COMPLETION",
     "COMPLIANCE",
     "COMPLY",
+    "CONTROL_TIERS",
     "DECEPTION_CORRELATE",
     "DEEP_REFUSAL",
+    "DEFAULT_NEGATIVE_TIERS",
+    "DEFAULT_POSITIVE_TIERS",
     "DEPTH_CATEGORIES",
     "DOCUMENT",
     "DUAL_USE_TIER",
     "EVADE",
+    "EVAL_TIERS",
+    "EXPECTED_SURFACES",
     "FEATURE_CATEGORIES",
     "FRAMINGS",
     "HAZARDOUS_COMPLIANCE",

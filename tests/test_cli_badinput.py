@@ -202,3 +202,65 @@ def test_build_cli__subprocess_one_error_line(tmp_path: Path, tiny_gemma_dir: Pa
     assert len(errors) == 1 and "layer 7" in errors[0] and "4 blocks" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (b"name: x\nmodel: caf\xe9\n", "line 2: not valid UTF-8 (byte 11)"),
+    (b"name: x\r\nmodel: a\r\nlayers: [\xff]\r\n", "line 3: not valid UTF-8 (byte 10)"),
+    (b'name: "x\\ud800"\nmodel: a\n', "name: holds invalid Unicode (lone surrogate '\\ud800')"),
+    (b'name: x\nmodel: {id: a, "rev\\udfff": 1}\n', "model.rev\\udfff: holds invalid Unicode"),
+])
+def test_build_cli__manifest_not_unicode(tmp_path: Path, capsys, content: bytes, fragment: str) -> None:
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_bytes(content)
+    code, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert code == 2 and line.startswith(f"error: {manifest}: ") and fragment in line, line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(("record", "fragment"), [
+    ('{"id": "s", "text": "half \\ud800 pair"}',
+     "ben.jsonl:13: field 'text' holds invalid Unicode (lone surrogate '\\ud800' at character 6)"),
+    ('{"id": "bad\\udfff", "text": "fine"}', "ben.jsonl:13: field 'id' holds invalid Unicode"),
+])
+def test_build_cli__corpus_lone_surrogate(tmp_path: Path, tiny_gemma_dir: Path, capsys, record: str,
+                                          fragment: str) -> None:
+    """A JSON escape of half a surrogate pair: the tokenizer would raise a bare TypeError."""
+    manifest = tiny_manifest(tmp_path, tiny_gemma_dir)
+    with open(tmp_path / "ben.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(record + "\n")  # after the 12 documents tiny_manifest writes
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert fragment in line, line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(("name", "content", "fragment"), [
+    ("ben.jsonl", b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "caf\xe9"}\n',
+     "ben.jsonl:2: not valid UTF-8 (byte 25)"),
+    ("ben.txt", b"First paragraph.\r\n\r\nSecond \xff paragraph.\r\n", "ben.txt:3: not valid UTF-8 (byte 8)"),
+])
+def test_build_cli__corpus_not_utf8(tmp_path: Path, tiny_gemma_dir: Path, capsys, name: str, content: bytes,
+                                    fragment: str) -> None:
+    manifest = edit(tiny_manifest(tmp_path, tiny_gemma_dir), lambda d: d["corpora"].__setitem__(
+        1, {"tier": "benign", "source": {"path": str(tmp_path / name)}}))
+    (tmp_path / name).write_bytes(content)
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert fragment in line, line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_build_cli__eval_prompt_lone_surrogate(tmp_path: Path, tiny_gemma_dir: Path, capsys) -> None:
+    from helpers import write_eval_set
+
+    prompts = write_eval_set(tmp_path / "set.jsonl")
+    lines = prompts.read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines[4])
+    record["prompt"] = "Tell me about \ud800 cells"
+    lines[4] = json.dumps(record)  # ASCII JSON: the surrogate is the escape \ud800
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    manifest = write_manifest(tmp_path / "eval.yaml", {
+        "name": "e", "model": {"id": str(tiny_gemma_dir), "attn_implementation": "eager"}, "layers": [1],
+        "max_seq_len": 128, "prompt_sets": [str(prompts)], "generation": {"max_new_tokens": 2}})
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert f"{prompts}:5: field 'prompt' holds invalid Unicode (lone surrogate '\\ud800'" in line, line
+    assert not (tmp_path / "s.zarr").exists()

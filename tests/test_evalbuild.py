@@ -283,6 +283,54 @@ def test_evalbuild__window_longer_than_max_seq_len_fails_before_generating(
     assert not (tmp_path / "s.zarr").exists()
 
 
+UPSTREAM_SHAPES = Path(__file__).resolve().parent / "data" / "upstream-shapes.jsonl"
+GATED_KEYS = ["descriptor_original", "generation_model", "generation_source_label", "dataset_version",
+              "provenance_note", "needs_review", "generation_pass"]
+
+
+def test_evalbuild__upstream_shapes_code_control_tiers_and_keep_metadata(tiny_gemma_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """Every upstream tier gets a code after TIERS, the class tiers named in the manifest are recorded, and
+    the records' unknown fields follow the schema's columns in prompts.parquet."""
+    from bra.vocab import EVAL_TIERS
+
+    manifest = load_manifest(eval_manifest(tmp_path, tiny_gemma_dir, UPSTREAM_SHAPES,
+                                           hazard_tiers=["hazard_adjacent_legal"],
+                                           benign_tiers=["benign_legal", "psilocybin_control"],
+                                           generation={"max_new_tokens": 4, "seed": 0, "batch_size": 4}))
+    path = build_store(manifest, tmp_path / "s.zarr").path
+    assert verify_store(path) == []
+    store = open_store(path)
+    assert store.tier_names == list(EVAL_TIERS)
+    assert store.attrs[schema.ATTR_HAZARD_TIERS] == ["hazard_adjacent_legal"]
+    assert store.attrs[schema.ATTR_BENIGN_TIERS] == ["benign_legal", "psilocybin_control"]
+    docs = store.docs()
+    assert [store.tier_names[c] for c in docs["tier_code"]] == docs["tier"].tolist()
+    table = pd.read_parquet(path / schema.PROMPTS_TABLE)
+    assert list(table.columns) == list(schema.PROMPT_COLUMNS) + GATED_KEYS
+    gated = table.set_index("id").loc["shape-gated-hazard"]
+    assert gated["dataset_version"] == "v0-fixture" and not gated["needs_review"]
+    assert gated["generation_pass"] == 2
+    assert table.loc[table["id"] != "shape-gated-hazard", "dataset_version"].isna().all()
+
+
+def test_evalbuild__default_classes_are_recorded(built) -> None:
+    _, path, _ = built
+    attrs = open_store(path).attrs
+    assert attrs[schema.ATTR_HAZARD_TIERS] == ["hazard_adjacent_category"]
+    assert attrs[schema.ATTR_BENIGN_TIERS] == ["benign_bio"]
+
+
+def test_evalbuild__class_tier_no_prompt_has_is_an_error(tiny_gemma_dir: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(eval_manifest(tmp_path, tiny_gemma_dir, write_prompts(tmp_path / "set.jsonl"),
+                                           benign_tiers=["benign_legal"]))
+    expected = (r"^benign_tiers: no prompt has tier 'benign_legal' "
+                r"\(the prompt sets have benign_bio, dual_use_bio, hazard_adjacent_category\)$")
+    with pytest.raises(ManifestError, match=expected):
+        build_store(manifest, tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_chat_prompt_ids__refuses_a_tokenizer_without_chat_template(tiny_model) -> None:
     _, tokenizer = tiny_model
     plain = copy.copy(tokenizer)

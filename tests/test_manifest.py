@@ -165,6 +165,12 @@ def test_load_manifest__wrong_type(tmp_path: Path, data: dict, key: str) -> None
     (_with(corpora=[]), "corpora", "no corpora"),
     (_with(corpora=...), "corpora", "no corpora"),
     (_with(hazard_tiers=["nope"]), "hazard_tiers", "not a tier"),
+    (_with(benign_tiers=["nope"]), "benign_tiers", "not a tier of any corpus"),
+    (_with(benign_tiers=["hazard_adjacent"]), "benign_tiers", "'hazard_adjacent' is also in the hazard"),
+    (_with(prompt_sets=["p.jsonl"], corpora=..., hazard_tiers=["hazard_adjacent"]), "hazard_tiers",
+     "'hazard_adjacent' is not an eval tier (expected one of benign_bio, "),
+    (_with(prompt_sets=["p.jsonl"], corpora=..., benign_tiers=["hazard_adjacent_category"]), "benign_tiers",
+     "also in the hazard class"),
     (_with(prompt_sets=["p.jsonl"]), "prompt_sets", "not both"),
 ])
 def test_load_manifest__bad_value(tmp_path: Path, data: dict, key: str, words: str) -> None:
@@ -227,3 +233,31 @@ def test_load_manifest__storage_keys_stay_flat(tmp_path: Path) -> None:
     assert ": storage.compression: unknown key (expected one of chunk_tokens, clevel, codec, dtype, " \
            "shard_tokens, shuffle)" in msg
     assert ": storage.clevel: expected an integer" in _error(tmp_path, _with(storage={"clevel": "3"}))
+
+
+EVAL = {"name": "e", "model": "m/x", "prompt_sets": ["p.jsonl"]}
+
+
+def test_manifest__class_tiers_default_per_kind(tmp_path: Path) -> None:
+    m = load_manifest(_write(tmp_path, EVAL))
+    assert m.positive_tiers == ("hazard_adjacent_category",) and m.negative_tiers == ("benign_bio",)
+    m = load_manifest(_write(tmp_path, {**EVAL, "hazard_tiers": ["hazard_adjacent_legal"],
+                                        "benign_tiers": ["benign_legal", "psilocybin_control"]}))
+    assert m.positive_tiers == ("hazard_adjacent_legal",)
+    assert m.negative_tiers == ("benign_legal", "psilocybin_control")
+    corpus = load_manifest(_write(tmp_path, _with(corpora=BASE["corpora"] + [
+        {"tier": "dual", "source": {"path": "d.jsonl"}}])))
+    assert corpus.positive_tiers == ("hazard_adjacent",) and corpus.negative_tiers == ("benign", "dual")
+    corpus = load_manifest(_write(tmp_path, _with(benign_tiers=["benign"])))
+    assert corpus.negative_tiers == ("benign",)
+
+
+def test_manifest_hash__benign_tiers_left_out_until_given(tmp_path: Path) -> None:
+    """Manifests written before ``benign_tiers`` existed keep their hash (their stores still match)."""
+    plain = load_manifest(_write(tmp_path, EVAL))
+    assert "benign_tiers" not in plain.content_dict()
+    assert manifest_hash(load_manifest(_write(tmp_path, {**EVAL, "benign_tiers": []})), {}) \
+        == manifest_hash(plain, {})
+    given = load_manifest(_write(tmp_path, {**EVAL, "benign_tiers": ["benign_bio"]}))
+    assert given.content_dict()["benign_tiers"] == ("benign_bio",)
+    assert manifest_hash(given, {}) != manifest_hash(plain, {})

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bra.pipeline.prompts import (
+    EVAL_TIERS,
     FRAMINGS,
     TIERS,
     EvalPrompt,
     PromptSetError,
     load_eval_set,
     load_eval_sets,
+    metadata_columns,
 )
 from bra.pipeline.surface import SURFACE_CLASSES
 
 DEMO_SET = Path(__file__).resolve().parents[1] / "manifests" / "data" / "eval-demo.jsonl"
+UPSTREAM_SHAPES = Path(__file__).resolve().parent / "data" / "upstream-shapes.jsonl"
+"""One innocuous record of each record shape in the upstream repo's eval sets (public, gated, control)."""
 
 
 def _record(pid: str = "ben-01", **overrides: Any) -> dict[str, Any]:
@@ -77,7 +82,10 @@ def test_load_eval_set__reads_optional_fields_and_skips_blank_lines(tmp_path: Pa
         ("{not json", "invalid JSON"),
         ('["a", "list"]', "must be a JSON object"),
         (json.dumps({k: v for k, v in _record("x").items() if k != "rationale"}), "missing field 'rationale"),
-        (json.dumps(_record("x", colour="blue")), "unknown field 'colour'"),
+        (json.dumps(_record("x", prompt="half \ud800 pair")),
+         "field 'prompt' holds invalid Unicode (lone surrogate '\\ud800' at character 6)"),
+        (json.dumps(_record("x", id="\udfff")), "field 'id' holds invalid Unicode"),
+        (json.dumps(_record("x", note=["ok", "\ud800"])), "field 'note' holds invalid Unicode"),
         (json.dumps(_record("x", prompt="")), "field 'prompt' must be a non-empty string"),
         (json.dumps(_record("x", category=3)), "field 'category' must be a non-empty string"),
         (json.dumps(_record("x", domain="")), "field 'domain' must be a non-empty string or null"),
@@ -137,3 +145,41 @@ def test_eval_prompt__validates_on_construction() -> None:
     assert EvalPrompt(**_record()).expected_surface in SURFACE_CLASSES
     with pytest.raises(ValueError, match="unknown tier"):
         EvalPrompt(**_record(tier="nope"))
+
+
+def test_load_eval_set__upstream_shapes_load_with_every_tier_and_surface(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="bra.pipeline.prompts"):
+        prompts = load_eval_set(UPSTREAM_SHAPES)
+    assert {p.tier for p in prompts} == set(EVAL_TIERS)
+    assert {"comply_or_hedge", "refuse_or_hedge"} <= {p.expected_surface for p in prompts}
+    gated = next(p for p in prompts if p.id == "shape-gated-hazard")
+    assert gated.metadata["dataset_version"] == "v0-fixture" and gated.metadata["needs_review"] is False
+    assert gated.metadata["generation_pass"] == 2
+    assert next(p for p in prompts if p.id == "shape-control-benign").domain == "legal_financial"
+    assert all(not p.metadata for p in prompts if p.id != "shape-gated-hazard")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # one per file, naming every unknown key once
+    for key in ("dataset_version", "generation_model", "generation_pass", "needs_review"):
+        assert repr(key) in warnings[0]
+    assert str(UPSTREAM_SHAPES) in warnings[0]
+
+
+def test_load_eval_set__unknown_fields_are_metadata_not_errors(tmp_path: Path) -> None:
+    path = _write(tmp_path / "meta.jsonl", [_good("a", colour="blue"), _good("b")])
+    first, second = load_eval_set(path)
+    assert first.metadata == {"colour": "blue"} and second.metadata == {}
+    assert first.prompt == second.prompt  # the known fields are read as before
+
+
+def test_metadata_columns__one_column_per_key_typed_or_json() -> None:
+    prompts = [EvalPrompt(**_record("a"), metadata={"v": "1", "flag": True, "mixed": 1, "nested": {"k": [1]},
+                                                      "completion": "theirs"}),
+               EvalPrompt(**_record("b"), metadata={"flag": False, "mixed": "x"}),
+               EvalPrompt(**_record("c"))]
+    cols = metadata_columns(prompts, taken=("id", "completion"))
+    assert list(cols) == ["v", "flag", "mixed", "nested", "meta_completion"]
+    assert cols["v"] == ["1", None, None] and cols["flag"] == [True, False, None]
+    assert cols["mixed"] == ["1", '"x"', None]  # int and str in one column: JSON text
+    assert cols["nested"] == ['{"k": [1]}', None, None]
+    assert cols["meta_completion"] == ["theirs", None, None]
+    assert metadata_columns([EvalPrompt(**_record("a"))]) == {}

@@ -83,6 +83,7 @@ ATTR_DATASET_REVISIONS = "dataset_revisions"
 ATTR_PACKAGE_VERSION = "package_version"
 ATTR_TIER_NAMES = "tier_names"
 ATTR_HAZARD_TIERS = "hazard_tiers"
+ATTR_BENIGN_TIERS = "benign_tiers"  # the negative class beside hazard_tiers; absent in stores built before
 ATTR_N_TOKENS = "n_tokens"
 ATTR_N_DOCS = "n_docs"
 ATTR_CHUNK_TOKENS = "chunk_tokens"
@@ -254,6 +255,8 @@ class StoreAttrs:
     """Tier names; index = the code in the ``tier`` column."""
     hazard_tiers: tuple[str, ...] | None = None
     """The tiers the manifest marks as the hazard class."""
+    benign_tiers: tuple[str, ...] | None = None
+    """The tiers the manifest marks as the benign (negative) class; absent in stores built before it was."""
     n_tokens: int
     """Rows in the store."""
     n_docs: int | None = None
@@ -330,6 +333,7 @@ _FIELD_KEYS: dict[str, str] = {
     "package_version": ATTR_PACKAGE_VERSION,
     "tier_names": ATTR_TIER_NAMES,
     "hazard_tiers": ATTR_HAZARD_TIERS,
+    "benign_tiers": ATTR_BENIGN_TIERS,
     "n_tokens": ATTR_N_TOKENS,
     "n_docs": ATTR_N_DOCS,
     "chunk_tokens": ATTR_CHUNK_TOKENS,
@@ -345,7 +349,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "schema_version": int, "kind": str, "model_id": str, "model_revision": str, "layers": _ints,
     "hook_names": _strs, "d_model": int, "dtype": str, "compute_dtype": str, "tokenizer_fingerprint": str,
     "manifest_hash": str, "manifest": _json_object, "dataset_revisions": _json_object, "package_version": str,
-    "tier_names": _strs, "hazard_tiers": _strs, "n_tokens": int, "n_docs": int, "chunk_tokens": int,
+    "tier_names": _strs, "hazard_tiers": _strs, "benign_tiers": _strs, "n_tokens": int, "n_docs": int,
+    "chunk_tokens": int,
     "shard_tokens": int, "codec": _json_object, "corpus_counts": _json_object, "tokens_digest": str,
 }
 assert list(_FIELD_KEYS) == [f.name for f in dataclasses.fields(StoreAttrs)] == list(_CONVERT)

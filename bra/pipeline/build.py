@@ -33,6 +33,7 @@ from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
     capture_residuals,
     check_layers,
+    config_int,
     load_config,
     load_model,
     resolve_compute_dtype,
@@ -212,10 +213,12 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
         device = torch.device("cuda", dist.local_rank)
     dtype = resolve_compute_dtype(manifest.model.compute_dtype, device)
     config = load_config(manifest.model)
-    check_layers(manifest.layers, int(config.num_hidden_layers), manifest.model.id)
+    check_layers(manifest.layers, config_int(config, "num_hidden_layers", manifest.model.id),
+                 manifest.model.id)
     model, tokenizer = load_model(manifest.model, device, dtype)
     plan, extra_tables = _plan(manifest, model, tokenizer, device, dist, loc, m_hash, overwrite)
-    attrs = _store_attrs(manifest, plan, m_hash, int(config.hidden_size), dtype, tokenizer)
+    attrs = _store_attrs(manifest, plan, m_hash, config_int(config, "hidden_size", manifest.model.id), dtype,
+                         tokenizer)
     layers = list(attrs.layers)
     early = {k: v for k, v in extra_tables.items() if k == schema.GENERATION_TABLE}
     opened = dist.on_main(lambda: lifecycle.open_for_build(loc, attrs, overwrite, early))
@@ -255,8 +258,9 @@ def _store_attrs(manifest: Manifest, plan: TokenPlan, m_hash: str, d_model: int,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), manifest_hash=m_hash,
         manifest=manifest.content_dict(),
         dataset_revisions={k: v["revision"] for k, v in plan.counts.items() if "revision" in v},
-        package_version=__version__, tier_names=tuple(manifest.tier_names),
-        hazard_tiers=tuple(manifest.positive_tiers), n_tokens=plan.n_tokens, n_docs=len(plan.docs),
+        package_version=__version__, tier_names=tuple(plan.tier_names),
+        hazard_tiers=tuple(manifest.positive_tiers), benign_tiers=tuple(manifest.negative_tiers),
+        n_tokens=plan.n_tokens, n_docs=len(plan.docs),
         chunk_tokens=storage.chunk_tokens, shard_tokens=storage.shard_tokens,
         codec=storage.compression.to_attrs(),
         corpus_counts=plan.counts, tokens_digest=_tokens_digest(plan),

@@ -43,26 +43,52 @@ def iter_documents(spec: CorpusSpec, manifest: Manifest) -> Iterator[Document]:
         rows = _iter_local(path, src.text_field)
         source = str(src.path)
     else:
-        rows = _iter_hf(spec)
+        rows = ((f"dataset {src.hf}: row {i}", row) for i, row in enumerate(_iter_hf(spec)))
         source = f"hf:{src.hf}" + (f"/{src.config}" if src.config else "") + f":{src.split}"
-    for i, row in enumerate(rows):
+    for i, (where, row) in enumerate(rows):
         text = row.get(src.text_field)
         if text is None:
             raise CorpusError(f"corpus {corpus_name(spec)!r}: row {i} has no field {src.text_field!r}")
         if not isinstance(text, str):
             raise CorpusError(f"corpus {corpus_name(spec)!r}: row {i}: field {src.text_field!r} is not text")
+        raw_id = row.get(src.id_field) if src.id_field else None
+        _check_unicode(where, src.text_field, text)
+        if isinstance(raw_id, str):
+            _check_unicode(where, src.id_field or "", raw_id)
         if not text.strip():
             continue
-        raw_id = row.get(src.id_field) if src.id_field else None
         doc_id = f"{corpus_name(spec)}:{raw_id if raw_id is not None else i}"
         yield Document(doc_id=doc_id, text=text, source=source)
 
 
-def _iter_local(path: Path, text_field: str) -> Iterator[dict[str, Any]]:
+def _check_unicode(where: str, name: str, text: str) -> None:
+    """Refuse text with no UTF-8 form (a lone surrogate such as JSON's ``"\\ud800"``): the tokenizer would
+    fail on it with a TypeError that names neither file nor line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CorpusError(f"{where}: field {name!r} holds invalid Unicode (lone surrogate "
+                          f"{text[exc.start]!r} at character {exc.start + 1})") from None
+
+
+def _not_utf8(path: Path, lineno: int, line: str) -> CorpusError:
+    """The error for a line read with ``surrogateescape`` that holds bytes which are not UTF-8."""
+    bad = next(i for i, ch in enumerate(line) if "\udc80" <= ch <= "\udcff")
+    byte = len(line[:bad].encode("utf-8", "surrogateescape")) + 1
+    return CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {byte})")
+
+
+def _iter_local(path: Path, text_field: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, row) per row of a local file; the location (``PATH:LINENO`` for JSONL) leads errors."""
     suffix = path.suffix
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
+        # surrogateescape: a bad byte is reported with its line instead of failing the decode of a chunk
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
             for lineno, line in enumerate(fh, 1):
+                try:
+                    line.encode("utf-8")  # only an escaped bad byte has no UTF-8 form here
+                except UnicodeEncodeError:
+                    raise _not_utf8(path, lineno, line) from None
                 if not line.strip():
                     continue
                 try:
@@ -71,7 +97,7 @@ def _iter_local(path: Path, text_field: str) -> Iterator[dict[str, Any]]:
                     raise CorpusError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
                 if not isinstance(row, dict):
                     raise CorpusError(f"{path}:{lineno}: expected a JSON object")
-                yield row
+                yield f"{path}:{lineno}", row
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -82,12 +108,22 @@ def _iter_local(path: Path, text_field: str) -> Iterator[dict[str, Any]]:
         if text_field not in table.schema_arrow.names:
             raise CorpusError(f"{path}: no column {text_field!r} "
                               f"(columns: {', '.join(table.schema_arrow.names)})")
+        row = 0
         for batch in table.iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+            for record in batch.to_pylist():
+                yield f"{path}: row {row}", record
+                row += 1
     else:  # .txt: documents separated by blank lines
-        text = path.read_text(encoding="utf-8")
-        for para in text.split("\n\n"):
-            yield {text_field: para.strip()}
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            lineno, line_start = data.count(b"\n", 0, exc.start) + 1, data.rfind(b"\n", 0, exc.start) + 1
+            raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start - line_start + 1})") \
+                from None
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text reads
+        for i, para in enumerate(text.split("\n\n")):
+            yield f"{path}: document {i}", {text_field: para.strip()}
 
 
 def _iter_hf(spec: CorpusSpec) -> Iterator[dict[str, Any]]:

@@ -29,9 +29,9 @@ from bra.errors import ManifestError
 from bra.pipeline.generate import GenerationResult, chat_prompt_ids, generate_completions, stop_token_ids
 from bra.pipeline.manifest import Manifest
 from bra.pipeline.plan import TokenPlan, Window
-from bra.pipeline.prompts import EvalPrompt, load_eval_set, load_eval_sets
+from bra.pipeline.prompts import EvalPrompt, load_eval_set_files, metadata_columns
 from bra.pipeline.relabel import surface_columns
-from bra.vocab import TIERS
+from bra.vocab import EVAL_TIERS, TIERS
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +41,31 @@ GENERATION_COUNTS_KEY = "generation"
 def _load_sets(manifest: Manifest) -> list[tuple[str, str, list[EvalPrompt]]]:
     """(set name, source path as written in the manifest, prompts) per prompt set, in manifest order."""
     paths = [manifest.resolve(spec.path) for spec in manifest.prompt_sets]
-    load_eval_sets(paths)  # validates every file and rejects ids repeated across sets, with file:line
+    # validates every file and rejects ids repeated across sets, with file:line
+    loaded = load_eval_set_files(paths)
     out: list[tuple[str, str, list[EvalPrompt]]] = []
     names: set[str] = {GENERATION_COUNTS_KEY}
-    for spec, path in zip(manifest.prompt_sets, paths, strict=True):
+    for spec, prompts in zip(manifest.prompt_sets, loaded, strict=True):
         name, n = Path(spec.path).stem, 1
         while name in names:  # two sets with the same file name in different folders
             n += 1
             name = f"{Path(spec.path).stem}-{n}"
         names.add(name)
-        out.append((name, spec.path, load_eval_set(path)))
+        out.append((name, spec.path, prompts))
     return out
+
+
+def eval_tier_names(manifest: Manifest, prompts: list[EvalPrompt]) -> tuple[str, ...]:
+    """The store's tier names (index = tier code): ``TIERS``, then the control tiers the prompts use, in
+    ``EVAL_TIERS`` order (so stores of the bundled sets keep their codes). Raises ``ManifestError`` when
+    ``hazard_tiers`` or ``benign_tiers`` names a tier no prompt has."""
+    present = {p.tier for p in prompts}
+    for key in ("hazard_tiers", "benign_tiers"):
+        missing = [t for t in getattr(manifest, key) if t not in present]
+        if missing:
+            raise ManifestError(f"{key}: no prompt has tier {missing[0]!r} (the prompt sets have "
+                                f"{', '.join(t for t in EVAL_TIERS if t in present)})")
+    return TIERS + tuple(t for t in EVAL_TIERS if t not in TIERS and t in present)
 
 
 def _check_room(manifest: Manifest, prompts: list[EvalPrompt], tokenizer: Any) -> None:
@@ -138,6 +152,7 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
     ``GENERATION_TABLE``); return the plan and ``{PROMPTS_TABLE: ..., GENERATION_TABLE: ...}``."""
     sets = _load_sets(manifest)
     prompts = [p for _, _, ps in sets for p in ps]
+    tier_names = eval_tier_names(manifest, prompts)
     _check_room(manifest, prompts, tokenizer)
     results = _saved_results(saved, prompts, tokenizer)
     if results is None:
@@ -149,7 +164,7 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
         logger.info("generation: %d new tokens in %.1fs (%.0f tok/s)", n_new, seconds,
                     n_new / max(seconds, 1e-9))
 
-    plan = TokenPlan()
+    plan = TokenPlan(tier_names=tier_names)
     rows: list[dict[str, Any]] = []
     offset = 0
     it = iter(zip(prompts, results, strict=True))
@@ -162,7 +177,7 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
             if n > manifest.max_seq_len:  # _check_room makes this unreachable unless the template changed
                 raise ManifestError(f"max_seq_len: prompt {prompt.id!r} with its completion is {n} tokens, "
                                     f"longer than max_seq_len {manifest.max_seq_len}; raise max_seq_len")
-            tier_code = TIERS.index(prompt.tier)
+            tier_code = tier_names.index(prompt.tier)
             plan.docs.append({
                 "doc_index": window.doc_index, "doc_id": prompt.id, "tier": prompt.tier,
                 "tier_code": tier_code, "corpus": name, "source": source, "n_tokens": n,
@@ -182,7 +197,9 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
     table = pd.DataFrame(rows)
     for key, values in surface_columns(table["prompt"].tolist(), table["completion"].tolist()).items():
         table[key] = values
-    return plan, {schema.PROMPTS_TABLE: table[list(schema.PROMPT_COLUMNS)],
+    # The prompt sets' own extra fields follow the schema's columns (none for files in the upstream format).
+    extra = metadata_columns(prompts, taken=schema.PROMPT_COLUMNS)
+    return plan, {schema.PROMPTS_TABLE: table[list(schema.PROMPT_COLUMNS)].assign(**extra),
                   schema.GENERATION_TABLE: generation_table(results)}
 
 

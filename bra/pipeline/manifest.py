@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 from bra.cache.schema import canonical_dtype
 from bra.cache.writer import CodecSpec
 from bra.errors import ManifestError
+from bra.vocab import DEFAULT_NEGATIVE_TIERS, DEFAULT_POSITIVE_TIERS, EVAL_TIERS, TIERS
 
 CODECS = ("none", "blosc-zstd", "blosc-lz4", "zstd")
 
@@ -138,7 +140,11 @@ class Manifest:
     add_bos: bool | None = None
     """Prepend BOS to each window; None = do what the tokenizer does by default."""
     hazard_tiers: tuple[str, ...] = ()
-    """Tiers treated as the positive (hazard) class; default: tiers whose name starts with 'hazard'."""
+    """Tiers treated as the positive (hazard) class; default: eval stores ``hazard_adjacent_category``,
+    corpus stores the tiers whose name starts with 'hazard'."""
+    benign_tiers: tuple[str, ...] = ()
+    """Tiers treated as the negative (benign) class; default: eval stores ``benign_bio``, corpus stores every
+    tier outside the hazard class. Left out of the store fingerprint while empty."""
     storage: StorageSpec = field(default_factory=StorageSpec)
     """On-disk layout."""
     corpora: tuple[CorpusSpec, ...] = ()
@@ -157,10 +163,9 @@ class Manifest:
 
     @property
     def tier_names(self) -> tuple[str, ...]:
-        """Tier labels in order of first appearance; the index is the stored tier code."""
+        """Tier labels in order of first appearance; the index is the stored tier code. Eval manifests:
+        ``TIERS`` (an eval build appends the control tiers its prompts use, see ``EVAL_TIERS``)."""
         if self.kind == "eval":
-            from bra.vocab import TIERS
-
             return TIERS
         seen: list[str] = []
         for c in self.corpora:
@@ -170,8 +175,21 @@ class Manifest:
 
     @property
     def positive_tiers(self) -> tuple[str, ...]:
-        """The hazard class."""
-        return self.hazard_tiers or tuple(t for t in self.tier_names if t.startswith("hazard"))
+        """The hazard class: ``hazard_tiers``, else the default (see there)."""
+        if self.hazard_tiers:
+            return self.hazard_tiers
+        if self.kind == "eval":
+            return DEFAULT_POSITIVE_TIERS
+        return tuple(t for t in self.tier_names if t.startswith("hazard"))
+
+    @property
+    def negative_tiers(self) -> tuple[str, ...]:
+        """The benign class: ``benign_tiers``, else the default (see there)."""
+        if self.benign_tiers:
+            return self.benign_tiers
+        if self.kind == "eval":
+            return DEFAULT_NEGATIVE_TIERS
+        return tuple(t for t in self.tier_names if t not in self.positive_tiers)
 
     def resolve(self, path: str) -> Path:
         """Resolve a manifest-relative path."""
@@ -183,6 +201,8 @@ class Manifest:
         d = dataclasses.asdict(self)
         d["storage"] = self.storage.to_dict()
         d.pop("base_dir")
+        if not self.benign_tiers:  # a key added later: absent, so manifests written before hash as they did
+            d.pop("benign_tiers")
         d["model"].pop("device")
         d["kind"] = self.kind
         return d
@@ -301,13 +321,45 @@ def _validate(m: Manifest, where: str) -> None:
             v = getattr(c, lim)
             if v is not None and v < 1:
                 bad(f"corpora[{i}].{lim}", "must be positive")
-    for t in m.hazard_tiers:
-        if t not in m.tier_names:
-            bad("hazard_tiers", f"tier {t!r} is not a tier of any corpus")
+    _validate_classes(m, bad)
     if m.generation.max_new_tokens < 1:
         bad("generation.max_new_tokens", "must be positive")
     if m.generation.batch_size < 1:
         bad("generation.batch_size", "must be at least 1")
+
+
+def _validate_classes(m: Manifest, bad: Callable[[str, str], None]) -> None:
+    """``hazard_tiers`` and ``benign_tiers`` name known tiers (corpus stores: tiers of a corpus; eval stores:
+    ``EVAL_TIERS``; that some prompt has them is checked when the prompts are read) and do not overlap."""
+    known = EVAL_TIERS if m.kind == "eval" else m.tier_names
+    what = "an eval tier (expected one of " + ", ".join(EVAL_TIERS) + ")" if m.kind == "eval" \
+        else "a tier of any corpus"
+    for key in ("hazard_tiers", "benign_tiers"):
+        for t in getattr(m, key):
+            if t not in known:
+                bad(key, f"tier {t!r} is not {what}")
+    both = [t for t in m.benign_tiers if t in m.positive_tiers]
+    if both:
+        bad("benign_tiers", f"tier {both[0]!r} is also in the hazard class")
+
+
+def _invalid_unicode(value: Any, label: str) -> str | None:
+    """``KEY: holds invalid Unicode ...`` for the first key or string with no UTF-8 form (YAML's
+    ``"\\ud800"`` escape makes a lone surrogate), else None."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        shown = str(k).encode("utf-8", "backslashreplace").decode("utf-8")  # printable even if k is bad
+        key = f"{label}[{k}]" if isinstance(k, int) else f"{label}.{shown}" if label else shown
+        for text in (k, v):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return f"{key}: holds invalid Unicode (lone surrogate {text[exc.start]!r})"
+        found = _invalid_unicode(v, key)
+        if found is not None:
+            return found
+    return None
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -316,14 +368,24 @@ def load_manifest(path: str | Path) -> Manifest:
     where = str(path)
     if not p.is_file():
         raise ManifestError(f"{where}: manifest file not found")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, line_start = raw.count(b"\n", 0, exc.start) + 1, raw.rfind(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"{where}: line {line}: not valid UTF-8 (byte {exc.start - line_start + 1}); "
+                            f"save the manifest as UTF-8") from None
+    try:
+        data = yaml.safe_load(text.replace("\r\n", "\n").replace("\r", "\n"))  # as read_text reads
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f"line {mark.line + 1}" if mark is not None else "?"
         raise ManifestError(f"{where}: malformed YAML at {loc}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected a mapping at the top level")
+    bad_text = _invalid_unicode(data, "")
+    if bad_text is not None:
+        raise ManifestError(f"{where}: {bad_text}")
     data = dict(data)
     data.setdefault("name", p.stem)
 

@@ -149,17 +149,73 @@ def _explain_load_error(model_id: str, exc: Exception) -> str:
     return f"model {model_id} could not be loaded: {first}"
 
 
+# Where transformers keeps the decoder blocks, most common first: Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2,
+# SmolLM (``model.layers``); Gemma 3/4 and other multimodal wrappers (``model.language_model.layers``);
+# older LLaVA-style wrappers; OPT; GPT-2, GPT-J, Falcon, Bloom (``transformer.h``); GPT-NeoX/Pythia; MPT.
+BLOCK_PATHS: tuple[str, ...] = (
+    "model.layers", "model.language_model.layers", "language_model.model.layers", "model.decoder.layers",
+    "transformer.h", "gpt_neox.layers", "transformer.blocks",
+)
+# Block lists of other towers, never the language model's (Gemma 3's SigLIP encoder has as many blocks as a
+# tiny text model can have, so a length match alone would be ambiguous).
+_OTHER_TOWERS = ("vision", "visual", "image", "audio", "speech", "encoder")
+
+
+def config_int(config: Any, name: str, model_id: str) -> int:
+    """``config.<name>`` as an int, else the text config's (multimodal configs such as Gemma 3's keep
+    ``num_hidden_layers`` and ``hidden_size`` only in ``text_config``)."""
+    value = getattr(config, name, None)
+    if value is None:
+        get_text = getattr(config, "get_text_config", None)
+        text = get_text() if callable(get_text) else getattr(config, "text_config", None)
+        value = getattr(text, name, None) if text is not None else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelLoadError(f"model {model_id}: its config has no {name} (nor text_config.{name})")
+    return value
+
+
+def _at(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks (``model.model.layers`` for Llama/Gemma/Qwen...)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
+    """The model's list of transformer blocks.
+
+    A known path (``BLOCK_PATHS``) holding a ModuleList of ``num_hidden_layers`` blocks wins; failing that,
+    the one ModuleList of that length outside other towers (vision, audio, encoder). Raises
+    ``ModelLoadError`` when there is none, or several.
+    """
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    try:
+        n_layers: int | None = config_int(config, "num_hidden_layers", name) if config is not None else None
+    except ModelLoadError:
+        n_layers = None
+
+    def fits(obj: Any) -> bool:
+        return isinstance(obj, nn.ModuleList) and len(obj) > 0 and n_layers in (None, len(obj))
+
+    for path in BLOCK_PATHS:
+        obj = _at(model, path)
+        if fits(obj):
             return obj
-    raise ModelLoadError(f"cannot find the decoder blocks of {type(model).__name__}")
+    if n_layers is not None:
+        found = [(path, mod) for path, mod in model.named_modules()
+                 if fits(mod) and not any(t in path.lower() for t in _OTHER_TOWERS)]
+        if len(found) == 1:
+            logger.debug("decoder blocks of %s found at %s", name, found[0][0])
+            return found[0][1]
+        if found:
+            raise ModelLoadError(f"cannot tell which are the decoder blocks of {name}: several lists of "
+                                 f"{n_layers} blocks ({', '.join(p for p, _ in found)})")
+    where = (f"no list of {n_layers} blocks at {', '.join(BLOCK_PATHS)} or elsewhere" if n_layers is not None
+             else f"no list of blocks at {', '.join(BLOCK_PATHS)}, and no num_hidden_layers in its config")
+    raise ModelLoadError(f"cannot find the decoder blocks of {name}: {where}")
 
 
 def check_layers(layers: Sequence[int], n_layers: int, model_id: str) -> None:

@@ -45,6 +45,8 @@ class TokenPlan:
     """doc_index -> tier code."""
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per corpus: documents used, skipped by limits, split into several windows, tokens."""
+    tier_names: tuple[str, ...] = ()
+    """Tier names, index = tier code (the store's ``tier_names``)."""
 
     @property
     def n_tokens(self) -> int:
@@ -80,7 +82,7 @@ def split_windows(content: list[int], max_len: int, bos: int | None) -> list[np.
 
 def plan_corpora(manifest: Manifest, tokenizer: Any) -> TokenPlan:
     """Tokenise the manifest's corpora into a TokenPlan, applying per-corpus limits."""
-    plan = TokenPlan()
+    plan = TokenPlan(tier_names=manifest.tier_names)
     tiers = list(manifest.tier_names)
     bos = tokenizer.bos_token_id if uses_bos(tokenizer, manifest.add_bos) else None
     seen_ids: set[str] = set()

@@ -1,27 +1,36 @@
 """Evaluation prompt sets in the upstream JSONL format.
 
 One JSON object a line with the fields ``id, tier, framing, prompt, rationale, expected_surface,
-category`` and the optional ``sampled_from`` and ``domain``. Blank lines are skipped. Every problem is
-reported as one line, ``PATH:LINENO: message``, so editors and CI logs can jump straight to it.
+category`` and the optional ``sampled_from`` and ``domain``. Blank lines are skipped. Fields this schema
+does not know (upstream's ``dataset_version``, ``generation_model``, ``needs_review``...) are kept as the
+prompt's ``metadata``, with one warning per file naming them, and become extra columns of an eval store's
+prompts table. Every problem is reported as one line, ``PATH:LINENO: message``, so editors and CI logs can
+jump straight to it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bra.errors import BraError
-from bra.vocab import FRAMINGS, SURFACE_CLASSES, TIERS
+from bra.vocab import EVAL_TIERS, EXPECTED_SURFACES, FRAMINGS, SURFACE_CLASSES, TIERS
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EVAL_TIERS", "EXPECTED_SURFACES", "FRAMINGS", "SURFACE_CLASSES", "TIERS", "EvalPrompt", "PromptSetError",
+    "load_eval_set", "load_eval_set_files", "load_eval_sets", "metadata_columns",
+]
 
 
 _MAX_SHOWN_VALUE = 60
 _OPTIONAL_FIELDS: frozenset[str] = frozenset({"sampled_from", "domain"})
+_METADATA_PREFIX = "meta_"
 
 
 class PromptSetError(BraError, ValueError):
@@ -42,6 +51,17 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {_shown(value)} (expected one of {', '.join(choices)})")
 
 
+def _check_unicode(name: str, value: Any) -> None:
+    """Refuse text that has no UTF-8 form: a lone surrogate such as JSON's ``"\\ud800"``, which tokenizers
+    and parquet reject far from the line it came from."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"field {name!r} holds invalid Unicode (lone surrogate {text[exc.start]!r} at "
+                         f"character {exc.start + 1})") from None
+
+
 @dataclass(frozen=True)
 class EvalPrompt:
     """One evaluation prompt with its labels."""
@@ -49,7 +69,7 @@ class EvalPrompt:
     id: str
     """Unique identifier, e.g. ``"ben-01"``."""
     tier: str
-    """One of ``TIERS``."""
+    """One of ``EVAL_TIERS``."""
     framing: str
     """One of ``FRAMINGS``."""
     prompt: str
@@ -57,32 +77,41 @@ class EvalPrompt:
     rationale: str
     """Why the prompt is in the set and why it has its expected surface."""
     expected_surface: str
-    """The surface behaviour a well-calibrated model shows; one of ``SURFACE_CLASSES``."""
+    """The surface behaviour a well-calibrated model shows; one of ``EXPECTED_SURFACES`` (a surface class, or
+    ``comply_or_hedge`` / ``refuse_or_hedge``)."""
     category: str
     """Short snake_case topic or harm category."""
     sampled_from: str | None = None
     """Source the prompt was sampled or adapted from, if any."""
     domain: str | None = None
     """Scientific domain, e.g. ``"virology"``, if apt."""
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+    """The record's other fields (``dataset_version``, ``generation_model``...), as read; never validated
+    beyond being valid Unicode."""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            optional = f.name in _OPTIONAL_FIELDS
+        for name in _ALL_FIELDS:
+            value = getattr(self, name)
+            optional = name in _OPTIONAL_FIELDS
             if optional and value is None:
                 continue
             if not isinstance(value, str) or not value.strip():
                 kind = "a non-empty string or null" if optional else "a non-empty string"
-                raise ValueError(f"field {f.name!r} must be {kind}, got {_shown(value)}")
-        _check_choice("tier", self.tier, TIERS)
+                raise ValueError(f"field {name!r} must be {kind}, got {_shown(value)}")
+            _check_unicode(name, value)
+        for key, value in self.metadata.items():
+            _check_unicode(key, key)
+            _check_unicode(key, value)
+        _check_choice("tier", self.tier, EVAL_TIERS)
         _check_choice("framing", self.framing, FRAMINGS)
-        if self.expected_surface not in SURFACE_CLASSES:
-            choices = ", ".join(SURFACE_CLASSES)
+        if self.expected_surface not in EXPECTED_SURFACES:
+            choices = ", ".join(EXPECTED_SURFACES)
             got = _shown(self.expected_surface)
             raise ValueError(f"expected_surface must be one of {choices}, got {got}")
 
 
-_ALL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EvalPrompt))
+_ALL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EvalPrompt) if f.name != "metadata")
+"""The record fields of the upstream format (``EvalPrompt``'s fields but ``metadata``)."""
 _REQUIRED_FIELDS: tuple[str, ...] = tuple(n for n in _ALL_FIELDS if n not in _OPTIONAL_FIELDS)
 
 
@@ -102,10 +131,8 @@ def _parse_record(line: str) -> EvalPrompt:
     missing = [n for n in _REQUIRED_FIELDS if n not in obj]
     if missing:
         raise ValueError(_names("missing field", missing))
-    unknown = sorted(k for k in obj if k not in _ALL_FIELDS)
-    if unknown:
-        raise ValueError(_names("unknown field", unknown))
-    return EvalPrompt(**obj)
+    known = {k: v for k, v in obj.items() if k in _ALL_FIELDS}
+    return EvalPrompt(**known, metadata={k: v for k, v in obj.items() if k not in _ALL_FIELDS})
 
 
 def _load_with_lines(path: Path) -> list[tuple[EvalPrompt, int]]:
@@ -134,6 +161,10 @@ def _load_with_lines(path: Path) -> list[tuple[EvalPrompt, int]]:
     if not records:
         # An empty set would silently yield empty metrics downstream.
         raise PromptSetError(f"{path}:1: empty prompt set (no records)")
+    unknown = sorted({k for record, _ in records for k in record.metadata})
+    if unknown:
+        logger.warning("%s: %s kept as metadata (extra columns of the prompts table)", path,
+                       _names("unknown field", unknown))
     return records
 
 
@@ -149,15 +180,16 @@ def load_eval_set(path: str | Path) -> list[EvalPrompt]:
     return records
 
 
-def load_eval_sets(paths: Iterable[str | Path]) -> list[EvalPrompt]:
-    """Load several prompt sets into one list, in order; ids must be unique across all sets.
+def load_eval_set_files(paths: Iterable[str | Path]) -> list[list[EvalPrompt]]:
+    """Load several prompt sets, one list per file in order; ids must be unique across all sets.
 
     Raises:
         PromptSetError: on a malformed line, an id repeated across sets, or no paths at all.
     """
-    records: list[EvalPrompt] = []
+    sets: list[list[EvalPrompt]] = []
     first_seen: dict[str, tuple[Path, int]] = {}
     for path in map(Path, paths):
+        records: list[EvalPrompt] = []
         for record, lineno in _load_with_lines(path):
             if record.id in first_seen:
                 seen_path, seen_line = first_seen[record.id]
@@ -167,6 +199,43 @@ def load_eval_sets(paths: Iterable[str | Path]) -> list[EvalPrompt]:
                 )
             first_seen[record.id] = (path, lineno)
             records.append(record)
+        sets.append(records)
     if not first_seen:
         raise PromptSetError("no prompt set paths given")
-    return records
+    return sets
+
+
+def load_eval_sets(paths: Iterable[str | Path]) -> list[EvalPrompt]:
+    """Load several prompt sets into one list, in order; ids must be unique across all sets.
+
+    Raises:
+        PromptSetError: on a malformed line, an id repeated across sets, or no paths at all.
+    """
+    return [record for records in load_eval_set_files(paths) for record in records]
+
+
+def metadata_columns(prompts: Sequence[EvalPrompt], taken: Iterable[str] = ()) -> dict[str, list[Any]]:
+    """The prompts' metadata as table columns: one per key (in order of first appearance), None where a
+    prompt lacks the key.
+
+    A column whose values are not all of one scalar type (str, bool, int or float) holds them as JSON text,
+    so any mix of records writes to parquet. A key already among ``taken`` (the table's own columns) is
+    prefixed ``meta_``.
+    """
+    keys: dict[str, None] = {}
+    for p in prompts:
+        keys.update(dict.fromkeys(p.metadata))
+    used = set(taken)
+    columns: dict[str, list[Any]] = {}
+    for key in keys:
+        values = [p.metadata.get(key) for p in prompts]
+        kinds = {type(v) for v in values if v is not None}
+        if len(kinds) > 1 or not kinds <= {str, bool, int, float}:
+            values = [None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True)
+                      for v in values]
+        name = key
+        while name in used:
+            name = _METADATA_PREFIX + name
+        used.add(name)
+        columns[name] = values
+    return columns
