@@ -137,8 +137,8 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float] 
     p, z2n = k / n, z * z / n
     centre = (p + z2n / 2.0) / (1.0 + z2n)
     half = z / (1.0 + z2n) * float(np.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n)))
-    # clipped: at k = 0 or k = n the bound is 0 or 1 exactly, up to float rounding
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); the formula gets there only up to rounding
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def mean_t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
