@@ -3,7 +3,7 @@
 The store is read once (`reader.read_eval_bundle` -> `bundle.EvalBundle`); the catalog, probes, divergence
 and metrics are pure functions over that bundle (`score.analyse` -> `config.ScoreResult`); the report is
 written from the result alone (`report.write_outputs`: JSON, parquet, `plots`, and report.html from
-`templates/report.html.j2`).
+`templates/report.html.j2`). `compare.compare_reports` tables several score reports (`bra-sae compare`).
 """
 
 import importlib
@@ -13,9 +13,10 @@ from typing import Any
 # bra.audit.config (the CLI builds `score`'s options from it at start-up) does not load torch, zarr,
 # matplotlib and jinja2 through this package's __init__.
 _EXPORTS = {
-    "EvalBundle": "bundle", "StoreFacts": "bundle", "ScoreConfig": "config", "ScoreError": "config",
-    "ScoreResult": "config", "read_eval_bundle": "reader", "write_outputs": "report", "analyse": "score",
-    "compute_scores": "score", "score": "score",
+    "CompareError": "compare", "Comparison": "compare", "compare_reports": "compare",
+    "load_score_report": "compare", "EvalBundle": "bundle", "StoreFacts": "bundle", "ScoreConfig": "config",
+    "ScoreError": "config", "ScoreResult": "config", "read_eval_bundle": "reader", "write_outputs": "report",
+    "analyse": "score", "compute_scores": "score", "score": "score",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,4 @@
-"""`bra-sae`: fit, evaluate, export, describe and score SAEs over a store
+"""`bra-sae`: fit, evaluate, export, describe and score SAEs over a store, and compare score reports
 (parses arguments, calls the library)."""
 
 from __future__ import annotations
@@ -133,6 +133,42 @@ def score_cmd(store: Path | str, sae_path: Path, out: Path, baseline: dict[str, 
     report = score(store, sae_path, out, SCORE_OPTIONS.build(fields), baseline)
     best = [f"{r['method']} {r['auroc']:.3f}" for r in report["auroc"] if r["auroc"] is not None]
     click.echo(f"{out}: report.html, report.json, scores.parquet; AUROC: {', '.join(best)}", err=True)
+
+
+def _named_reports(ctx: click.Context, param: click.Parameter,
+                   values: tuple[str, ...]) -> tuple[tuple[str, Path], ...]:
+    """--name NAME=REPORT_DIR (repeatable) -> ((NAME, REPORT_DIR), ...), in the order given."""
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise click.BadParameter(f"expected NAME=REPORT_DIR, got {value!r}", param_hint="--name")
+        pairs.append((name, Path(path)))
+    return tuple(pairs)
+
+
+@cli.command("compare")
+@click.argument("report_dirs", nargs=-1, type=click.Path(path_type=Path), metavar="REPORT_DIR...")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (replaced whole; refused if it holds anything but a comparison).")
+@click.option("--name", "names", multiple=True, metavar="NAME=REPORT_DIR", callback=_named_reports,
+              help="Label REPORT_DIR as NAME (repeatable); a REPORT_DIR not given as an argument is added.")
+def compare_cmd(report_dirs: tuple[Path, ...], out: Path, names: tuple[tuple[str, Path], ...]) -> None:
+    """One table and plot across score reports (models, SAEs, generation variants), from the REPORT_DIR
+    folders of `bra-sae score` alone (report.json, scores.parquet; never a store or a model).
+
+    Per run: model, SAE, layer, prompts; refusal rate by tier (95% Wilson); the AUROC rows with their CIs
+    and p-values (a method a run lacks shows as absent); depth verdicts (count, share, 95% Wilson); D mean
+    by tier (95% t-interval). Writes comparison.md, comparison.json and comparison.png to OUT.
+
+    Labels: --name, else MODEL/SAE (last path parts of the report's model id and SAE path; for a fit run's
+    inner sae/ or sae_weights.pt, the run folder's name), with @STORE appended (the eval store's name: one
+    generation variant) when the reports were scored on different stores. Labels must be unique."""
+    from bra.audit.compare import compare_reports
+
+    comparison = compare_reports(report_dirs, out, names)
+    labels = ", ".join(r.label for r in comparison.runs)
+    click.echo(f"{out}: comparison.md, comparison.json, comparison.png ({labels})", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:
