@@ -349,7 +349,7 @@ def test_torture__fit_killed_repeatedly_equals_uninterrupted(tmp_path: Path, tra
     zygote = Zygote("bra.cli.sae")  # imports while the reference fit is made here
     store = train_store
     steps = 10 * kills + 10  # each kill advances the last checkpoint by 3 to 6 steps
-    cfg = TrainConfig(steps=steps, **FIT_FLAGS)
+    cfg = TrainConfig.from_dict({"steps": steps, **FIT_FLAGS})
     out = tmp_path / "killed"
     record: list[dict] = []
     logs: list[dict] = [{} for _ in range(kills)]
@@ -412,7 +412,7 @@ def test_fit__resume_after_a_kill_between_the_checkpoint_renames(tmp_path: Path,
     """A checkpoint is swapped in by two renames (checkpoint -> .checkpoint.old, then .checkpoint.tmp ->
     checkpoint). Killed between them, a run has only .old (and a .tmp, complete or not): --resume continues
     from .old, exactly."""
-    cfg = TrainConfig(steps=12, **FIT_FLAGS)
+    cfg = TrainConfig.from_dict({"steps": 12, **FIT_FLAGS})
     reference = fit(train_store, tmp_path / "ref", cfg)
     out = tmp_path / "killed"
     fit(train_store, out, cfg, stop_at=7)

@@ -55,7 +55,7 @@ def smollm_store(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _small_cfg(**kw) -> TrainConfig:
     base = {"d_sae": 128, "k": 8, "steps": 12, "batch_size": 32, "buffer_rows": 128, "log_every": 2,
             "checkpoint_every": 6, "dead_tokens": 64, "contrastive_rows": 16}
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_dict({**base, **kw})
 
 
 def test_reader__every_unmasked_row_exactly_once_per_epoch_shuffled(tiny_store: Path) -> None:
@@ -257,8 +257,9 @@ def test_presets__seed_recipe() -> None:
 
 @pytest.mark.smollm
 def test_fit__smollm_heldout_fvu_well_below_random(smollm_store: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(d_sae=1152, k=32, steps=60, batch_size=256, lr=1e-3, buffer_rows=4096, log_every=20,
-                      checkpoint_every=60, dead_tokens=20_000, contrastive_rows=256)
+    cfg = TrainConfig.from_dict({"d_sae": 1152, "k": 32, "steps": 60, "batch_size": 256, "lr": 1e-3,
+                                 "buffer_rows": 4096, "log_every": 20, "checkpoint_every": 60,
+                                 "dead_tokens": 20_000, "contrastive_rows": 256})
     sae = fit(smollm_store, tmp_path / "smol", cfg)
     store = open_store(smollm_store)
     heldout = document_split(store.docs(), cfg.heldout_fraction, cfg.seed)

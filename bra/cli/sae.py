@@ -13,20 +13,27 @@ from typing import Any
 import click
 
 from bra.cli.common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
-from bra.sae.config import PRESETS, TrainConfig, field_docs
+from bra.sae.config import PRESETS, TrainConfig, field_docs, nested_fields
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
+def _leaf_fields(cls: type) -> list[tuple[type, dataclasses.Field]]:
+    """(owner, field) of every setting of ``cls``, nested configs flattened in place."""
+    nested = nested_fields(cls)
+    return [leaf for f in dataclasses.fields(cls)
+            for leaf in (_leaf_fields(nested[f.name]) if f.name in nested else [(cls, f)])]
+
+
 def _train_options(func: Any) -> Any:
-    """One --flag per TrainConfig field (1:1), default None so a preset can fill what is not given."""
-    hints = typing.get_type_hints(TrainConfig)
-    docs = field_docs(TrainConfig)
-    for f in reversed(dataclasses.fields(TrainConfig)):
+    """One --flag per TrainConfig setting (1:1; nested configs' fields flat), default None so a preset can
+    fill what is not given."""
+    for owner, f in reversed(_leaf_fields(TrainConfig)):
+        hints = typing.get_type_hints(owner)
         name = f.name.replace("_", "-")
         base = str(hints[f.name]).replace("typing.Optional[", "").replace("<class '", "").split("'")[0]
         base = base.split(" |")[0].strip("[]")
-        doc = docs.get(f.name, "")
+        doc = field_docs(owner).get(f.name, "")
         if base == "bool":
             opt = click.option(f"--{name}/--no-{name}", f.name, default=None,
                                help=f"{doc} [default: {f.default}]")
@@ -67,7 +74,7 @@ def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, re
 
     values = {**PRESETS.get(preset or "", {}), **{k: v for k, v in flags.items() if v is not None}}
     try:
-        cfg = TrainConfig(**values)
+        cfg = TrainConfig.from_dict(values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     relaunch_under_torchrun(ctx, "bra.cli.sae", nproc)

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 CONTRASTIVE_FORMS = ("ntxent", "cosine", "none")
 CONTRASTIVE_LEVELS = ("token", "doc")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a fit streams the store (the `bra.cache.reader.ReaderConfig` settings a fit chooses)."""
+
+    buffer_rows: int = 65536
+    """Shuffle-buffer capacity in rows."""
+
+    def __post_init__(self) -> None:
+        if self.buffer_rows < 1:
+            raise ValueError("buffer_rows must be positive")
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,8 @@ class TrainConfig:
     """Baseline: permute tier labels across documents before training (destroys the tier signal)."""
     heldout_fraction: float = 0.1
     """Fraction of documents (per tier) held out for evaluation; split by document."""
-    buffer_rows: int = 65536
-    """Shuffle-buffer capacity in rows."""
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    """Reader settings (flat in the CLI: --buffer-rows)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (and at the end)."""
     log_every: int = 10
@@ -94,15 +106,61 @@ class TrainConfig:
         return self.lr * (self.steps - step) / (decay_steps + 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
+        """JSON-ready dict (nested configs as nested dicts)."""
         return dataclasses.asdict(self)
 
+    def flat_dict(self) -> dict[str, Any]:
+        """One key per setting: the fields of nested configs at top level (as the CLI flags are)."""
+        return flatten(self.to_dict(), TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from `to_dict`'s nested form, the flat form (`flat_dict`, CLI flags, presets, run.json of
+        runs made before the reader settings were nested) or a mix of both."""
+        return unflatten(data, cls)
+
     def differences(self, other: dict[str, Any]) -> list[str]:
-        """Fields whose values differ from a saved config (ignoring logging/checkpoint cadence)."""
+        """Settings whose values differ from a saved config, nested or flat (ignoring logging/checkpoint
+        cadence); named by their flat name (the CLI flag's)."""
         # more steps may extend a run, unless the learning-rate schedule depends on the total
         cosmetic = ({"log_every", "checkpoint_every", "device"}
                     | ({"steps"} if not self.lr_decay_frac else set()))
-        return sorted(k for k, v in self.to_dict().items() if k not in cosmetic and other.get(k) != v)
+        saved = flatten(other, TrainConfig)
+        return sorted(k for k, v in self.flat_dict().items() if k not in cosmetic and saved.get(k) != v)
+
+
+def nested_fields(cls: type) -> dict[str, type]:
+    """Fields of dataclass ``cls`` that are dataclasses themselves, with their types."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def flatten(data: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``data`` with the dicts under ``cls``'s nested-config fields merged in at top level (flat data stays
+    as it is)."""
+    nested = nested_fields(cls)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in nested and isinstance(value, dict):
+            out.update(flatten(value, nested[key]))
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten(data: dict[str, Any], cls: type) -> Any:
+    """Build ``cls`` from nested or flat ``data`` (unknown keys raise TypeError, as the constructor does)."""
+    flat = flatten(data, cls)
+    nested = nested_fields(cls)
+    kwargs: dict[str, Any] = {}
+    for name, sub in nested.items():
+        own = {f.name for f in dataclasses.fields(sub)} | set(nested_fields(sub))
+        picked = {k: flat.pop(k) for k in list(flat) if k in own}
+        if picked:
+            kwargs[name] = unflatten(picked, sub)
+    return cls(**flat, **kwargs)
 
 
 def field_docs(cls: type) -> dict[str, str]:
