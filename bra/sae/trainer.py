@@ -14,7 +14,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +142,7 @@ def contrastive_features(z: torch.Tensor, hazard: torch.Tensor, doc: torch.Tenso
 
 class Trainer:
     """Trains ``sae`` on batches from ``data``; logs to and checkpoints into ``out`` (rank 0; None: neither).
+    ``fit`` may be called again with a later ``stop_at`` to continue (the bench times steps that way).
 
     Distributed (``dist.active``): every rank builds one with its own data; DDP averages the gradients in
     ``backward``, so the projection, the step and the renormalisation that follow are the same arithmetic
@@ -151,8 +152,9 @@ class Trainer:
 
     def __init__(self, sae: TopKSAE, data: DataProvider, cfg: TrainConfig,
                  optimizer: torch.optim.Optimizer | None = None, dist: Dist = SINGLE,
-                 out: Path | None = None):
+                 out: Path | None = None, progress: bool = True):
         self.sae, self.data, self.cfg, self.dist, self.out = sae, data, cfg, dist, out
+        self.progress = progress and dist.is_main  # a tqdm bar (on a terminal)
         self.opt = optimizer or torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                   betas=(0.9, 0.999))
         self.device = sae.W_dec.device
@@ -181,7 +183,7 @@ class Trainer:
         t0, tokens = time.perf_counter(), 0
         with (open(log_to, "a", encoding="utf-8") if log_to is not None else nullcontext()) as log, \
                 tqdm(total=cfg.steps, initial=state.step, desc="fit", unit="step", dynamic_ncols=True,
-                     disable=True if not dist.is_main else None) as bar:
+                     disable=True if not self.progress else None) as bar:
             while state.step < end:
                 batch = next(self.data)
                 for group in self.opt.param_groups:
@@ -339,16 +341,3 @@ def find_checkpoint(out: Path, promote: bool = False) -> Path | None:
             if legacy != found[0]:
                 shutil.rmtree(legacy, ignore_errors=True)
     return found[0]
-
-
-def ram_inputs(x: torch.Tensor, hazard: torch.Tensor, doc: torch.Tensor, batch_size: int,
-               generator: torch.Generator) -> Iterator[TrainInput]:
-    """Endless batches sliced from rows held in memory, in a fresh permutation each pass (the cheapest
-    data provider there is: the bench's in-RAM side)."""
-    perm, pos = torch.randperm(len(x), generator=generator), 0
-    while True:
-        if pos + batch_size > len(perm):
-            perm, pos = torch.randperm(len(x), generator=generator), 0
-        idx = perm[pos:pos + batch_size]
-        pos += batch_size
-        yield TrainInput(x[idx], hazard[idx], doc[idx])
