@@ -96,7 +96,7 @@ class BenchConfig:
     """Interleaved epoch reads of every study-7 store, from S3 and from local disk (the fastest reported)."""
     resume_stops: tuple[int, ...] = (10, 400)
     """Steps N at which study 8 stops a fit and times the first step of its --resume (issue 12: any N)."""
-    resume_reps: int = 3
+    resume_reps: int = 5
     """Interleaved fresh / resumed first-step timings of study 8 per N (the fastest of each reported)."""
     scaleout_latency_ms: float = 20.0
     """First-byte delay the study-7 S3 server then adds to every GET (S3 itself: tens of ms), to read every
