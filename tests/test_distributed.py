@@ -299,7 +299,7 @@ def test_distributed_fit__two_processes_track_one_process_loss_curve(reference_b
 
 @pytest.mark.slow
 def test_distributed_fit__resume_continues_the_same_curve(reference_build, tmp_path: Path) -> None:
-    """Checkpoints are written by rank 0; a resumed 2-process fit replays each rank's data order, so it
+    """Checkpoints are written by rank 0; a resumed 2-process fit continues each rank's data order, so it
     equals the uninterrupted 2-process fit exactly. A resume with another number of processes is refused."""
     _, store = reference_build
     flat = {"lr_decay_frac": 0.0}  # a constant learning rate, so a run may be extended by --resume --steps

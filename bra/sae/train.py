@@ -61,7 +61,7 @@ def _prepare_out(out: Path, record: dict[str, Any], cfg: TrainConfig, resume: bo
             raise SAEError(f"--resume: {run_file} is unreadable ({type(exc).__name__}: {exc})") from None
         if saved.get("store_manifest_hash") != record["store_manifest_hash"]:
             diff.append("store")
-        if saved.get("world_size", 1) != record.get("world_size", 1):  # each rank replays its own data order
+        if saved.get("world_size", 1) != record.get("world_size", 1):  # each rank has its own data order
             diff.append(f"number of processes ({saved.get('world_size', 1)} before)")
         if diff:
             raise SAEError(f"--resume with different settings than the run in {out}: {', '.join(diff)}")
