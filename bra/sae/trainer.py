@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bra.dist import SINGLE, Dist
 from bra.errors import SAEError
-from bra.fsutil import atomic_dir
+from bra.fsutil import atomic_dir, sweep_leftovers
 from bra.sae import losses
 from bra.sae.config import TrainConfig
 from bra.sae.data import TrainBatches, check_finite
@@ -324,8 +324,8 @@ def find_checkpoint(out: Path, promote: bool = False) -> Path | None:
     A kill between the two renames of a checkpoint swap leaves only the previous checkpoint, beside the
     run's ``checkpoint`` folder under a temp name (``.checkpoint.old-PID-…``, or ``.checkpoint.old`` in runs
     made before); resuming from it is exact too (its data position is that step's). ``promote`` renames it
-    back to ``checkpoint`` (and removes the old-style temp folder), so that the next checkpoint's sweep of
-    dead processes' leftovers cannot remove the only complete one."""
+    back to ``checkpoint``, so that the next checkpoint's sweep of dead processes' leftovers cannot remove
+    the only complete one, and then removes those leftovers (and the old-style temp folders)."""
     final = out / CHECKPOINT_DIR
     previous = sorted(out.glob(f"{LEGACY_OLD}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     found = [d for d in (final, out / LEGACY_OLD, *previous)
@@ -337,7 +337,8 @@ def find_checkpoint(out: Path, promote: bool = False) -> Path | None:
             logger.info("%s: the last checkpoint swap was interrupted; resuming from %s", out, found[0].name)
             os.replace(found[0], final)
             found[0] = final
-        for legacy in (out / LEGACY_TMP, out / LEGACY_OLD):
-            if legacy != found[0]:
+        if found[0] == final:  # the other copies are leftovers of dead writers now
+            sweep_leftovers(final)
+            for legacy in (out / LEGACY_TMP, out / LEGACY_OLD):
                 shutil.rmtree(legacy, ignore_errors=True)
     return found[0]
