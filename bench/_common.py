@@ -29,7 +29,8 @@ class Row:
     """One line of the results table."""
 
     study: str
-    """Study key (``build``, ``codecs``, ``fp8``, ``train``, ``rescore``, ``saelens``, ``scaleout``)."""
+    """Study key (``build``, ``codecs``, ``fp8``, ``train``, ``rescore``, ``saelens``, ``scaleout``,
+    ``resume``)."""
     name: str
     """What was measured."""
     value: float | str | None

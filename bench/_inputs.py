@@ -3,7 +3,6 @@ fixed-length token sequences (for the SAELens side-by-side, which needs equal-le
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -59,21 +58,14 @@ def smollm2_ref() -> ModelRef:
     )
 
 
-def _test_helpers() -> Any:
-    """tests/helpers.py (the tiny Gemma2 builder), imported by path so the bench reuses the tests' model."""
-    spec = importlib.util.spec_from_file_location("bra_test_helpers", REPO / "tests" / "helpers.py")
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(REPO / "tests" / "helpers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_gemma_ref(work: Path) -> ModelRef:
-    """The tests' random 4-block Gemma2ForCausalLM (d_model 64), block 2, saved once under ``work``."""
+    """The tests' random 4-block Gemma2ForCausalLM (d_model 64, `bra.testing`), block 2, saved once under
+    ``work``."""
+    from bra.testing import make_tiny_gemma
+
     folder = work / "tiny-gemma"
     if not (folder / "config.json").is_file():
-        _test_helpers().make_tiny_gemma(folder)
+        make_tiny_gemma(folder)
     return ModelRef(
         "tiny-gemma",
         {"id": str(folder), "attn_implementation": "eager", "device": "auto"},

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 MODELS = ("smollm2", "tiny-gemma")
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,10 @@ class BenchConfig:
     larger activation reads)."""
     scaleout_read_reps: int = 3
     """Interleaved epoch reads of every study-7 store, from S3 and from local disk (the fastest reported)."""
+    resume_stops: tuple[int, ...] = (10, 400)
+    """Steps N at which study 8 stops a fit and times the first step of its --resume (issue 12: any N)."""
+    resume_reps: int = 5
+    """Interleaved fresh / resumed first-step timings of study 8 per N (the fastest of each reported)."""
     scaleout_latency_ms: float = 20.0
     """First-byte delay the study-7 S3 server then adds to every GET (S3 itself: tens of ms), to read every
     geometry again, and the default reader against one with 2 threads."""
@@ -149,6 +153,8 @@ SIZES: dict[str, BenchConfig] = {
         scaleout_tile=1,
         scaleout_read_reps=1,
         scaleout_latency_ms=5.0,
+        resume_stops=(3, 12),
+        resume_reps=1,
     ),
     # a few minutes on 2 CPU cores
     # 5 build/bare reps: 3 left the ratio at the mercy of one burst

@@ -12,7 +12,9 @@ chunk of rows: q = fp8(x / s), x' = q * s, s = absmax / 448, the scale kept as f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
@@ -26,7 +28,7 @@ from bra.cache import schema
 from bra.sae import losses
 from bra.sae.config import TrainConfig
 from bra.sae.model import SAEConfig, TopKSAE
-from bra.sae.train import TrainerState, train_step
+from bra.sae.trainer import Trainer, TrainInput
 
 logger = logging.getLogger(__name__)
 
@@ -75,30 +77,29 @@ def _disk_bytes(arrays: list[np.ndarray], cfg: Any, tmp: Any) -> int:
 
 
 def train_in_ram(x: np.ndarray, hazard: np.ndarray, doc: np.ndarray, cfg: TrainConfig, seed: int) -> TopKSAE:
-    """Train with `bra.sae.train.train_step` on rows of ``x`` in a seeded order (same order for any x)."""
+    """Train with the product's `Trainer` on rows of ``x`` in a seeded order (same order for any x), at a
+    constant learning rate."""
     d = x.shape[1]
     msn = float((x.astype(np.float64) ** 2).sum(axis=1).mean())
     sae_cfg = SAEConfig(d_model=d, d_sae=cfg.d_sae, k=cfg.k, input_scale=float(np.sqrt(d / msn)))
     sae = TopKSAE.init_random(sae_cfg, seed, torch.from_numpy(x.mean(axis=0)))
-    opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = TrainerState(
-        0, torch.zeros(cfg.d_sae, dtype=torch.int64), torch.zeros(cfg.d_sae, dtype=torch.int64)
-    )
-    k_aux = cfg.k_aux or max(1, d // 2)
-    rng = np.random.default_rng(seed)
     X, H, D = (
         torch.from_numpy(x),
         torch.from_numpy(hazard.astype(np.int64)),
         torch.from_numpy(doc.astype(np.int64)),
     )
-    order = rng.permutation(len(x))
-    pos = 0
-    for _ in range(cfg.steps):
-        if pos + cfg.batch_size > len(order):
-            order, pos = rng.permutation(len(x)), 0
-        idx = torch.from_numpy(order[pos : pos + cfg.batch_size])
-        pos += cfg.batch_size
-        train_step(sae, opt, X[idx], H[idx], D[idx], state, cfg, k_aux)
+
+    def batches() -> Iterator[TrainInput]:
+        rng = np.random.default_rng(seed)
+        order, pos = rng.permutation(len(x)), 0
+        while True:
+            if pos + cfg.batch_size > len(order):
+                order, pos = rng.permutation(len(x)), 0
+            idx = torch.from_numpy(order[pos : pos + cfg.batch_size])
+            pos += cfg.batch_size
+            yield TrainInput(X[idx], H[idx], D[idx])
+
+    Trainer(sae, batches(), dataclasses.replace(cfg, lr_decay_frac=0.0), progress=False).fit()
     return sae.eval()
 
 
@@ -249,9 +250,9 @@ def _text(
         )
     lines += [
         "",
-        f"SAE trained in RAM with `train_step` (d_sae {tcfg.d_sae}, k {tcfg.k}, {tcfg.steps} steps, no tier "
-        f"term), same seed and row order, evaluated on the exact rows of held-out documents: bf16 "
-        f"{sae_fvu_by['bf16']:.4f}, fp8 per-row {sae_fvu_by['fp8 per-row']:.4f}.",
+        f"SAE trained in RAM with the product's `Trainer` (d_sae {tcfg.d_sae}, k {tcfg.k}, {tcfg.steps} "
+        f"steps, no tier term), same seed and row order, evaluated on the exact rows of held-out documents: "
+        f"bf16 {sae_fvu_by['bf16']:.4f}, fp8 per-row {sae_fvu_by['fp8 per-row']:.4f}.",
         "fp8 is not implemented in the store; if it is added it must stay opt-in and `bra-cache info` "
         "must say the store is lossy. " + _scale_verdict(worse, sink),
     ]

@@ -30,6 +30,7 @@ MODULES = {
     "rescore": "bench.rescore",
     "saelens": "bench.saelens_side",
     "scaleout": "bench.scaleout",
+    "resume": "bench.resume_ratio",
 }
 TITLES = {
     "build": "1. Build ÷ bare forward",
@@ -39,6 +40,7 @@ TITLES = {
     "rescore": "5. Re-score ÷ (rebuild + score)",
     "saelens": "6. Side by side with SAELens",
     "scaleout": "7. Scale-out: processes and object-store shard size",
+    "resume": "8. Resume ÷ fresh start (first step)",
 }
 REPO = Path(__file__).resolve().parent.parent
 

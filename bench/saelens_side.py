@@ -10,7 +10,7 @@ RSS is its own:
   (`model_class_name="AutoModelForCausalLM"` on the local HF folder, hook = the block's module path, one
   model batch per buffer/shard, no shuffle). Time = the forward/write part (`BuildResult.seconds` vs
   `runner.run()`); model loading is reported separately.
-* training: the same `train_step` (no tier term: SAELens caches carry no tier labels) fed by our reader
+* training: the same `Trainer` (no tier term: SAELens caches carry no tier labels) fed by our reader
   (`train_batches`, unbalanced) vs SAELens's own reader of its cache (`ActivationsStore` over the Arrow
   dataset + its `mixing_buffer`), same batch size and buffer rows.
 """
@@ -28,7 +28,7 @@ from bench._common import Row, StudyResult
 from bench._context import BenchContext
 from bench._inputs import ModelRef, corpus_manifest, demo_texts, pack_sequences, write_jsonl
 from bench._worker import run_task
-from bra.sae.config import TrainConfig
+from bra.sae.config import StreamConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def side_by_side(ctx: BenchContext, ref: ModelRef) -> dict[str, Any]:
         d_sae=cfg.train_d_sae,
         k=cfg.sae_k,
         batch_size=cfg.train_batch,
-        buffer_rows=cfg.train_buffer_rows,
+        stream=StreamConfig(buffer_rows=cfg.train_buffer_rows),
         contrastive="none",
         contrastive_coef=0.0,
         balanced=False,

@@ -1,10 +1,11 @@
 """Worker tasks of the SAELens side-by-side (study 6): each runs in a fresh subprocess (``bench._worker``) so
 that its peak RSS is its own. Our side: `build_store` and `train_batches`; SAELens's side: its
-`CacheActivationsRunner` and its `ActivationsStore` reading its own cache. Both train with the same
-`bra.sae.train.train_step`."""
+`CacheActivationsRunner` and its `ActivationsStore` reading its own cache. Both train with the product's
+`bra.sae.trainer.Trainer`."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 import warnings
@@ -29,6 +30,7 @@ def _preimport(hf_dir: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     import bra.sae.train  # noqa: F401
+    import bra.sae.trainer  # noqa: F401
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(hf_dir))]
 
@@ -117,11 +119,11 @@ def saelens_build_task(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_loop(batches: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """Time the same `train_step` over batches of float32 rows from any iterator."""
+    """Time the product's `Trainer` over batches of float32 rows from any iterator."""
     from bra.sae.model import SAEConfig, TopKSAE
-    from bra.sae.train import TrainerState, train_step
+    from bra.sae.trainer import Trainer, TrainInput
 
-    tcfg = TrainConfig(**spec["train_config"])
+    tcfg = TrainConfig.from_dict(spec["train_config"])
     device = torch.device(_device(tcfg.device))
     d = spec["d_in"]
     sae = TopKSAE.init_random(
@@ -129,18 +131,14 @@ def _train_loop(batches: Any, spec: dict[str, Any]) -> dict[str, Any]:
         tcfg.seed,
         torch.tensor(spec["mean"], dtype=torch.float32),
     ).to(device)
-    opt = torch.optim.AdamW(sae.parameters(), lr=tcfg.lr)
-    state = TrainerState(
-        0, torch.zeros(tcfg.d_sae, dtype=torch.int64), torch.zeros(tcfg.d_sae, dtype=torch.int64)
-    )
     zeros = torch.zeros(tcfg.batch_size, dtype=torch.int64, device=device)
+    inputs = (TrainInput(x.to(device), zeros[: len(x)], zeros[: len(x)]) for x in batches)
     warmup, steps = spec["warmup"], spec["steps"]
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        x = next(batches)
-        train_step(sae, opt, x.to(device), zeros[: len(x)], zeros[: len(x)], state, tcfg, d // 2)
+    cfg = dataclasses.replace(tcfg, steps=warmup + steps, k_aux=tcfg.k_aux or d // 2)
+    trainer = Trainer(sae, inputs, cfg, progress=False)
+    trainer.fit(stop_at=warmup)
+    t0 = time.perf_counter()
+    trainer.fit()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - t0, "steps": steps}
@@ -153,12 +151,13 @@ def ours_train_task(spec: dict[str, Any]) -> dict[str, Any]:
 
     _preimport(spec["hf_dir"])
     torch.set_num_threads(int(spec["threads"]))
-    tcfg = TrainConfig(**spec["train_config"])
+    tcfg = TrainConfig.from_dict(spec["train_config"])
     store = open_store(spec["store"])
     data = training_data(store, None, 0.0, tcfg.seed, False)
 
     def rows():
-        for batch, _ in train_batches(store, data, tcfg.batch_size, tcfg.buffer_rows, tcfg.seed, False):
+        buffer_rows = tcfg.stream.buffer_rows
+        for batch, _ in train_batches(store, data, tcfg.batch_size, buffer_rows, tcfg.seed, False):
             check_finite(batch)
             yield torch.from_numpy(batch.acts)
 
@@ -176,7 +175,7 @@ def saelens_train_task(spec: dict[str, Any]) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=UserWarning)
     _preimport(spec["hf_dir"])
     torch.set_num_threads(int(spec["threads"]))
-    tcfg = TrainConfig(**spec["train_config"])
+    tcfg = TrainConfig.from_dict(spec["train_config"])
     context = spec["context"]
     store = ActivationsStore(
         model=None,
@@ -186,7 +185,7 @@ def saelens_train_task(spec: dict[str, Any]) -> dict[str, Any]:
         hook_head_index=None,  # type: ignore[arg-type]
         context_size=context,
         d_in=spec["d_in"],
-        n_batches_in_buffer=max(tcfg.buffer_rows // context, 1),
+        n_batches_in_buffer=max(tcfg.stream.buffer_rows // context, 1),
         total_training_tokens=spec["n_tokens"],
         store_batch_size_prompts=spec["batch_size"],
         train_batch_size_tokens=tcfg.batch_size,

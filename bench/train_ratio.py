@@ -1,9 +1,9 @@
 """Study 4: training steps/s streaming the store ÷ from the same rows in an in-RAM tensor (issue 4), and
 peak RSS of reading a store much larger than the shuffle buffer.
 
-Both sides run `bra.sae.train.train_step` with one TrainConfig (the product's defaults for the loss terms:
-NT-Xent tier term, AuxK, balanced batches on the store side) on a fresh SAE from the same init. The store
-side is `fit`'s own data path (`bra.sae.data.train_batches`: shuffled chunk order, background
+Both sides run the product's `bra.sae.trainer.Trainer` with one TrainConfig (the product's defaults for the
+loss terms: NT-Xent tier term, AuxK, balanced batches on the store side) on a fresh SAE from the same init.
+The store side is `fit`'s own data path (`bra.sae.data.train_batches`: shuffled chunk order, background
 decompression, mixing buffer, masked rows skipped, NaN check); the RAM side slices batches out of one
 preloaded tensor of the same training rows, permuted once per epoch (the cheapest loader there is).
 The store is study 1's store tiled several times (rows repeated, documents renamed), so it is many times
@@ -12,9 +12,11 @@ larger than the shuffle buffer; tiling changes nothing a timing depends on.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,51 +38,44 @@ from bench._stores import copy_store
 from bench._worker import run_task
 from bra.cache.reader import ReaderConfig, RowStream
 from bra.cache.store import Store, open_store
-from bra.sae.config import TrainConfig
+from bra.sae.config import StreamConfig, TrainConfig
 from bra.sae.data import TrainingData, check_finite, train_batches, training_data
 from bra.sae.model import SAEConfig, TopKSAE
-from bra.sae.train import TrainerState, resolve_device, train_step
+from bra.sae.train import resolve_device
+from bra.sae.trainer import DataProvider, StoreInputs, Trainer, TrainInput
 
 logger = logging.getLogger(__name__)
 
 TARGET = "≥ 0.9"
 
 
-def _fresh(store: Store, data: TrainingData, tcfg: TrainConfig, device: torch.device):
+def _trainer(store: Store, data: TrainingData, tcfg: TrainConfig, inputs: DataProvider,
+             device: torch.device, n_steps: int) -> Trainer:
+    """The product's `Trainer` on a fresh SAE from the same init, for ``n_steps`` steps (no run folder)."""
     sae_cfg = SAEConfig(d_model=store.d_model, d_sae=tcfg.d_sae, k=tcfg.k, input_scale=data.input_scale)
     sae = TopKSAE.init_random(sae_cfg, tcfg.seed, torch.as_tensor(data.mean, dtype=torch.float32)).to(device)
-    opt = torch.optim.AdamW(sae.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    state = TrainerState(
-        0, torch.zeros(tcfg.d_sae, dtype=torch.int64), torch.zeros(tcfg.d_sae, dtype=torch.int64)
-    )
-    return sae, opt, state, tcfg.k_aux or max(1, store.d_model // 2)
+    return Trainer(sae, inputs, dataclasses.replace(tcfg, steps=n_steps), progress=False)
+
+
+def _timed_fit(trainer: Trainer, device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds of ``steps`` `Trainer.fit` steps after ``warmup`` untimed ones."""
+    trainer.fit(stop_at=warmup)
+    _sync(device)
+    t0 = time.perf_counter()
+    trainer.fit(stop_at=warmup + steps)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def steps_from_store(store: Store, data: TrainingData, tcfg: TrainConfig, warmup: int, steps: int) -> float:
     """Seconds for ``steps`` steps fed by `train_batches` (after ``warmup`` untimed steps)."""
     device = resolve_device(tcfg.device)
-    sae, opt, state, k_aux = _fresh(store, data, tcfg, device)
-    batches = train_batches(store, data, tcfg.batch_size, tcfg.buffer_rows, tcfg.seed, tcfg.balanced)
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
-        batch, hazard = next(batches)
-        check_finite(batch)
-        train_step(
-            sae,
-            opt,
-            torch.from_numpy(batch.acts).to(device),
-            torch.from_numpy(hazard.astype(np.int64)).to(device),
-            torch.from_numpy(batch.doc_index.astype(np.int64)).to(device),
-            state,
-            tcfg,
-            k_aux,
-        )
-    _sync(device)
-    batches.close()
-    return time.perf_counter() - t0
+    batches = train_batches(store, data, tcfg.batch_size, tcfg.stream.buffer_rows, tcfg.seed, tcfg.balanced)
+    try:
+        trainer = _trainer(store, data, tcfg, StoreInputs(batches, device), device, warmup + steps)
+        return _timed_fit(trainer, device, warmup, steps)
+    finally:
+        batches.close()
 
 
 def preload(store: Store, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,6 +91,20 @@ def preload(store: Store, data: TrainingData) -> tuple[torch.Tensor, torch.Tenso
     )
 
 
+def ram_inputs(rows: tuple[torch.Tensor, ...], batch_size: int, seed: int,
+               device: torch.device) -> Iterator[TrainInput]:
+    """Batches sliced from the preloaded rows, permuted once per epoch (the cheapest loader there is)."""
+    X, H, D = rows
+    gen = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(len(X), generator=gen), 0
+    while True:
+        if pos + batch_size > len(perm):
+            perm, pos = torch.randperm(len(X), generator=gen), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        yield TrainInput(X[idx].to(device), H[idx].to(device), D[idx].to(device))
+
+
 def steps_from_ram(
     store: Store,
     data: TrainingData,
@@ -106,22 +115,8 @@ def steps_from_ram(
 ) -> float:
     """Seconds for ``steps`` steps on batches sliced from the preloaded rows (permuted once per epoch)."""
     device = resolve_device(tcfg.device)
-    sae, opt, state, k_aux = _fresh(store, data, tcfg, device)
-    X, H, D = rows
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    perm, pos = torch.randperm(len(X), generator=gen), 0
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
-        if pos + tcfg.batch_size > len(perm):
-            perm, pos = torch.randperm(len(X), generator=gen), 0
-        idx = perm[pos : pos + tcfg.batch_size]
-        pos += tcfg.batch_size
-        train_step(sae, opt, X[idx].to(device), H[idx].to(device), D[idx].to(device), state, tcfg, k_aux)
-    _sync(device)
-    return time.perf_counter() - t0
+    inputs = ram_inputs(rows, tcfg.batch_size, tcfg.seed, device)
+    return _timed_fit(_trainer(store, data, tcfg, inputs, device, warmup + steps), device, warmup, steps)
 
 
 def _sync(device: torch.device) -> None:
@@ -131,7 +126,7 @@ def _sync(device: torch.device) -> None:
 
 def reader_rows_per_s(store: Store, data: TrainingData, tcfg: TrainConfig, n_batches: int) -> float:
     """Rows per second the store path delivers with no SAE step (`train_batches` + the NaN check)."""
-    batches = train_batches(store, data, tcfg.batch_size, tcfg.buffer_rows, tcfg.seed, tcfg.balanced)
+    batches = train_batches(store, data, tcfg.batch_size, tcfg.stream.buffer_rows, tcfg.seed, tcfg.balanced)
     next(batches)
     rows, t0 = 0, time.perf_counter()
     for _ in range(n_batches):
@@ -193,7 +188,7 @@ def run(ctx: BenchContext) -> StudyResult:
         d_sae=cfg.train_d_sae,
         k=cfg.sae_k,
         batch_size=cfg.train_batch,
-        buffer_rows=cfg.train_buffer_rows,
+        stream=StreamConfig(buffer_rows=cfg.train_buffer_rows),
         steps=cfg.train_steps,
         device=cfg.device,
         contrastive_rows=min(512, cfg.train_batch),
@@ -264,7 +259,7 @@ def run(ctx: BenchContext) -> StudyResult:
         "tile": cfg.rss_tile,
     }
     text = (
-        f"Both sides: the same `train_step`, TrainConfig and SAE init; torch threads {ctx.threads}. {note}. "
+        f"Both sides: the same `Trainer`, TrainConfig and SAE init; torch threads {ctx.threads}. {note}. "
         "The store side also spends time in the reader threads (decompression of bf16 chunks, "
         "mixing buffer, "
         "balanced hazard/benign streams) that share the CPU cores with the SAE step: alone, the reader "

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume")
 
 
 def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
@@ -54,11 +54,13 @@ def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: 
     assert sum(n.startswith("reader threads ") for n in scaleout) == 1
     assert all(isinstance(r["value"], (int, float)) for r in by_study["scaleout"] if r["value"] is not None)
     targets = {r["study"]: r["target"] for r in data["rows"] if r["target"]}
-    assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05"}
+    assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05", "resume": "≤ 1.5"}
+    resume = [r for r in by_study["resume"] if r["target"]]
+    assert [r["name"].split(" stopped at step ")[1].split(":")[0] for r in resume] == ["3", "12"]
 
     text = md.read_text()
     assert "| study | measurement | value |" in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8."):
         assert heading in text
     for row in data["rows"]:
         assert row["name"].replace("|", "\\|") in text

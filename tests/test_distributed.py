@@ -279,7 +279,7 @@ def test_distributed_fit__two_processes_track_one_process_loss_curve(reference_b
 
     _, store = reference_build
     with rank_threads():
-        fit(store, tmp_path / "one", TrainConfig(**FIT))
+        fit(store, tmp_path / "one", TrainConfig.from_dict(FIT))
     torchrun_fit(store, tmp_path / "two", via_nproc=True)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [x["step"] for x in one] == [x["step"] for x in two] == list(range(4, 41, 4))
@@ -300,7 +300,7 @@ def test_distributed_fit__two_processes_track_one_process_loss_curve(reference_b
 
 @pytest.mark.slow
 def test_distributed_fit__resume_continues_the_same_curve(reference_build, tmp_path: Path) -> None:
-    """Checkpoints are written by rank 0; a resumed 2-process fit replays each rank's data order, so it
+    """Checkpoints are written by rank 0; a resumed 2-process fit continues each rank's data order, so it
     equals the uninterrupted 2-process fit exactly. A resume with another number of processes is refused."""
     _, store = reference_build
     flat = {"lr_decay_frac": 0.0}  # a constant learning rate, so a run may be extended by --resume --steps
@@ -315,4 +315,4 @@ def test_distributed_fit__resume_continues_the_same_curve(reference_build, tmp_p
     from bra.sae.train import fit
 
     with pytest.raises(SAEError, match="number of processes"):
-        fit(store, tmp_path / "part", TrainConfig(**{**FIT, **flat, "steps": 30}), resume=True)
+        fit(store, tmp_path / "part", TrainConfig.from_dict({**FIT, **flat, "steps": 30}), resume=True)

@@ -82,7 +82,7 @@ def test_memory_store__build_verify_info_fit_equal_local(local_build, tmp_path: 
     info = store_info(url)
     assert info["status"] == "complete" and info["bytes_on_disk"] > info["activation_bytes_on_disk"] > 0
     assert build_store(load_manifest(manifest), url).status == "already-complete"
-    sae = fit(url, tmp_path / "run", TrainConfig(**SMALL_FIT))
+    sae = fit(url, tmp_path / "run", TrainConfig.from_dict(SMALL_FIT))
     assert sae.cfg.d_model == store.d_model and (tmp_path / "run" / "sae" / "cfg.json").is_file()
 
 

@@ -350,7 +350,7 @@ def test_torture__fit_killed_repeatedly_equals_uninterrupted(tmp_path: Path, tra
     zygote = Zygote("bra.cli.sae")  # imports while the reference fit is made here
     store = train_store
     steps = 10 * kills + 10  # each kill advances the last checkpoint by 3 to 6 steps
-    cfg = TrainConfig(steps=steps, **FIT_FLAGS)
+    cfg = TrainConfig.from_dict({"steps": steps, **FIT_FLAGS})
     out = tmp_path / "killed"
     record: list[dict] = []
     logs: list[dict] = [{} for _ in range(kills)]
@@ -409,17 +409,30 @@ def test_resume__sweeps_temp_files_of_killed_writes(tmp_path: Path, tiny_gemma_d
     assert not stray.exists() and verify_store(store) == []
 
 
-def test_fit__resume_after_a_kill_between_the_checkpoint_renames(tmp_path: Path, train_store: Path) -> None:
-    """A checkpoint is swapped in by two renames (checkpoint -> .checkpoint.old, then .checkpoint.tmp ->
-    checkpoint). Killed between them, a run has only .old (and a .tmp, complete or not): --resume continues
-    from .old, exactly."""
-    cfg = TrainConfig(steps=12, **FIT_FLAGS)
+def _dead_pid() -> int:
+    """The id of a process that has ended (what a killed writer leaves in its temp names)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("layout", ["atomic_dir", "legacy"])
+def test_fit__resume_after_a_kill_between_the_checkpoint_renames(tmp_path: Path, train_store: Path,
+                                                                   layout: str) -> None:
+    """A checkpoint is swapped in by two renames (bra.fsutil.atomic_dir: checkpoint ->
+    .checkpoint.old-PID-X, then .checkpoint.tmp-PID-Y -> checkpoint; runs made before it used
+    .checkpoint.old and .checkpoint.tmp). Killed between them, a run has only .old (and a .tmp, complete or
+    not): --resume continues from .old, exactly, and leaves no temp folder behind."""
+    cfg = TrainConfig.from_dict({"steps": 12, **FIT_FLAGS})
     reference = fit(train_store, tmp_path / "ref", cfg)
     out = tmp_path / "killed"
     fit(train_store, out, cfg, stop_at=7)
-    os.replace(out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old")
-    (out / f".{CHECKPOINT_DIR}.tmp").mkdir()
-    (out / f".{CHECKPOINT_DIR}.tmp" / "sae.safetensors").write_bytes(b"half")
+    pid = _dead_pid()
+    old, tmp = ((f".{CHECKPOINT_DIR}.old-{pid}-0123456789ab", f".{CHECKPOINT_DIR}.tmp-{pid}-ba9876543210")
+                if layout == "atomic_dir" else (f".{CHECKPOINT_DIR}.old", f".{CHECKPOINT_DIR}.tmp"))
+    os.replace(out / CHECKPOINT_DIR, out / old)
+    (out / tmp).mkdir()
+    (out / tmp / "sae.safetensors").write_bytes(b"half")
     resumed = fit(train_store, out, cfg, resume=True)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(resumed, name), getattr(reference, name)), name

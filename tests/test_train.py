@@ -55,7 +55,7 @@ def smollm_store(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _small_cfg(**kw) -> TrainConfig:
     base = {"d_sae": 128, "k": 8, "steps": 12, "batch_size": 32, "buffer_rows": 128, "log_every": 2,
             "checkpoint_every": 6, "dead_tokens": 64, "contrastive_rows": 16}
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_dict({**base, **kw})
 
 
 def test_reader__every_unmasked_row_exactly_once_per_epoch_shuffled(tiny_store: Path) -> None:
@@ -257,8 +257,9 @@ def test_presets__seed_recipe() -> None:
 
 @pytest.mark.smollm
 def test_fit__smollm_heldout_fvu_well_below_random(smollm_store: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(d_sae=1152, k=32, steps=60, batch_size=256, lr=1e-3, buffer_rows=4096, log_every=20,
-                      checkpoint_every=60, dead_tokens=20_000, contrastive_rows=256)
+    cfg = TrainConfig.from_dict({"d_sae": 1152, "k": 32, "steps": 60, "batch_size": 256, "lr": 1e-3,
+                                 "buffer_rows": 4096, "log_every": 20, "checkpoint_every": 60,
+                                 "dead_tokens": 20_000, "contrastive_rows": 256})
     sae = fit(smollm_store, tmp_path / "smol", cfg)
     store = open_store(smollm_store)
     heldout = document_split(store.docs(), cfg.heldout_fraction, cfg.seed)
@@ -271,3 +272,132 @@ def test_fit__smollm_heldout_fvu_well_below_random(smollm_store: Path, tmp_path:
     assert trained["fvu"] < 0.65
     assert trained["fvu"] < 0.6 * random["fvu"]
     assert trained["per_tier"]["hazard_adjacent"]["rows"] > 0 and trained["per_tier"]["benign"]["rows"] > 0
+
+
+def test_reader__saved_position_continues_the_same_stream(tiny_store: Path, tmp_path: Path) -> None:
+    """A cursor's position, saved between any two batches (through torch.save / weights_only load, as a
+    checkpoint does), continues with exactly the batches the uninterrupted stream yields next: inside the
+    shuffle buffer, across its mixes and across epochs (the forever carry)."""
+    from bra.cache.reader import StreamPosition
+
+    store = open_store(tiny_store)
+    cfg = ReaderConfig(layer=1, batch_size=7, buffer_rows=30, seed=4, prefetch=2)
+    sel = ~document_split(store.docs(), 0.2, seed=0)
+    whole = RowStream(store, cfg, doc_selected=sel).forever()
+    want = [next(whole) for _ in range(120)]
+    whole.close()
+    epochs = set()
+    for k in (0, 1, 5, 17, 51, 100, 119):
+        head = RowStream(store, cfg, doc_selected=sel).forever()
+        for _ in range(k):
+            next(head)
+        epochs.add(head.position().epoch)
+        torch.save(head.position().to_state(), tmp_path / "pos.pt")
+        head.close()
+        saved = torch.load(tmp_path / "pos.pt", weights_only=True)
+        tail = RowStream(store, cfg, doc_selected=sel).forever(position=StreamPosition.from_state(saved))
+        for w in want[k:]:
+            got = next(tail)
+            assert all(np.array_equal(getattr(got, f), getattr(w, f))
+                       for f in ("row", "acts", "tier", "doc_index")), k
+        tail.close()
+    assert epochs >= {0, 1, 2}  # positions inside the first three epochs
+
+
+def test_fit__resume_seeks_the_data_instead_of_replaying_it(tiny_store: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint holds each stream's position (epoch, place in the seeded chunk order, RNG state, the row
+    indices in the shuffle buffer): a resume reads back only the chunks of those rows, where a checkpoint
+    written before positions were saved (none in its state) is resumed by replaying every earlier batch.
+    Both continue exactly (weights and metrics equal an uninterrupted fit's)."""
+    import shutil
+
+    from bra.cache.reader import RowStream as Stream
+
+    cfg = _small_cfg(steps=40, checkpoint_every=30)
+    full = fit(tiny_store, tmp_path / "full", cfg)
+    fit(tiny_store, tmp_path / "seek", cfg, stop_at=30)
+    shutil.copytree(tmp_path / "seek", tmp_path / "replay")
+    state_file = tmp_path / "replay" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert len(state.pop("data_position")[0]["streams"]) == 2  # balanced: both streams
+    torch.save(state, state_file)
+    reads: Counter[str] = Counter()
+    real = Stream._read_chunk
+    current = [""]
+
+    def counting(self: Stream, chunk: int, with_acts: bool):
+        reads[current[0]] += with_acts
+        return real(self, chunk, with_acts)
+
+    monkeypatch.setattr(Stream, "_read_chunk", counting)
+    for name in ("seek", "replay"):
+        current[0] = name
+        fit(tiny_store, tmp_path / name, cfg, resume=True, stop_at=31)  # to the first new step
+    assert 0 < reads["seek"] < reads["replay"] / 2, reads
+    current[0] = "rest"
+    curves = []
+    for name in ("seek", "replay"):
+        resumed = fit(tiny_store, tmp_path / name, cfg, resume=True)
+        for p in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(getattr(full, p), getattr(resumed, p)), (name, p)
+        curves.append([{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+                       for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    want = [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+            for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert curves == [want, want]
+
+
+def test_fit__resume_reads_a_flat_run_json(tiny_store: Path, tmp_path: Path) -> None:
+    """run.json of runs made before the reader settings were nested (train_config flat, buffer_rows at the
+    top) resumes when the values match, and is refused when they differ."""
+    cfg = _small_cfg()
+    fit(tiny_store, tmp_path / "r", cfg, stop_at=4)
+    run_file = tmp_path / "r" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["train_config"]["stream"] == {"buffer_rows": 128}
+    run["train_config"] = cfg.flat_dict()
+    assert "stream" not in run["train_config"] and run["train_config"]["buffer_rows"] == 128
+    run_file.write_text(json.dumps(run))
+    with pytest.raises(SAEError, match="different settings.*buffer_rows"):
+        fit(tiny_store, tmp_path / "r", _small_cfg(buffer_rows=64), resume=True)
+    fit(tiny_store, tmp_path / "r", cfg, resume=True)
+    assert (tmp_path / "r" / "sae" / "cfg.json").is_file()
+
+
+def test_train_config__nested_stream_settings_flat_or_nested() -> None:
+    from bra.sae.config import StreamConfig
+
+    cfg = TrainConfig.from_dict({"buffer_rows": 64, "k": 4, "d_sae": 8})
+    assert cfg.stream == StreamConfig(buffer_rows=64)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg == TrainConfig.from_dict(cfg.flat_dict())
+    assert cfg.differences(cfg.to_dict()) == cfg.differences(cfg.flat_dict()) == []
+    assert cfg.differences({**cfg.flat_dict(), "buffer_rows": 1}) == ["buffer_rows"]
+    assert cfg.differences({**cfg.to_dict(), "stream": {"buffer_rows": 1}}) == ["buffer_rows"]
+    assert cfg.differences({**cfg.to_dict(), "stream": {}}) == ["buffer_rows"]
+    with pytest.raises(ValueError, match="buffer_rows"):
+        TrainConfig.from_dict({"buffer_rows": 0})
+    with pytest.raises(TypeError):
+        TrainConfig.from_dict({"buffer_rowz": 1})
+
+
+def test_trainer__non_finite_loss_refused_before_it_is_logged_or_saved(tmp_path: Path) -> None:
+    """The step does not sync to check the loss; the first NaN/inf loss is still named, with its step,
+    before any metrics line or checkpoint after it is written."""
+    from bra.sae.trainer import Trainer, TrainInput
+
+    cfg = TrainConfig(d_sae=16, k=2, steps=10, batch_size=8, log_every=5, checkpoint_every=5,
+                      contrastive="none", device="cpu")
+    sae = TopKSAE.init_random(SAEConfig(d_model=4, d_sae=16, k=2), 0)
+
+    def data():
+        gen = torch.Generator().manual_seed(0)
+        for i in range(10):
+            x = torch.randn(8, 4, generator=gen)
+            if i == 2:
+                x[0, 0] = torch.inf
+            yield TrainInput(x, torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int64))
+
+    with pytest.raises(SAEError, match=r"loss became (nan|inf) at step 3; lower --lr"):
+        Trainer(sae, data(), cfg, out=tmp_path).fit()
+    assert not (tmp_path / "metrics.jsonl").read_text() and not (tmp_path / "checkpoint").exists()

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -182,67 +183,210 @@ class RowStream:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Every selected row exactly once, shuffled; the last batch may be short."""
+        cursor = RowCursor(self, StreamPosition.start(epoch), forever=False)
+        try:
+            yield from cursor
+        finally:
+            cursor.close()
+
+    def forever(self, start_epoch: int = 0, position: StreamPosition | None = None) -> RowCursor:
+        """Epoch after epoch, batches of exactly batch_size (short epoch tails are carried over).
+
+        ``position`` (a `RowCursor.position` of an earlier stream with the same store and config) continues
+        that stream exactly where it stood, without reading the chunks before it."""
+        return RowCursor(self, position or StreamPosition.start(start_epoch), forever=True)
+
+    def chunk_order(self, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+        """The seeded chunk order of ``epoch`` and the epoch's RNG after drawing it (the buffer's shuffles
+        continue from there)."""
         rng = np.random.default_rng([self.cfg.seed, epoch])
-        order = self.chunk_ids[rng.permutation(len(self.chunk_ids))]
-        cap = self.cfg.buffer_rows
-        buf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        buf_rows = 0
-        pending: list[np.ndarray] = []  # carry of rows not yet batched, as one concatenated block
+        return self.chunk_ids[rng.permutation(len(self.chunk_ids))], rng
 
-        def emit(parts, final: bool) -> Iterator[Batch]:
-            nonlocal pending
-            rows, acts, tier, doc = (np.concatenate([p[i] for p in parts]) for i in range(4))
-            perm = rng.permutation(len(rows))
-            rows, acts, tier, doc = rows[perm], acts[perm], tier[perm], doc[perm]
-            half = len(rows) if final else len(rows) // 2
-            out, keep = (rows[:half], acts[:half], tier[:half], doc[:half]), \
-                (rows[half:], acts[half:], tier[half:], doc[half:])
-            b = self.cfg.batch_size
-            n_full = (half // b) * b if not final else half
-            for s in range(0, n_full, b):
-                yield Batch(out[1][s:s + b], out[2][s:s + b], out[3][s:s + b], out[0][s:s + b])
-            leftover = tuple(x[n_full:] for x in out)
-            pending = [np.concatenate([leftover[i], keep[i]]) for i in range(4)]
+    def read_rows_of(self, rows: np.ndarray, pool: ThreadPoolExecutor, window: int) -> Batch:
+        """The (selected) store ``rows``, in the given order, read chunk by chunk (``window`` chunks in flight
+        on ``pool``): how a resumed stream gets back the rows its buffer held."""
+        chunk_of = rows // self.layout.chunk_tokens
+        chunks = np.unique(chunk_of)
+        by_chunk = np.argsort(chunk_of, kind="stable")
+        bounds = np.searchsorted(chunk_of[by_chunk], chunks, side="left").tolist() + [len(rows)]
+        places, parts = [], []
+        futures = deque(pool.submit(self._read_chunk, int(c), True) for c in chunks[:window])
+        for i in range(len(chunks)):
+            got_rows, acts, tier, doc = futures.popleft().result()
+            if i + window < len(chunks):
+                futures.append(pool.submit(self._read_chunk, int(chunks[i + window]), True))
+            place = by_chunk[bounds[i]:bounds[i + 1]]
+            at = np.searchsorted(got_rows, rows[place])
+            if acts is None or (at >= len(got_rows)).any() or not np.array_equal(got_rows[at], rows[place]):
+                raise ValueError(f"store {self.store.path} no longer holds rows of chunk {int(chunks[i])} "
+                                 f"that this stream position refers to (was the store rebuilt?)")
+            places.append(place)
+            parts.append(Batch(acts[at], tier[at], doc[at], rows[place]))
+        if not parts:
+            return _empty(self.store.d_model)
+        merged = _concat(parts)
+        inverse = np.empty(len(rows), dtype=np.int64)
+        inverse[np.concatenate(places)] = np.arange(len(rows))
+        return _take_index(merged, inverse)
 
-        threads, prefetch = self.cfg.resolved(remote=not self.store.location.is_local)
-        with ThreadPoolExecutor(threads, thread_name_prefix="bra-reader") as pool:
-            futures = [pool.submit(self._read_chunk, int(c), True) for c in order[:prefetch]]
-            next_i = len(futures)
-            while futures:
-                rows, acts, tier, doc = futures.pop(0).result()
-                if next_i < len(order):
-                    futures.append(pool.submit(self._read_chunk, int(order[next_i]), True))
-                    next_i += 1
-                if acts is None:
-                    continue
-                buf.append((rows, acts, tier, doc))
-                buf_rows += len(rows)
-                if buf_rows >= cap:
-                    yield from emit(buf, final=False)
-                    buf = [tuple(pending)]  # type: ignore[list-item]
-                    buf_rows = len(pending[0])
-        if buf_rows:
-            yield from emit(buf, final=True)
 
-    def forever(self, start_epoch: int = 0) -> Iterator[Batch]:
-        """Epoch after epoch, batches of exactly batch_size (short epoch tails are carried over)."""
-        carry: list[Batch] = []
-        epoch = start_epoch
-        b = self.cfg.batch_size
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a `RowCursor` stands between two batches; `RowStream.forever(position=...)` continues from it.
+
+    Rows are kept as store row indices, not activations: a resumed stream re-reads them (a few chunks)
+    instead of replaying every batch before it. Saved with each `bra-sae fit` checkpoint (`to_state`)."""
+
+    epoch: int
+    """Epoch being read."""
+    next_chunk: int
+    """Index into the epoch's seeded chunk order (`RowStream.chunk_order`) of the next chunk to read."""
+    rng_state: dict[str, Any] | None
+    """The epoch RNG's bit-generator state after its last draw; None before the epoch's first draw."""
+    queued: np.ndarray
+    """[n] int64 rows already shuffled into output order and not yet yielded (a forever carry included)."""
+    buffer: np.ndarray
+    """[m] int64 rows in the shuffle buffer, in buffer order."""
+
+    @classmethod
+    def start(cls, epoch: int = 0) -> StreamPosition:
+        """The position before the first batch of ``epoch``."""
+        return cls(epoch, 0, None, np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain ints, strings and tensors (what ``torch.load(weights_only=True)`` reads back)."""
+        import torch
+
+        return {"version": POSITION_VERSION, "epoch": self.epoch, "next_chunk": self.next_chunk,
+                "rng_state": self.rng_state, "queued": torch.from_numpy(self.queued.astype(np.int64)),
+                "buffer": torch.from_numpy(self.buffer.astype(np.int64))}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StreamPosition:
+        """Inverse of `to_state`; ValueError for a state this version cannot continue."""
+        if state.get("version") != POSITION_VERSION:
+            raise ValueError(f"stream position version {state.get('version')!r} "
+                             f"(expected {POSITION_VERSION})")
+        return cls(int(state["epoch"]), int(state["next_chunk"]), state["rng_state"],
+                   np.asarray(state["queued"], dtype=np.int64), np.asarray(state["buffer"], dtype=np.int64))
+
+
+POSITION_VERSION = 1
+
+
+class RowCursor:
+    """Iterator over a `RowStream`'s batches whose `position` can be saved between any two batches.
+
+    The stream is a sequence of shuffles: chunks enter the buffer in the epoch's seeded order; when it
+    holds ``buffer_rows`` rows it is permuted, the first half goes to the output queue and the rest stays
+    (SAELens mixing buffer); at the epoch's end the remainder is permuted and queued whole. Batches are
+    cut from the queue: ``batch_size`` rows each, plus, without ``forever``, a short last one per epoch.
+    """
+
+    def __init__(self, stream: RowStream, position: StreamPosition, forever: bool):
+        self.stream = stream
+        self.forever = forever
+        self._epoch, self._next_chunk = position.epoch, position.next_chunk
+        self._rng: np.random.Generator | None = None
+        if position.rng_state is not None:
+            self._rng = np.random.Generator(np.random.PCG64())
+            self._rng.bit_generator.state = position.rng_state
+        self._restore = position if len(position.queued) or len(position.buffer) else None
+        self._queued = _empty(stream.store.d_model)
+        self._queued_rows = position.queued  # re-read (with the buffer's rows) on the first next()
+        self._buffer: list[Batch] = []
+        self._buffer_rows = position.buffer
+        self._gen = self._run()
+
+    def __iter__(self) -> RowCursor:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop the reader threads."""
+        self._gen.close()
+
+    def position(self) -> StreamPosition:
+        """Where the stream stands now (before the batch the next ``next`` returns)."""
+        if self._restore is not None:  # not started since the restore: nothing moved
+            return self._restore
+        buffer = (np.concatenate([p.row for p in self._buffer]) if self._buffer else np.zeros(0, np.int64))
+        return StreamPosition(self._epoch, self._next_chunk,
+                              None if self._rng is None else self._rng.bit_generator.state,
+                              self._queued.row.astype(np.int64), buffer.astype(np.int64))
+
+    def _run(self) -> Iterator[Batch]:
+        stream, b = self.stream, self.stream.cfg.batch_size
+        threads, prefetch = stream.cfg.resolved(remote=not stream.store.location.is_local)
         while True:
-            any_rows = False
-            for batch in self.epoch(epoch):
-                any_rows = True
-                carry.append(batch)
-                n = sum(len(x.row) for x in carry)
-                if n >= b:
-                    merged = _concat(carry)
-                    yield _take(merged, 0, b)
-                    rest = _take(merged, b, n)
-                    carry = [rest] if len(rest.row) else []
+            order, rng = stream.chunk_order(self._epoch)
+            resumed = self._next_chunk > 0 or self._restore is not None
+            if self._rng is None:
+                self._rng = rng
+            any_rows = resumed
+            with ThreadPoolExecutor(threads, thread_name_prefix="bra-reader") as pool:
+                if self._restore is not None:
+                    self._reread(pool, prefetch)
+                futures = deque(pool.submit(stream._read_chunk, int(c), True)
+                                for c in order[self._next_chunk:self._next_chunk + prefetch])
+                next_i = self._next_chunk + len(futures)
+                while futures:
+                    part = Batch(*_reorder(futures.popleft().result()))
+                    self._next_chunk += 1
+                    if next_i < len(order):
+                        futures.append(pool.submit(stream._read_chunk, int(order[next_i]), True))
+                        next_i += 1
+                    if part.acts is None:
+                        continue
+                    any_rows = True
+                    self._buffer.append(part)
+                    if sum(len(p.row) for p in self._buffer) >= stream.cfg.buffer_rows:  # full
+                        self._mix(final=False)
+                        while len(self._queued.row) >= b:
+                            yield self._pop(b)
+            if self._buffer:
+                self._mix(final=True)
+            while len(self._queued.row) >= b:
+                yield self._pop(b)
+            if not self.forever:
+                if len(self._queued.row):
+                    yield self._pop(len(self._queued.row))
+                return
             if not any_rows:
                 raise ValueError("the stream selects no rows")
-            epoch += 1
+            self._epoch, self._next_chunk, self._rng = self._epoch + 1, 0, None
+
+    def _reread(self, pool: ThreadPoolExecutor, window: int) -> None:
+        """Read back the rows of the restored position's queue and buffer."""
+        queued, buffer = self._queued_rows, self._buffer_rows
+        both = self.stream.read_rows_of(np.concatenate([queued, buffer]), pool, window)
+        self._queued = _take(both, 0, len(queued))
+        self._buffer = [_take(both, len(queued), len(both.row))] if len(buffer) else []
+        self._restore = None
+        logger.info("stream resumed at epoch %d, chunk %d: %d queued and %d buffered rows re-read",
+                    self._epoch, self._next_chunk, len(queued), len(buffer))
+
+    def _mix(self, final: bool) -> None:
+        """Permute the buffer; queue its first half (all of it when ``final``), keep the rest."""
+        assert self._rng is not None
+        merged = _concat(self._buffer)
+        merged = _take_index(merged, self._rng.permutation(len(merged.row)))
+        n = len(merged.row)
+        half = n if final else n // 2
+        b = self.stream.cfg.batch_size
+        # queue whole batches only; the rest of the half goes back to the front of the buffer
+        n_out = half if final else (half // b) * b
+        out = _take(merged, 0, n_out)
+        self._queued = _concat([self._queued, out]) if len(self._queued.row) else out
+        keep = _take(merged, n_out, n)
+        self._buffer = [keep] if len(keep.row) else []
+
+    def _pop(self, n: int) -> Batch:
+        batch = _take(self._queued, 0, n)
+        self._queued = _take(self._queued, n, len(self._queued.row))
+        return batch
 
 
 def shard_chunks(layout: schema.StoreLayout, shards: Sequence[int]) -> np.ndarray:
@@ -260,3 +404,18 @@ def _concat(batches: list[Batch]) -> Batch:
 
 def _take(b: Batch, start: int, stop: int) -> Batch:
     return Batch(b.acts[start:stop], b.tier[start:stop], b.doc_index[start:stop], b.row[start:stop])
+
+
+def _take_index(b: Batch, index: np.ndarray) -> Batch:
+    return Batch(b.acts[index], b.tier[index], b.doc_index[index], b.row[index])
+
+
+def _empty(d_model: int) -> Batch:
+    return Batch(np.zeros((0, d_model), np.float32), np.zeros(0, np.int8), np.zeros(0, np.int32),
+                 np.zeros(0, np.int64))
+
+
+def _reorder(chunk: tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]) -> tuple:
+    """`RowStream._read_chunk`'s (rows, acts, tier, doc) in `Batch` field order."""
+    rows, acts, tier, doc = chunk
+    return acts, tier, doc, rows

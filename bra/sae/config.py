@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from bra.configs import config_fields, flat_values, from_flat
 
 ContrastiveForm = Literal["ntxent", "cosine", "none"]
 """Tier-separation terms (TrainConfig.contrastive)."""
@@ -13,6 +15,18 @@ ContrastiveLevel = Literal["token", "doc"]
 """What the tier-separation term contrasts (TrainConfig.contrastive_level)."""
 CONTRASTIVE_FORMS: tuple[str, ...] = typing.get_args(ContrastiveForm)
 CONTRASTIVE_LEVELS: tuple[str, ...] = typing.get_args(ContrastiveLevel)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a fit streams the store (the `bra.cache.reader.ReaderConfig` settings a fit chooses)."""
+
+    buffer_rows: int = 65536
+    """Shuffle-buffer capacity in rows."""
+
+    def __post_init__(self) -> None:
+        if self.buffer_rows < 1:
+            raise ValueError("buffer_rows must be positive")
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,8 @@ class TrainConfig:
     """Baseline: permute tier labels across documents before training (destroys the tier signal)."""
     heldout_fraction: float = 0.1
     """Fraction of documents (per tier) held out for evaluation; split by document."""
-    buffer_rows: int = 65536
-    """Shuffle-buffer capacity in rows."""
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    """Reader settings (flat in the CLI: --buffer-rows)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (and at the end)."""
     log_every: int = 10
@@ -99,15 +113,40 @@ class TrainConfig:
         return self.lr * (self.steps - step) / (decay_steps + 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
+        """JSON-ready dict (nested configs as nested dicts)."""
         return dataclasses.asdict(self)
 
+    def flat_dict(self) -> dict[str, Any]:
+        """One key per setting: the fields of nested configs at top level (as the CLI flags are)."""
+        return flat_values(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from `to_dict`'s nested form, the flat form (`flat_dict`, CLI flags, presets, run.json of
+        runs made before the reader settings were nested) or a mix of both."""
+        return from_flat(cls, _flatten(data, cls))
+
     def differences(self, other: dict[str, Any]) -> list[str]:
-        """Fields whose values differ from a saved config (ignoring logging/checkpoint cadence)."""
+        """Settings whose values differ from a saved config, nested or flat (ignoring logging/checkpoint
+        cadence); named by their flat name (the CLI flag's)."""
         # more steps may extend a run, unless the learning-rate schedule depends on the total
         cosmetic = ({"log_every", "checkpoint_every", "device"}
                     | ({"steps"} if not self.lr_decay_frac else set()))
-        return sorted(k for k, v in self.to_dict().items() if k not in cosmetic and other.get(k) != v)
+        saved = _flatten(other, TrainConfig)
+        return sorted(k for k, v in self.flat_dict().items() if k not in cosmetic and saved.get(k) != v)
+
+
+def _flatten(data: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``data`` with the dicts under ``cls``'s nested-config fields merged in at top level (flat data, such
+    as a run.json written before the reader settings were nested, stays as it is)."""
+    nested = {leaf.path[0] for leaf in config_fields(cls) if len(leaf.path) > 1}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in nested and isinstance(value, dict):
+            out.update(value)
+        else:
+            out[key] = value
+    return out
 
 
 PRESETS: dict[str, dict[str, Any]] = {

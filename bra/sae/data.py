@@ -4,12 +4,13 @@ streams."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from bra.cache.reader import Batch, ReaderConfig, RowStream, document_split
+from bra.cache.reader import Batch, ReaderConfig, RowStream, StreamPosition, document_split
 from bra.cache.store import Store
 from bra.errors import SAEError
 
@@ -82,14 +83,52 @@ def _docs_in_shards(store: Store, shards: Sequence[int]) -> np.ndarray:
     return cum[last + 1] - cum[first] > 0
 
 
-def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows: int, seed: int,
-                  balanced: bool, shards: Sequence[int] | None = None) -> Iterator[tuple[Batch, np.ndarray]]:
-    """Endless (batch, hazard label per row) pairs from training documents.
+class TrainBatches:
+    """Endless (batch, hazard label per row) pairs from training documents, with a saveable position.
 
-    Balanced: half of each batch from hazard documents and half from the rest (two independent
-    streams, so the smaller class simply cycles more often). ``shards``: read only those (one rank's
-    share of a distributed fit).
+    Balanced: half of each batch from hazard documents and half from the rest (two independent streams,
+    so the smaller class simply cycles more often); otherwise one stream. `position` is the state of every
+    stream (`StreamPosition.to_state`); `seek` to it continues exactly there, reading only the chunks of
+    the rows the streams' buffers held.
     """
+
+    def __init__(self, data: TrainingData, streams: list[RowStream]):
+        self.data = data
+        self.streams = streams
+        self.cursors = [s.forever() for s in streams]
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> tuple[Batch, np.ndarray]:
+        parts = [next(c) for c in self.cursors]
+        batch = parts[0] if len(parts) == 1 else Batch(*(np.concatenate([getattr(p, f) for p in parts])
+                                                        for f in ("acts", "tier", "doc_index", "row")))
+        return batch, self.data.doc_hazard[batch.doc_index]
+
+    def position(self) -> dict[str, Any]:
+        """The state of every stream before the next batch (plain values and tensors, for ``torch.save``)."""
+        return {"streams": [c.position().to_state() for c in self.cursors]}
+
+    def seek(self, position: dict[str, Any]) -> None:
+        """Continue from a `position` of batches over the same store and settings."""
+        states = list(position["streams"])
+        if len(states) != len(self.streams):
+            raise ValueError(f"the data position has {len(states)} streams, this fit {len(self.streams)}")
+        self.close()
+        self.cursors = [s.forever(position=StreamPosition.from_state(st))
+                        for s, st in zip(self.streams, states, strict=True)]
+
+    def close(self) -> None:
+        """Stop the reader threads."""
+        for c in self.cursors:
+            c.close()
+
+
+def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows: int, seed: int,
+                  balanced: bool, shards: Sequence[int] | None = None) -> TrainBatches:
+    """The batches of a fit (see `TrainBatches`). ``shards``: read only those (one rank's share of a
+    distributed fit)."""
     train = ~data.heldout
     if shards is not None:
         inside = _docs_in_shards(store, shards)
@@ -99,9 +138,9 @@ def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows
             if sel.any() and not (sel & inside).any():
                 raise SAEError(f"this rank's shards of {store.path} hold no {label} rows; use more, smaller "
                                f"shards (storage.shard_tokens) or fewer processes")
+    streams: list[RowStream] = []
     if balanced:
         half = batch_size // 2
-        parts = []
         for label, sel in (("hazard", train & data.doc_hazard), ("benign", train & ~data.doc_hazard)):
             if not sel.any():
                 raise SAEError(f"the {label} tier has no training documents in store {store.path} "
@@ -109,17 +148,13 @@ def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows
             cfg = ReaderConfig(layer=data.layer, batch_size=half if label == "hazard" else batch_size - half,
                                buffer_rows=max(buffer_rows // 2, 1),
                                seed=seed + (0 if label == "hazard" else 1))
-            parts.append(RowStream(store, cfg, doc_selected=sel, shards=shards).forever())
-        for hz, bn in zip(*parts, strict=False):
-            batch = Batch(*(np.concatenate([getattr(hz, f), getattr(bn, f)])
-                            for f in ("acts", "tier", "doc_index", "row")))
-            yield batch, data.doc_hazard[batch.doc_index]
+            streams.append(RowStream(store, cfg, doc_selected=sel, shards=shards))
     else:
         if not train.any():
             raise SAEError(f"store {store.path} has no training documents")
         cfg = ReaderConfig(layer=data.layer, batch_size=batch_size, buffer_rows=buffer_rows, seed=seed)
-        for batch in RowStream(store, cfg, doc_selected=train, shards=shards).forever():
-            yield batch, data.doc_hazard[batch.doc_index]
+        streams.append(RowStream(store, cfg, doc_selected=train, shards=shards))
+    return TrainBatches(data, streams)
 
 
 def check_finite(batch: Batch) -> None:

@@ -10,20 +10,18 @@ Both formats hold folded weights (input_scale = 1), so a file encodes raw activa
   `metadata` entries through load and save (it drops unknown top-level keys), so our provenance goes in
   `metadata["bra"]`.
 
-Writes are atomic: a temp file or directory beside the target, then a rename (zarr `_atomic_write`).
+Writes are atomic through `bra.fsutil`: a temp file or directory beside the target, fsync, then a rename (zarr
+`_atomic_write`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pickle
 import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bra.errors import SAEError
-from bra.fsutil import make_temp_dir, replace_dir, temp_sibling
+from bra.fsutil import atomic_dir, atomic_file, write_text_atomic
 from bra.sae.model import DTYPES, PARAM_NAMES, SEED_K, SAEConfig, TopKSAE
 
 logger = logging.getLogger(__name__)
@@ -82,22 +80,8 @@ def _provenance(sae: TopKSAE, weights_file: str) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Call write(binary file) on a temp file beside `path`, fsync, then rename it over `path`."""
-    tmp = temp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -157,7 +141,8 @@ def save_seed(sae: TopKSAE, path: str | os.PathLike[str], *, overwrite: bool = F
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = _folded_state_dict(sae)
-    _atomic_write(path, lambda f: torch.save(state_dict, f))
+    with atomic_file(path) as tmp:
+        torch.save(state_dict, tmp)
     # Sidecar last: a reader that finds it can trust the weights it names are complete.
     _write_json(path.parent / BRA_CFG, _provenance(sae, path.name))
     logger.info("saved seed-format SAE to %s", path)
@@ -260,13 +245,9 @@ def save_saelens(sae: TopKSAE, directory: str | os.PathLike[str], *, overwrite: 
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(directory)
-    try:
+    with atomic_dir(directory) as tmp:
         save_file(_folded_state_dict(sae), str(tmp / SAELENS_WEIGHTS))
         _write_json(tmp / SAELENS_CFG, saelens_config(sae))
-        replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved SAELens-format SAE to %s", directory)
     return directory
 

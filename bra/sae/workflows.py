@@ -12,12 +12,14 @@ import torch
 from bra.cache.store import Store, open_store
 from bra.dist import process_group
 from bra.errors import SAEError
-from bra.fsutil import temp_sibling
+from bra.fsutil import write_text_atomic
 from bra.sae.config import TrainConfig
 from bra.sae.evaluate import ce_loss_score, check_compatible, heldout_docs, reconstruction_metrics
 from bra.sae.formats import SAELENS_CFG, SEED_WEIGHTS, load_sae
 from bra.sae.model import TopKSAE
 from bra.sae.train import fit, resolve_device
+
+__all__ = ["describe", "evaluate", "load_any", "load_checked", "write_text_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +43,6 @@ def load_any(path: str | os.PathLike[str]) -> TopKSAE:
     elif p.is_dir() and not (p / SAELENS_CFG).is_file() and (p / SEED_WEIGHTS).is_file():
         p = p / SEED_WEIGHTS
     return load_sae(p)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` via a temp file beside ``path`` and a rename: a full disk leaves no half file."""
-    path = Path(path)
-    tmp = temp_sibling(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checked(path: str | os.PathLike[str], store: Store, layer: int | None,
