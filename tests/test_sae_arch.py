@@ -364,3 +364,25 @@ def test_evaluate__each_architecture(arch_env, architecture: str) -> None:
         assert np.isfinite(result["fvu"]) and 0 < result["l0"] < D_SAE and "note" not in result
     if architecture in ("jumprelu", "gemma_scope"):  # thresholds at the 80th percentile of each latent
         assert result["l0"] == pytest.approx(0.2 * D_SAE, rel=0.25)
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "standard", "none"])
+def test_ce_loss_score__splices_each_architecture(arch_env, tiny_gemma_dir: Path, architecture: str) -> None:
+    """The eval store was built from a copy of the tiny Gemma2, so that model splices its rows back in."""
+    from transformers import AutoModelForCausalLM
+
+    from bra.cache.store import open_store
+    from bra.sae.evaluate import ce_loss_score, heldout_docs
+    from bra.sae.workflows import load_checked
+
+    _, store_path, _, _, saes = arch_env
+    store = open_store(store_path)
+    sae, layer = load_checked(saes[architecture], store, None)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma_dir), attn_implementation="eager").eval()
+    result = ce_loss_score(sae, store, layer, model, heldout_docs(store, None, 0.0, 0) | True, max_windows=4)
+    assert result["windows"] == 4 and result["ce_zero"] != result["ce_clean"]
+    if architecture == "none":  # the identity splices the residual back unchanged
+        assert result["ce_spliced"] == pytest.approx(result["ce_clean"], abs=1e-6)
+        assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert np.isfinite(result["ce_loss_score"]) and result["ce_spliced"] != result["ce_clean"]

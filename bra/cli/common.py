@@ -59,8 +59,9 @@ class SAESourceType(click.ParamType):
 
 SAE_SOURCE = SAESourceType()
 SAE_SOURCE_HELP = ("SAE: a fit run dir, a SAELens folder (architecture topk, jumprelu or standard), a Gemma "
-                   "Scope params.npz or its folder (layer from a layer_<N> folder in the path, else the "
-                   "store's), a seed .pt, or 'none' (no SAE: the raw residual dimensions are the latents).")
+                   "Scope params.npz or its folder (layer from a layer_<N> folder in the path, else "
+                   "--layer or the store's), a seed .pt, or 'none' (no SAE: the raw residual dimensions "
+                   "are the latents).")
 
 
 def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
