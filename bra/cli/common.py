@@ -49,7 +49,7 @@ class SAESourceType(click.ParamType):
     """An SAE to read: a path (a ``Path``), or the word ``none`` (kept as the string `bra.vocab.NULL_SAE`:
     no SAE, the raw residual dimensions; write ``./none`` for a folder of that name)."""
 
-    name = "path|none"
+    name = "path"  # as click.Path names it; the help text says `none` is accepted too
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
         if isinstance(value, Path):
