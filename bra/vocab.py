@@ -67,6 +67,9 @@ DEPTH_CATEGORIES: tuple[str, ...] = (DEEP_REFUSAL, SHALLOW_REFUSAL, COMPLIANCE, 
                                      EVADE, UNKNOWN)
 """Refusal-depth categories a scored prompt can get (hedge, evade and unknown share the surface names)."""
 
+NULL_SAE = "none"
+"""`--sae none`: no SAE, the raw residual dimensions are the latents (`bra.sae.archs.NullSAE`)."""
+
 __all__ = [
     "BENIGN_TIER",
     "BIO_CONTENT",
@@ -91,6 +94,7 @@ __all__ = [
     "HAZARD_TIER",
     "HEDGE",
     "HEDGING",
+    "NULL_SAE",
     "PARTIAL",
     "POOLED_SEGMENTS",
     "POOLS",

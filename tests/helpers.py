@@ -109,3 +109,60 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path,
     location.write_table(schema.PROMPTS_TABLE, table)
     shutil.rmtree(copy)  # the model is gone: scoring must not need it
     return store, copy
+
+
+# --------------------------------------------------------------------------------- pretrained SAEs
+
+
+def linear_sae_weights(d_model: int, d_sae: int, seed: int, architecture: str = "jumprelu",
+                       data: Any = None, fire_rate: float = 0.2) -> dict[str, Any]:
+    """Random W_enc, b_enc, W_dec, b_dec (+ threshold for jumprelu) in SAELens / Gemma Scope layout.
+
+    Decoder rows are random unit vectors and W_enc = W_decᵀ. With ``data`` ([n, d_model] array), each
+    JumpReLU threshold sits at the (1 - fire_rate) quantile of its latent's pre-activations on it, so the
+    latents fire on about ``fire_rate`` of those rows; without, thresholds are |N(0, 1)|.
+    """
+    import numpy as np
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(d_sae, d_model, generator=gen)
+    W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    weights = {"W_enc": W_dec.T.contiguous(), "b_enc": 0.1 * torch.randn(d_sae, generator=gen),
+               "W_dec": W_dec, "b_dec": 0.1 * torch.randn(d_model, generator=gen)}
+    if architecture == "jumprelu":
+        if data is None:
+            weights["threshold"] = torch.randn(d_sae, generator=gen).abs()
+        else:
+            pre = torch.as_tensor(np.asarray(data), dtype=torch.float32) @ weights["W_enc"] + weights["b_enc"]
+            weights["threshold"] = torch.quantile(pre, 1 - fire_rate, dim=0).clamp_min(0.0)
+    return weights
+
+
+def write_saelens_dir(path: Path, architecture: str, weights: dict[str, Any], *, hook_name: str = "",
+                      model_name: str = "", apply_b_dec_to_input: bool = False,
+                      **cfg_extra: Any) -> Path:
+    """A SAELens 6.x folder (cfg.json as `SAE.save_model` writes it, sae_weights.safetensors) without
+    needing sae_lens installed; test_sae_arch checks that SAELens loads it."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    d_model, d_sae = weights["W_enc"].shape
+    cfg = {"d_in": int(d_model), "d_sae": int(d_sae), "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": apply_b_dec_to_input, "normalize_activations": "none",
+           "reshape_activations": "none",
+           "metadata": {"sae_lens_version": "6.54.12", "sae_lens_training_version": None,
+                        "hook_name": hook_name or None, "model_name": model_name or None},
+           "architecture": architecture, **cfg_extra}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+def write_gemma_scope_npz(path: Path, weights: dict[str, Any], drop: tuple[str, ...] = ()) -> Path:
+    """``path`` (a params.npz) with Gemma Scope's published keys, less ``drop``."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{k: v.numpy() for k, v in weights.items() if k not in drop})
+    return path

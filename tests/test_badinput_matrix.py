@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from helpers import tiny_manifest
+from helpers import linear_sae_weights, tiny_manifest, write_gemma_scope_npz, write_saelens_dir
 from test_cli_badinput import error_lines
 
 from bra.cache import schema
@@ -153,6 +153,19 @@ def sae_dir_copy(env: Env, edit: Callable[[dict[str, Any]], None] | None = None)
 def other_sae(env: Env, **cfg: Any) -> Path:
     base = {"d_model": 64, "d_sae": 48, "k": 4, "layer": 1}
     return save_saelens(TopKSAE.init_random(SAEConfig(**{**base, **cfg}), seed=1), env.tmp / "other-sae")
+
+
+def pretrained_sae(env: Env, architecture: str, d_model: int = 64, layer: int = 1,
+                   edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """A SAELens jumprelu / standard folder, or (``gemma_scope``) a params.npz under ``layer_<layer>/``;
+    ``edit`` changes the weights first."""
+    weights = linear_sae_weights(d_model, 48, 1, "standard" if architecture == "standard" else "jumprelu")
+    if edit is not None:
+        edit(weights)
+    if architecture == "gemma_scope":
+        return write_gemma_scope_npz(env.tmp / "gs" / f"layer_{layer}" / "width_48" / "params.npz", weights)
+    return write_saelens_dir(env.tmp / architecture, architecture, weights,
+                             hook_name=f"blocks.{layer}.hook_resid_post")
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -499,6 +512,29 @@ def _(env: Env) -> Row:
     return evaluate(env, env.train_store, "SAE was trained on", sae=env.eval_sae)
 
 
+@row("eval/jumprelu-d_model-mismatch")
+def _(env: Env) -> Row:
+    return evaluate(env, env.train_store, "SAE d_model 32 does not match",
+                    sae=pretrained_sae(env, "jumprelu", d_model=32))
+
+
+@row("eval/gemma-scope-layer-mismatch")
+def _(env: Env) -> Row:
+    return evaluate(env, env.train_store, "SAE reads layer 2", "--layer", "1",
+                    sae=pretrained_sae(env, "gemma_scope", layer=2))
+
+
+@row("eval/npz-missing-threshold")
+def _(env: Env) -> Row:
+    return evaluate(env, env.train_store, "lacks ['threshold']",
+                    sae=pretrained_sae(env, "gemma_scope", edit=lambda w: w.pop("threshold")))
+
+
+@row("eval/none-layer-not-in-store")
+def _(env: Env) -> Row:
+    return evaluate(env, env.train_store, "layer 3 is not in store", "--layer", "3", sae=Path("none"))
+
+
 @row("eval/nan-activations")
 def _(env: Env) -> Row:
     store = env.copy(env.train_store)
@@ -578,6 +614,19 @@ def _(env: Env) -> Row:
     return export(env, env.run_dir, "disk full")
 
 
+@row("export/not-topk")
+def _(env: Env) -> Row:
+    return export(env, pretrained_sae(env, "jumprelu"), "export writes TopK SAEs only")
+
+
+@row("info/gemma-scope-pickled-npz")
+def _(env: Env) -> Row:
+    path = env.tmp / "layer_1" / "params.npz"
+    path.parent.mkdir()
+    np.savez(path, W_enc=np.array([object()], dtype=object))
+    return Row(sae_main, ["info", str(path)], "not a readable .npz")
+
+
 @row("export/bad-format")
 def _(env: Env) -> Row:
     return export(env, env.run_dir, "Invalid value for '--format'", "--format", "gguf")
@@ -633,6 +682,55 @@ def _(env: Env) -> Row:
 @row("score/layer-mismatch")
 def _(env: Env) -> Row:
     return score(env, env.eval_store, "layer 2 is not in store", sae=other_sae(env, layer=2))
+
+
+@row("score/jumprelu-d_model-mismatch")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "SAE d_model 32 does not match", sae=pretrained_sae(env, "jumprelu",
+                                                                                          d_model=32))
+
+
+@row("score/standard-layer-mismatch")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "layer 2 is not in store", sae=pretrained_sae(env, "standard", layer=2))
+
+
+@row("score/gemma-scope-d_model-mismatch")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "SAE d_model 32 does not match",
+                 sae=pretrained_sae(env, "gemma_scope", d_model=32))
+
+
+@row("score/gemma-scope-layer-mismatch")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "layer 2 is not in store",
+                 sae=pretrained_sae(env, "gemma_scope", layer=2))
+
+
+@row("score/npz-missing-threshold")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "lacks ['threshold']",
+                 sae=pretrained_sae(env, "gemma_scope", edit=lambda w: w.pop("threshold")))
+
+
+@row("score/jumprelu-negative-threshold")
+def _(env: Env) -> Row:
+    def negate(w: dict[str, Any]) -> None:
+        w["threshold"] = -w["threshold"]
+
+    return score(env, env.eval_store, "JumpReLU thresholds must be >= 0", sae=pretrained_sae(env, "jumprelu",
+                                                                                             edit=negate))
+
+
+@row("score/unsupported-architecture")
+def _(env: Env) -> Row:
+    sae = sae_dir_copy(env, lambda c: c.update(architecture="gated"))
+    return score(env, env.eval_store, "SAELens architecture 'gated' is not supported", sae=sae)
+
+
+@row("score/none-layer-not-in-store")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "layer 3 is not in store", "--layer", "3", sae=Path("none"))
 
 
 @row("score/nan-activations")

@@ -3,7 +3,8 @@
 
 Everything after the read (catalog, probes, divergence, metrics, the report) is a function of a bundle and
 the `ScoreConfig`, so a re-score never re-enters the store, and the report can be written with the store
-gone. Shape suffixes: N prompts (= documents), R store rows, K top-k, L latents (d_sae), D d_model.
+gone. Shape suffixes: N prompts (= documents), R store rows, K sparse width (top-k), L latents (d_sae),
+D d_model.
 """
 
 from __future__ import annotations
@@ -44,17 +45,20 @@ class TokenColumns:
 
 @dataclass(frozen=True)
 class SparseCodes:
-    """Top-k SAE codes of every store row (zeros where a row is not pooled)."""
+    """Sparse SAE codes of every store row: each row lists its active latents (`SparseAutoencoder.
+    encode_sparse`); a latent a row does not list is 0 there. K is the SAE's k for TopK, else the most
+    active latents of any row (shorter rows and rows that are not pooled hold padding)."""
 
     indices: np.ndarray
-    """[R, K] int32 latent indices."""
+    """[R, K] int32 latent indices; `bra.sae.base.PAD_INDEX` (-1) marks padding."""
     values: np.ndarray
-    """[R, K] float32 activations (>= 0)."""
+    """[R, K] float32 activations (>= 0, except the signed residual dimensions of `--sae none`); 0 at
+    padding."""
     d_sae: int
     """Number of latents."""
 
     def latent(self, j: int) -> np.ndarray:
-        """[R] activation of latent j."""
+        """[R] activation of latent j (j >= 0, so padding never matches)."""
         return np.where(self.indices == j, self.values, 0.0).sum(axis=1)
 
 

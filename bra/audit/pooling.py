@@ -5,8 +5,9 @@ latents are pooled over its prompt rows and, separately, over its completion row
 attention sink at position 0, BOS) are excluded. ``mean`` (the default) averages the dense latent vector
 over the rows, so a latent that fires on a few tokens of a long completion counts in proportion; ``max``
 takes each latent's peak, which favours rare, sharp features. The raw residual stream is pooled the same
-way (for the raw-activation baselines). SAE codes are kept sparse (top-k indices and values per row), so
-a store of any size costs rows x k x 8 bytes, not rows x d_sae.
+way (for the raw-activation baselines). SAE codes are kept sparse (the active latents' indices and values
+per row: k for TopK, the most active latents of any row for JumpReLU / ReLU), so a store of any size costs
+rows x k x 8 bytes, not rows x d_sae.
 
 A pooling group is ``doc * 2 + i`` with i the position of the segment in `POOLED_SEGMENTS`
 (`TokenColumns.groups`). Shape suffixes: G groups (2 per prompt), R rows, D d_model.
@@ -33,19 +34,33 @@ def by_segment(x_GD: np.ndarray, n_docs: int) -> dict[str, np.ndarray]:
 
 
 def pool_codes(codes: SparseCodes, tokens: TokenColumns, n_docs: int, pool: str) -> dict[str, np.ndarray]:
-    """segment -> [n_docs, d_sae] latents pooled over each prompt's rows of that segment (see module doc)."""
+    """segment -> [n_docs, d_sae] latents pooled over each prompt's rows of that segment (see module doc).
+
+    Exact for any sparse width: padding entries (index < 0) are skipped, and a latent a row does not list
+    counts as 0 there (for the max, too: it matters only for signed latents, `--sae none`)."""
     _check_pool(pool)
     groups = tokens.groups()
     keep = groups >= 0
     g = np.repeat(groups[keep], codes.indices.shape[1])
     j = codes.indices[keep].ravel()
     v = codes.values[keep].ravel().astype(np.float64)
+    listed = j >= 0  # bra.sae.base.PAD_INDEX is -1
+    if not listed.all():
+        g, j, v = g[listed], j[listed], v[listed]
+    rows_G = np.bincount(groups[keep], minlength=2 * n_docs)
     out = np.zeros((2 * n_docs, codes.d_sae))
     if pool == "mean":
         np.add.at(out, (g, j), v)
-        out /= np.maximum(np.bincount(groups[keep], minlength=2 * n_docs), 1)[:, None]
-    else:
+        out /= np.maximum(rows_G, 1)[:, None]
+    elif (v >= 0).all():  # unlisted latents are 0 and listed ones >= 0: max(0, listed) is the max
         np.maximum.at(out, (g, j), v)
+    else:
+        out[:] = -np.inf
+        np.maximum.at(out, (g, j), v)
+        n_listed = np.zeros(out.shape, dtype=np.int64)
+        np.add.at(n_listed, (g, j), 1)
+        out = np.where(n_listed < rows_G[:, None], np.maximum(out, 0.0), out)  # some row has it at 0
+        out[~np.isfinite(out)] = 0.0  # a group without rows
     return by_segment(out, n_docs)
 
 

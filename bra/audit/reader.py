@@ -7,9 +7,7 @@ Every store attr the audit needs is read in `_store_facts` (one spot, for typed 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,8 +21,9 @@ from bra.audit.config import RANDOM_SAE, ScoreError
 from bra.audit.pooling import accumulate_raw_, empty_raw, finish_raw, pool_codes
 from bra.cache import schema
 from bra.cache.store import Store, open_store
+from bra.sae.base import PAD_INDEX, SparseAutoencoder, sae_device
 from bra.sae.evaluate import refuse_non_finite
-from bra.sae.model import TopKSAE
+from bra.sae.registry import architecture_of
 from bra.sae.workflows import load_checked
 from bra.vocab import SEGMENT_COMPLETION
 
@@ -41,9 +40,10 @@ def read_eval_bundle(store_path: str | os.PathLike[str], sae_paths: Mapping[str,
                      layer: int | None, pool: str, seed: int, rows_per_read: int = 4096) -> EvalBundle:
     """Open the eval store once and read everything scoring needs.
 
-    ``sae_paths``: SAE name -> path, ours (`OURS`) first, then the baselines. ``layer``: the store layer
-    (None = our SAE's own). A random SAE of our SAE's size (`random_sae`, seeded by ``seed``) is added as
-    `RANDOM_SAE`. Raises ScoreError for a store that is not an eval store, SAEError for a mismatched SAE.
+    ``sae_paths``: SAE name -> path (or `none`), ours (`OURS`) first, then the baselines. ``layer``: the
+    store layer (None = our SAE's own). A random SAE of our SAE's architecture and size (`random_sae`,
+    seeded by ``seed``) is added as `RANDOM_SAE`.
+    Raises ScoreError for a store that is not an eval store, SAEError for a mismatched SAE.
     """
     store = open_store(store_path)
     facts = _store_facts(store)
@@ -54,7 +54,7 @@ def read_eval_bundle(store_path: str | os.PathLike[str], sae_paths: Mapping[str,
                          f"completion tokens)")
     (ours, ours_path), *others = sae_paths.items()
     sae, layer = load_checked(ours_path, store, layer, "SAE")
-    saes: dict[str, TopKSAE] = {ours: sae}
+    saes: dict[str, SparseAutoencoder] = {ours: sae}
     for name, path in others:
         saes[name] = load_checked(path, store, layer, f"baseline {name}")[0]
     saes[RANDOM_SAE] = random_sae(sae, store.stats(layer), seed)
@@ -94,20 +94,44 @@ def _read_prompts(store: Store, facts: StoreFacts) -> pd.DataFrame:
     return table
 
 
-def random_sae(like: TopKSAE, stats: Mapping[str, Any], seed: int) -> TopKSAE:
-    """A random TopK SAE of the same size (TopK-paper init, `TopKSAE.init_random`). Its input scale is
-    sqrt(d_model / mean squared norm) of the store layer's statistics ``stats``, as training would set it,
-    so the same k latents are chosen whatever the activation scale; b_dec is the store mean (decode only)."""
-    msn = float(stats.get("mean_sq_norm") or 0.0)
-    scale = math.sqrt(like.cfg.d_model / msn) if msn > 0 else 1.0
-    cfg = dataclasses.replace(like.cfg, input_scale=scale, dtype="float32", store_fingerprint="")
-    mean = torch.tensor(stats["mean"], dtype=torch.float32) if "mean" in stats else None
-    return TopKSAE.init_random(cfg, seed, data_mean=mean).eval()
+def random_sae(like: SparseAutoencoder, stats: Mapping[str, Any], seed: int) -> SparseAutoencoder:
+    """The random baseline of ``like``'s architecture and size (`bra.sae.registry.Architecture.random_like`):
+    TopK: TopK-paper init with the same k, input scale from the store layer's statistics ``stats``;
+    JumpReLU / standard: random directions with ``like``'s norms, biases and thresholds; `none`: a random
+    orthonormal basis of the residual stream."""
+    return architecture_of(like).random_like(like, stats, seed)
+
+
+class _CodesBuffer:
+    """Sparse codes of every row, written batch by batch; widened when a batch has more active latents
+    per row than any before (JumpReLU / ReLU), so nothing active is dropped."""
+
+    def __init__(self, n_rows: int, d_sae: int) -> None:
+        self.d_sae = d_sae
+        self.indices = np.full((n_rows, 0), PAD_INDEX, np.int32)
+        self.values = np.zeros((n_rows, 0), np.float32)
+        self.width = 0  # most entries any row has used
+
+    def put(self, rows: np.ndarray, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Store (values [B, C], indices [B, C]) as the codes of store rows ``rows`` [B]."""
+        width = values.shape[1]
+        if width > self.indices.shape[1]:
+            grow = max(width, self.indices.shape[1] * 3 // 2) - self.indices.shape[1]
+            self.indices = np.pad(self.indices, ((0, 0), (0, grow)), constant_values=PAD_INDEX)
+            self.values = np.pad(self.values, ((0, 0), (0, grow)))
+        self.indices[rows, :width] = indices.cpu().numpy()
+        self.values[rows, :width] = values.float().cpu().numpy()
+        self.width = max(self.width, width)
+
+    def finish(self) -> SparseCodes:
+        """The codes, trimmed to the widest row."""
+        return SparseCodes(np.ascontiguousarray(self.indices[:, :self.width]),
+                           np.ascontiguousarray(self.values[:, :self.width]), self.d_sae)
 
 
 @torch.no_grad()
-def _stream_layer(store: Store, layer: int, saes: Mapping[str, TopKSAE], tokens: TokenColumns, n_docs: int,
-                  pool: str, rows_per_read: int
+def _stream_layer(store: Store, layer: int, saes: Mapping[str, SparseAutoencoder], tokens: TokenColumns,
+                  n_docs: int, pool: str, rows_per_read: int
                   ) -> tuple[dict[str, SparseCodes], dict[str, np.ndarray], np.ndarray]:
     """Read the layer once: pool the raw rows per (doc, segment) and encode them with every SAE.
 
@@ -115,9 +139,7 @@ def _stream_layer(store: Store, layer: int, saes: Mapping[str, TopKSAE], tokens:
     [n_docs, 2] pooled rows per doc and segment)."""
     groups = tokens.groups()
     raw = empty_raw(n_docs, store.d_model, pool)
-    codes = {name: SparseCodes(np.zeros((len(groups), sae.cfg.k), np.int32),
-                               np.zeros((len(groups), sae.cfg.k), np.float32), sae.cfg.d_sae)
-             for name, sae in saes.items()}
+    buffers = {name: _CodesBuffer(len(groups), sae.cfg.d_sae) for name, sae in saes.items()}
     for start in range(0, len(groups), rows_per_read):
         stop = min(start + rows_per_read, len(groups))
         g = groups[start:stop]
@@ -129,9 +151,13 @@ def _stream_layer(store: Store, layer: int, saes: Mapping[str, TopKSAE], tokens:
         accumulate_raw_(raw, x, g[keep], pool)
         xt = torch.from_numpy(x)
         for name, sae in saes.items():
-            values, indices, _ = sae.encode_topk(xt.to(sae.W_enc.device))
-            codes[name].indices[start + keep] = indices.cpu().numpy()
-            codes[name].values[start + keep] = values.float().cpu().numpy()
+            values, indices = sae.encode_sparse(xt.to(sae_device(sae)))
+            buffers[name].put(start + keep, values, indices)
+    codes = {name: buf.finish() for name, buf in buffers.items()}
+    for name, c in codes.items():
+        active = (c.indices >= 0).sum(axis=1)[groups >= 0]
+        logger.info("%s: sparse width %d (mean %.1f latents listed per pooled row); nothing dropped", name,
+                    c.indices.shape[1], float(active.mean()) if active.size else 0.0)
     counts = np.bincount(groups[groups >= 0], minlength=2 * n_docs).reshape(n_docs, 2)
     return codes, finish_raw(raw, counts, n_docs, pool), counts
 

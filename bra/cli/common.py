@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from bra.errors import BraError
+from bra.vocab import NULL_SAE
 
 logger = logging.getLogger("bra")
 
@@ -42,6 +43,25 @@ class StorePathType(click.ParamType):
 
 
 STORE_PATH = StorePathType()
+
+
+class SAESourceType(click.ParamType):
+    """An SAE to read: a path (a ``Path``), or the word ``none`` (kept as the string `bra.vocab.NULL_SAE`:
+    no SAE, the raw residual dimensions; write ``./none`` for a folder of that name)."""
+
+    name = "path"  # as click.Path names it; the help text says `none` is accepted too
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        return NULL_SAE if str(value) == NULL_SAE else Path(str(value))
+
+
+SAE_SOURCE = SAESourceType()
+SAE_SOURCE_HELP = ("SAE: a fit run dir, a SAELens folder (architecture topk, jumprelu or standard), a Gemma "
+                   "Scope params.npz or its folder (layer from a layer_<N> folder in the path, else "
+                   "--layer or the store's), a seed .pt, or 'none' (no SAE: the raw residual dimensions "
+                   "are the latents).")
 
 
 def run_cli(group: click.Group, argv: list[str] | None = None) -> int:

@@ -11,7 +11,15 @@ from typing import Any
 import click
 
 from bra.audit.config import ScoreConfig
-from bra.cli.common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
+from bra.cli.common import (
+    NPROC_OPTION,
+    SAE_SOURCE,
+    SAE_SOURCE_HELP,
+    STORE_PATH,
+    relaunch_under_torchrun,
+    run_cli,
+    setup_logging,
+)
 from bra.cli.options import ConfigOptions
 from bra.sae.config import PRESETS, TrainConfig
 
@@ -26,7 +34,8 @@ SCORE_OPTIONS = ConfigOptions(ScoreConfig)
 @click.version_option(package_name="biorefusalaudit")
 def cli(verbose: int) -> None:
     """Stage two of BioRefusalAudit: train, evaluate and export TopK SAEs from an activation store,
-    and score refusal depth from an eval store. Never runs the model unless asked (eval --model)."""
+    evaluate pretrained ones (JumpReLU, standard, Gemma Scope), and score refusal depth from an eval store.
+    Never runs the model unless asked (eval --model)."""
     setup_logging(verbose)
 
 
@@ -55,8 +64,8 @@ def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, re
 
 
 @cli.command("eval")
-@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path),
-              help="SAE: a fit run dir, a SAELens dir, or a seed .pt.")
+@click.option("--sae", "sae_path", required=True, type=SAE_SOURCE,
+              help=f"{SAE_SOURCE_HELP} With 'none', FVU 0 and CE-loss score 1 hold by construction.")
 @click.option("--store", required=True, type=STORE_PATH, help="Activation store (a folder or a URL).")
 @click.option("--layer", type=int, default=None, help="Store layer (default: the SAE's).")
 @click.option("--split", type=click.Choice(["heldout", "all"]), default="heldout",
@@ -65,10 +74,12 @@ def fit(ctx: click.Context, store: Path | str, out: Path, preset: str | None, re
               help="Also compute the CE-loss score (loads the store's model).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write JSON here too.")
-def eval_cmd(sae_path: Path, store: Path | str, layer: int | None, split: str, with_model: bool,
+def eval_cmd(sae_path: Path | str, store: Path | str, layer: int | None, split: str, with_model: bool,
              out: Path | None) -> None:
-    """FVU, L0, dead/dense fractions and per-tier reconstruction of an SAE on a store."""
-    from bra.sae.workflows import evaluate, write_text_atomic
+    """FVU, L0, dead/dense fractions and per-tier reconstruction of an SAE (TopK, JumpReLU, standard, or
+    none) on a store."""
+    from bra.fsutil import write_text_atomic
+    from bra.sae.workflows import evaluate
 
     result = evaluate(sae_path, store, layer, split, with_model)
     text = json.dumps(result, indent=2)
@@ -78,54 +89,54 @@ def eval_cmd(sae_path: Path, store: Path | str, layer: int | None, split: str, w
 
 
 @cli.command()
-@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path), help="SAE to convert.")
+@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path),
+              help="TopK SAE to convert (a fit run dir, a SAELens topk dir, or a seed .pt).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output path.")
 @click.option("--format", "fmt", type=click.Choice(["saelens", "seed"]), default="saelens", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def export(sae_path: Path, out: Path, fmt: str, overwrite: bool) -> None:
-    """Write an SAE in SAELens format (cfg.json + safetensors) or the seed layout (sae_weights.pt)."""
-    from bra.sae.formats import save_saelens, save_seed
-    from bra.sae.workflows import load_any
+    """Write a TopK SAE in SAELens format (cfg.json + safetensors) or the seed layout (sae_weights.pt)."""
+    from bra.sae.workflows import export as export_sae
 
-    sae = load_any(sae_path)
-    path = (save_saelens(sae, out, overwrite=overwrite) if fmt == "saelens"
-            else save_seed(sae, out, overwrite=overwrite))
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {export_sae(sae_path, out, fmt, overwrite)}")
 
 
 @cli.command()
 @click.argument("sae_path", type=click.Path(path_type=Path))
 def info(sae_path: Path) -> None:
-    """Describe an SAE: shapes, k, hook, model, provenance."""
+    """Describe an SAE: architecture, shapes, k, hook, model, provenance."""
     from bra.sae.workflows import describe
 
     click.echo(json.dumps(describe(sae_path), indent=2))
 
 
-def _baselines(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Path]:
-    """--baseline NAME=SAE (repeatable) -> {NAME: SAE}; names must be unique."""
-    pairs: dict[str, Path] = {}
+def _baselines(ctx: click.Context, param: click.Parameter,
+               values: tuple[str, ...]) -> dict[str, Path | str]:
+    """--baseline NAME=SAE (repeatable) -> {NAME: SAE}; names must be unique; SAE may be `none`."""
+    pairs: dict[str, Path | str] = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise click.BadParameter(f"expected NAME=SAE, got {value!r}", param_hint="--baseline")
         if name in pairs:
             raise click.BadParameter("baseline names must be unique", param_hint="--baseline")
-        pairs[name] = Path(path)
+        pairs[name] = SAE_SOURCE.convert(path, param, ctx)
     return pairs
 
 
 @cli.command("score")
 @click.option("--store", required=True, type=STORE_PATH,
               help="Eval store (bra-cache build of an eval manifest).")
-@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path),
-              help="SAE: a fit run dir, a SAELens dir, or a seed .pt.")
+@click.option("--sae", "sae_path", required=True, type=SAE_SOURCE,
+              help=f"{SAE_SOURCE_HELP} The random-SAE baseline has the same architecture and size.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output directory (replaced whole; refused if it holds anything but a score report).")
 @click.option("--baseline", "baseline", multiple=True, metavar="NAME=SAE", callback=_baselines,
-              help="A baseline SAE scored with the same probe (repeatable).")
+              help="A baseline SAE (any --sae form, 'none' included) scored with the same probe "
+                   "(repeatable).")
 @SCORE_OPTIONS
-def score_cmd(store: Path | str, sae_path: Path, out: Path, baseline: dict[str, Path], **fields: Any) -> None:
+def score_cmd(store: Path | str, sae_path: Path | str, out: Path, baseline: dict[str, Path | str],
+              **fields: Any) -> None:
     """Refusal depth of an eval store's prompts: catalog, alignment T, divergence D, hazard AUROC table with
     baselines; writes scores.parquet, catalog.json, report.json and report.html to OUT. Needs no model."""
     from bra.audit.score import score

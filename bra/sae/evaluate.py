@@ -14,13 +14,13 @@ from tqdm.auto import tqdm
 from bra.cache.reader import document_split
 from bra.cache.store import Store
 from bra.errors import SAEError
-from bra.sae.model import TopKSAE
+from bra.sae.base import SparseAutoencoder, sae_device
 
 logger = logging.getLogger(__name__)
 
 
-def check_compatible(sae: TopKSAE, store: Store, layer: int) -> None:
-    """Refuse an SAE trained for another model, layer or width than the store holds."""
+def check_compatible(sae: SparseAutoencoder, store: Store, layer: int) -> None:
+    """Refuse an SAE trained for another model, layer or width than the store holds (any architecture)."""
     cfg = sae.cfg
     if cfg.d_model != store.d_model:
         raise SAEError(f"SAE d_model {cfg.d_model} does not match store {store.path} d_model {store.d_model}")
@@ -57,9 +57,12 @@ def heldout_docs(store: Store, split_file: Path | None, fraction: float, seed: i
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, store: Store, layer: int, doc_selected: np.ndarray,
+def reconstruction_metrics(sae: SparseAutoencoder, store: Store, layer: int, doc_selected: np.ndarray,
                            rows_per_read: int = 8192, dense_threshold: float = 0.1) -> dict[str, Any]:
-    """Stream the selected documents' rows once and accumulate FVU (overall and per tier), L0, firing."""
+    """Stream the selected documents' rows once and accumulate FVU (overall and per tier), L0, firing.
+
+    A latent is active where it is non-zero (TopK, ReLU and JumpReLU latents are >= 0; the identity's are
+    signed)."""
     tiers = store.tier_names
     sse = np.zeros(len(tiers))
     sum_x = np.zeros((len(tiers), store.d_model))
@@ -67,7 +70,7 @@ def reconstruction_metrics(sae: TopKSAE, store: Store, layer: int, doc_selected:
     count = np.zeros(len(tiers), dtype=np.int64)
     l0_sum = 0.0
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
-    device = sae.W_enc.device
+    device = sae_device(sae)
     for start in tqdm(range(0, store.n_tokens, rows_per_read), desc="eval", unit="block", leave=False):
         stop = min(start + rows_per_read, store.n_tokens)
         keep = ~store.read_rows("mask", start, stop) & doc_selected[store.read_rows("doc_index", start, stop)]
@@ -86,8 +89,9 @@ def reconstruction_metrics(sae: TopKSAE, store: Store, layer: int, doc_selected:
             sum_x[t] += xd[sel].sum(0)
             sum_sq[t] += (xd[sel] ** 2).sum()
             count[t] += sel.sum()
-        l0_sum += float((out.z > 0).sum())
-        fires += (out.z > 0).sum(0).cpu()
+        active = out.z != 0
+        l0_sum += float(active.sum())
+        fires += active.sum(0).cpu()
 
     def fvu(sel: np.ndarray) -> float | None:
         n = count[sel].sum()
@@ -110,7 +114,7 @@ def reconstruction_metrics(sae: TopKSAE, store: Store, layer: int, doc_selected:
 
 
 @torch.no_grad()
-def ce_loss_score(sae: TopKSAE, store: Store, layer: int, model: Any, doc_selected: np.ndarray,
+def ce_loss_score(sae: SparseAutoencoder, store: Store, layer: int, model: Any, doc_selected: np.ndarray,
                   max_windows: int = 64) -> dict[str, float]:
     """CE-loss score: 1 - (CE_spliced - CE_clean) / (CE_zero - CE_clean), over stored token windows.
 

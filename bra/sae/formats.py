@@ -84,16 +84,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2))
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; malformed JSON or another type is an SAEFormatError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFormatError(f"{path}: malformed JSON ({_first_line(e)})") from e
+        raise SAEFormatError(f"{path}: malformed JSON ({first_line(e)})") from e
     if not isinstance(data, dict):
         raise SAEFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -106,10 +107,10 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
-        raise SAEFormatError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+        raise SAEFormatError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
 
 
-def _layer_from_hook(hook_name: str) -> int:
+def layer_from_hook(hook_name: str) -> int:
     """Block index in a hook name (`blocks.12.hook_resid_post`, `model.layers.15`), else -1."""
     match = _LAYER_RE.search(hook_name)
     return int(match.group(1)) if match else -1
@@ -154,7 +155,7 @@ def _read_sidecar(weights: Path) -> dict[str, Any]:
     sidecar = weights.parent / BRA_CFG
     if not sidecar.is_file():
         return {}
-    data = _read_json(sidecar)
+    data = read_json(sidecar)
     if data.get("weights_file") != weights.name:
         logger.warning("%s describes %s, not %s; ignoring it", sidecar, data.get("weights_file"),
                        weights.name)
@@ -182,7 +183,7 @@ def load_seed(path: str | os.PathLike[str], cfg_overrides: dict[str, Any] | None
         raise
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # truncated zip, not a torch file
         raise SAEFormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                             f"{_first_line(e)})") from e
+                             f"{first_line(e)})") from e
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SAEFormatError(f"{path}: expected a dict of tensors {list(PARAM_NAMES)}, "
                              f"got {type(obj).__name__}")
@@ -260,7 +261,7 @@ def load_saelens(directory: str | os.PathLike[str], cfg_overrides: dict[str, Any
     seed equivalent (input normalisation, decoder-norm rescaling, reshaping) are refused.
     """
     directory = Path(directory)
-    raw = _read_json(directory / SAELENS_CFG)
+    raw = read_json(directory / SAELENS_CFG)
     if raw.get("architecture") != "topk":
         raise SAEFormatError(f"{directory}: architecture {raw.get('architecture')!r} is not 'topk'")
     for key, allowed in (("normalize_activations", "none"), ("reshape_activations", "none")):
@@ -272,7 +273,7 @@ def load_saelens(directory: str | os.PathLike[str], cfg_overrides: dict[str, Any
     if missing_keys:
         raise SAEFormatError(f"{directory}: {SAELENS_CFG} lacks {missing_keys}")
     state_dict = load_safetensors(directory / SAELENS_WEIGHTS)
-    _drop_unit_scaling_factor(directory, state_dict)
+    drop_unit_scaling_factor(directory, state_dict)
     if not set(PARAM_NAMES) <= set(state_dict):
         raise SAEFormatError(f"{directory}: weights lack {sorted(set(PARAM_NAMES) - set(state_dict))}")
     if raw.get("apply_b_dec_to_input", True):
@@ -288,7 +289,7 @@ def load_saelens(directory: str | os.PathLike[str], cfg_overrides: dict[str, Any
         "dtype": raw.get("dtype", "float32"),
         "model_name": metadata.get("model_name") or "",
         "hook_name": hook_name,
-        "layer": _layer_from_hook(hook_name),
+        "layer": layer_from_hook(hook_name),
     }
     bra = metadata.get("bra") or {}
     if bra:
@@ -301,7 +302,7 @@ def load_saelens(directory: str | os.PathLike[str], cfg_overrides: dict[str, Any
     return _build(directory, base, state_dict)
 
 
-def _drop_unit_scaling_factor(directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
+def drop_unit_scaling_factor(directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
     """Older SAELens files carry an all-ones `scaling_factor`; SAELens drops it, so do we."""
     scale = state_dict.get("scaling_factor")
     if scale is None:

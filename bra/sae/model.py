@@ -35,6 +35,9 @@ PARAM_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
 SEED_K = 32
 """k of the seed checkpoint (model card); its `.pt` file does not record it."""
 
+ARCHITECTURE = "topk"
+"""Name of this architecture in `bra.sae.registry.ARCHITECTURES` (and SAELens's `architecture`)."""
+
 
 @dataclass(frozen=True)
 class SAEConfig:
@@ -84,6 +87,11 @@ class SAEConfig:
     def torch_dtype(self) -> torch.dtype:
         """`dtype` as a torch dtype."""
         return DTYPES[self.dtype]
+
+    @property
+    def architecture(self) -> str:
+        """Registry name of the architecture (`bra.sae.registry`); a property, so `to_dict` is unchanged."""
+        return ARCHITECTURE
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of all fields."""
@@ -196,6 +204,12 @@ class TopKSAE(nn.Module):
         # sorted=False: order is irrelevant once scattered, and unsorted topk is cheaper.
         top_values_BK, top_indices_BK = pre_acts_BS.topk(self.cfg.k, dim=-1, sorted=False)
         return top_values_BK, top_indices_BK, pre_acts_BS
+
+    def encode_sparse(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [B, k], indices [B, k]) of `encode_topk`: the sparse codes scoring pools
+        (`bra.sae.base.SparseAutoencoder`)."""
+        top_values_BK, top_indices_BK, _ = self.encode_topk(x_BD)
+        return top_values_BK, top_indices_BK
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Dense latents [B, d_sae] with only the top-k entries of each row kept."""

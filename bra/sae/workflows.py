@@ -12,14 +12,15 @@ import torch
 from bra.cache.store import Store, open_store
 from bra.dist import process_group
 from bra.errors import SAEError
-from bra.fsutil import write_text_atomic
+from bra.sae.base import SparseAutoencoder
 from bra.sae.config import TrainConfig
 from bra.sae.evaluate import ce_loss_score, check_compatible, heldout_docs, reconstruction_metrics
-from bra.sae.formats import SAELENS_CFG, SEED_WEIGHTS, load_sae
+from bra.sae.formats import save_saelens, save_seed
 from bra.sae.model import TopKSAE
+from bra.sae.registry import LoadHints, architecture_of, is_null_source, load_sae_source
 from bra.sae.train import fit, resolve_device
 
-__all__ = ["describe", "evaluate", "load_any", "load_checked", "write_text_atomic"]
+__all__ = ["describe", "evaluate", "export", "fit_in_process_group", "load_any", "load_checked"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +34,20 @@ def fit_in_process_group(store_path: str | os.PathLike[str], out: str | os.PathL
     return dist.is_main
 
 
-def load_any(path: str | os.PathLike[str]) -> TopKSAE:
-    """Load an SAE from a fit run dir (its sae/ export), a SAELens dir, or a seed .pt file."""
-    p = Path(path)
-    if not p.exists():
-        raise SAEError(f"no SAE at {p}")
-    if p.is_dir() and (p / "sae" / SAELENS_CFG).is_file():
-        p = p / "sae"
-    elif p.is_dir() and not (p / SAELENS_CFG).is_file() and (p / SEED_WEIGHTS).is_file():
-        p = p / SEED_WEIGHTS
-    return load_sae(p)
+def load_any(path: str | os.PathLike[str], hints: LoadHints | None = None) -> SparseAutoencoder:
+    """Load an SAE of any architecture (`bra.sae.registry.load_sae_source`): a fit run dir (its sae/
+    export), a SAELens dir, a Gemma Scope params.npz, a seed .pt, or `none` (needs ``hints.d_model``)."""
+    return load_sae_source(path, hints)
 
 
 def load_checked(path: str | os.PathLike[str], store: Store, layer: int | None,
-                 what: str = "SAE") -> tuple[TopKSAE, int]:
-    """Load an SAE and the store layer it reads (its own unless given); refuse a mismatched one."""
-    sae = load_any(path)
+                 what: str = "SAE") -> tuple[SparseAutoencoder, int]:
+    """Load an SAE and the store layer it reads (its own unless given); refuse a mismatched one.
+
+    A source that does not name its layer (`none`, a Gemma Scope file outside a `layer_<N>` folder) reads
+    ``layer``, else the store's first."""
+    hints = LoadHints(d_model=store.d_model, layer=layer if layer is not None else store.layers[0])
+    sae = load_any(path, hints)
     if layer is None:
         layer = sae.cfg.layer if sae.cfg.layer >= 0 else store.layers[0]
     if layer not in store.layers:
@@ -60,11 +59,33 @@ def load_checked(path: str | os.PathLike[str], store: Store, layer: int | None,
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-ready description of an SAE."""
     sae = load_any(path)
-    cfg = sae.cfg
-    with torch.no_grad():
-        norms = sae.W_dec.norm(dim=-1)
-    return {**cfg.to_dict(), "params": sum(p.numel() for p in sae.parameters()),
-            "decoder_row_norm_mean": float(norms.mean()), "path": str(path)}
+    out: dict[str, Any] = {**sae.cfg.to_dict(), "architecture": sae.cfg.architecture}
+    out["params"] = sum(p.numel() for p in sae.parameters())
+    W_dec = getattr(sae, "W_dec", None)
+    if isinstance(W_dec, torch.Tensor):
+        with torch.no_grad():
+            out["decoder_row_norm_mean"] = float(W_dec.norm(dim=-1).mean())
+    return {**out, "path": str(path)}
+
+
+def export(sae_path: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str,
+           overwrite: bool = False) -> Path:
+    """`bra-sae export`: write a TopK SAE in SAELens format (``fmt`` saelens) or the seed layout (seed).
+    Other architectures are read-only here (they were trained elsewhere)."""
+    sae = load_any(sae_path)
+    if not isinstance(sae, TopKSAE):
+        raise SAEError(f"{sae_path} is a {sae.cfg.architecture} SAE; export writes TopK SAEs only (read "
+                       f"{sae.cfg.architecture} SAEs where they are)")
+    return save_saelens(sae, out, overwrite=overwrite) if fmt == "saelens" else \
+        save_seed(sae, out, overwrite=overwrite)
+
+
+def _split_file(sae_path: str | os.PathLike[str]) -> Path | None:
+    """The fit run's split.json beside an SAE path (None for `none`, which has no run)."""
+    if is_null_source(sae_path):
+        return None
+    run_dir = Path(sae_path) if Path(sae_path).is_dir() else Path(sae_path).parent
+    return run_dir / "split.json"
 
 
 def evaluate(sae_path: str | os.PathLike[str], store_path: str | os.PathLike[str], layer: int | None = None,
@@ -75,10 +96,13 @@ def evaluate(sae_path: str | os.PathLike[str], store_path: str | os.PathLike[str
     if split == "all":
         selected = heldout_docs(store, None, 0.0, 0) | True
     else:
-        run_dir = Path(sae_path) if Path(sae_path).is_dir() else Path(sae_path).parent
-        selected = heldout_docs(store, run_dir / "split.json", 0.1, 0)
+        selected = heldout_docs(store, _split_file(sae_path), 0.1, 0)
     result = reconstruction_metrics(sae, store, layer, selected)
     result.update({"split": split, "layer": layer, "store": str(store.path), "sae": str(sae_path)})
+    note = architecture_of(sae).eval_note
+    if note:
+        logger.info("%s", note)
+        result["note"] = note
     if with_model:
         from bra.pipeline.manifest import ModelSpec
         from bra.pipeline.model import load_model, resolve_device
