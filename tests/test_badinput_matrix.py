@@ -562,13 +562,13 @@ def _(env: Env) -> Row:
 @row("eval/disk-full")
 def _(env: Env) -> Row:
     out = env.tmp / "eval.json"
-    real = Path.write_text
+    real = Path.write_bytes
 
-    def half_then_full(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
-        real(self, data[: len(data) // 2], *args, **kwargs)
+    def half_then_full(self: Path, data: bytes) -> int:  # the atomic writer's one write of the bytes
+        real(self, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
 
-    env.monkeypatch.setattr(Path, "write_text", half_then_full)
+    env.monkeypatch.setattr(Path, "write_bytes", half_then_full)
     row_ = evaluate(env, env.train_store, "disk full", "--out", str(out))
     row_.after = absent(out)
     return row_
