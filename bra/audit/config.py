@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # ScoreResult's field types only: `bra-sae --help` builds opt
 
     from bra.audit.bundle import StoreFacts
     from bra.audit.catalog import CategoryEntry
+    from bra.audit.classes import TierClasses
 
 TRAIN, CALIBRATION, TEST = "train", "calibration", "test"
 SPLITS: tuple[str, ...] = (TRAIN, CALIBRATION, TEST)
@@ -40,6 +41,19 @@ PROBE_SEGMENTS: tuple[str, ...] = typing.get_args(ProbeSegment)
 
 class ScoreError(BraError):
     """The eval store, SAE or data cannot be scored (one-line message)."""
+
+
+def _check_tiers(name: str, tiers: tuple[str, ...] | None) -> None:
+    """A class given by name: at least one tier, no blank or repeated name (None = not given)."""
+    if tiers is None:
+        return
+    if not tiers:
+        raise ValueError(f"{name} is empty: name at least one tier")
+    if any(not t.strip() for t in tiers):
+        raise ValueError(f"{name} has an empty tier name: {','.join(tiers)!r}")
+    twice = [t for i, t in enumerate(tiers) if t in tiers[:i]]
+    if twice:
+        raise ValueError(f"{name} names tier {twice[0]!r} twice")
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,12 @@ class ScoreConfig:
     """Top-activating token contexts shown per catalog latent."""
     context_latents: int = 4
     """Catalog latents per category shown with contexts in the report."""
+    positive_tiers: tuple[str, ...] | None = None
+    """Tiers of the positive (hazard) class, comma-separated; None (not given) = the store's hazard_tiers,
+    else hazard_adjacent_category."""
+    negative_tiers: tuple[str, ...] | None = None
+    """Tiers of the negative (benign) class, comma-separated; None (not given) = the store's benign_tiers,
+    else benign_bio."""
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -96,6 +116,11 @@ class ScoreConfig:
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         DepthThresholds(self.d_threshold, self.hazard_threshold)
+        for name in ("positive_tiers", "negative_tiers"):
+            _check_tiers(name, getattr(self, name))
+        both = [t for t in self.positive_tiers or () if t in (self.negative_tiers or ())]
+        if both:
+            raise ValueError(f"tier {both[0]!r} is in both positive_tiers and negative_tiers")
 
     @property
     def thresholds(self) -> DepthThresholds:
@@ -149,3 +174,5 @@ class ScoreResult:
     """How the contexts were rendered: decoded with the store's tokenizer, or token ids only and why."""
     counts: np.ndarray
     """[n, 2] pooled rows per prompt and segment."""
+    classes: TierClasses
+    """The positive and negative tiers (and the groups reported apart, the redacted tiers) this run used."""
