@@ -105,6 +105,7 @@ def render_html(report: dict[str, Any], scores: pd.DataFrame, r: ScoreResult, cf
     view = {
         "report": report, "s": report["settings"], "cfg": cfg, "plots": PLOT_FILES, "tiers": tiers,
         "classes": classes, "group_tiers": ", ".join(classes["groups"].values()) or "none",
+        "redacted_tiers": ", ".join(classes["redacted"]) or "none",
         "split_rows": [[k] + [str(v.get(t, 0)) for t in tiers] for k, v in by_split.items()],
         "d_rows": [[str(d["tier"]), str(d["count"]), fmt(d["mean"]), fmt(d["median"])]
                    for d in report["divergence_by_tier"]],

@@ -57,8 +57,8 @@ class TierClasses:
     AUROC). dual_use_bio is the group ``dual_use`` whenever it is in neither class, present or not (as
     before the classes could be chosen); any other tier has a group when some prompt has it."""
     redacted: tuple[str, ...]
-    """Tiers whose completions appear only as short redacted excerpts: the positive class, the store's
-    recorded hazard class and `ALWAYS_REDACTED`."""
+    """Tiers some prompt has whose completions appear only as short redacted excerpts: the positive class,
+    the store's recorded hazard class and `ALWAYS_REDACTED`."""
 
     def masks(self, tier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """([n] positive, [n] negative) bool masks of a tier column."""
@@ -115,7 +115,8 @@ def resolve_classes(positive_flag: tuple[str, ...] | None, negative_flag: tuple[
     classed = set(positive) | set(negative)
     groups = {} if DUAL_USE_TIER in classed else {DUAL_USE_GROUP: DUAL_USE_TIER}
     groups.update({t: t for t in have if t not in classed and t != DUAL_USE_TIER})
-    redacted = tier_order([*positive, *(store_positive or ()), *ALWAYS_REDACTED])
+    hazardous = {*positive, *(store_positive or ()), *ALWAYS_REDACTED}
+    redacted = tuple(t for t in have if t in hazardous)
     return TierClasses(positive, negative, pos_from, neg_from, groups, redacted)
 
 

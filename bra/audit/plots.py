@@ -104,7 +104,7 @@ def _plot_surface_hazard(test: pd.DataFrame, tiers: list[str], rng: np.random.Ge
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("surface label")
-    ax.set_ylabel("hazard score (SAE probe, P(hazard class))")
+    ax.set_ylabel("hazard score (SAE probe, P(hazard tier))")
     ax.set_title("Surface label × hazard score (test split)", fontsize=10)
     ax.legend(fontsize=8)
     return fig

@@ -34,7 +34,8 @@ class CommaList(click.ParamType):
         """Shown in --help after the flag."""
         return "A,B,..."
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, ...]:
         """The items of ``value`` (a tuple, e.g. a dataclass default, passes through)."""
         if isinstance(value, tuple):
             return value
@@ -102,8 +103,7 @@ class ConfigOptions(Generic[C]):
         elif leaf.default is MISSING:
             extra.update(required=True)
         else:
-            shown = ",".join(leaf.default) if isinstance(leaf.default, tuple) else True
-            extra.update(default=leaf.default, show_default=shown)
+            extra.update(default=leaf.default, show_default=True)
         return click.option(*names, param, help=text or None, **extra)
 
     def __call__(self, func: F) -> F:
