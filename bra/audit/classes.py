@@ -1,6 +1,6 @@
 """Which tiers are the positive (hazard) and negative (benign) classes of a score run, and which are
-reported apart: `TierClasses`, resolved by `resolve_classes` (pure) from the flags, the store's attrs and
-the defaults of `bra.vocab`, in that order, class by class.
+reported apart: a `bra.audit.config.TierClasses`, resolved by `resolve_classes` (pure) from the flags, the
+store's attrs and the defaults of `bra.vocab`, in that order, class by class.
 
 Every part of the audit that separates hazard from benign prompts reads the classes from here: the probes'
 training labels, the AUROC table's positives, negatives and other groups, the catalog's hazard_adjacent
@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
 
-import numpy as np
-
-from bra.audit.config import ScoreError
+from bra.audit.config import ClassSource, ScoreError, TierClasses
 from bra.vocab import DEFAULT_NEGATIVE_TIERS, DEFAULT_POSITIVE_TIERS, DUAL_USE_TIER, EVAL_TIERS
 
 logger = logging.getLogger(__name__)
 
-ClassSource = Literal["flag", "store", "default"]
-"""Where a class came from: ``--positive-tiers`` / ``--negative-tiers``, the store's attrs
-(``hazard_tiers`` / ``benign_tiers``), or `bra.vocab`'s defaults (a store built before it recorded one)."""
 FLAG_NAMES = {"positive": "--positive-tiers", "negative": "--negative-tiers"}
 """The flag that sets each class (named in errors)."""
 DUAL_USE_GROUP = "dual_use"
@@ -38,37 +31,6 @@ def tier_order(tiers: Iterable[str]) -> tuple[str, ...]:
     """``tiers`` without repeats, in `EVAL_TIERS` order, then any other tier sorted."""
     seen = set(tiers)
     return tuple(t for t in EVAL_TIERS if t in seen) + tuple(sorted(seen - set(EVAL_TIERS)))
-
-
-@dataclass(frozen=True)
-class TierClasses:
-    """The resolved classes of a score run (recorded in report.json ``settings.classes``)."""
-
-    positive: tuple[str, ...]
-    """Tiers of the positive (hazard) class: label 1 of every probe, the AUROC's positives."""
-    negative: tuple[str, ...]
-    """Tiers of the negative (benign) class: label 0 of every probe, the AUROC's negatives."""
-    positive_from: ClassSource
-    """Where ``positive`` came from."""
-    negative_from: ClassSource
-    """Where ``negative`` came from."""
-    groups: dict[str, str]
-    """AUROC-table group name -> tier, for the tiers in neither class (mean score per group, never in the
-    AUROC). dual_use_bio is the group ``dual_use`` whenever it is in neither class, present or not (as
-    before the classes could be chosen); any other tier has a group when some prompt has it."""
-    redacted: tuple[str, ...]
-    """Tiers some prompt has whose completions appear only as short redacted excerpts: the positive class,
-    the store's recorded hazard class and `ALWAYS_REDACTED`."""
-
-    def masks(self, tier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """([n] positive, [n] negative) bool masks of a tier column."""
-        return np.isin(tier, self.positive), np.isin(tier, self.negative)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready (report.json ``settings.classes``)."""
-        return {"positive": list(self.positive), "positive_from": self.positive_from,
-                "negative": list(self.negative), "negative_from": self.negative_from,
-                "groups": dict(self.groups), "redacted": list(self.redacted)}
 
 
 def _pick(flag: tuple[str, ...] | None, store: tuple[str, ...] | None,
@@ -120,4 +82,4 @@ def resolve_classes(positive_flag: tuple[str, ...] | None, negative_flag: tuple[
     return TierClasses(positive, negative, pos_from, neg_from, groups, redacted)
 
 
-__all__ = ["ALWAYS_REDACTED", "DUAL_USE_GROUP", "ClassSource", "TierClasses", "resolve_classes", "tier_order"]
+__all__ = ["ALWAYS_REDACTED", "DUAL_USE_GROUP", "resolve_classes", "tier_order"]

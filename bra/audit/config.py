@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # ScoreResult's field types only: `bra-sae --help` builds opt
 
     from bra.audit.bundle import StoreFacts
     from bra.audit.catalog import CategoryEntry
-    from bra.audit.classes import TierClasses
 
 TRAIN, CALIBRATION, TEST = "train", "calibration", "test"
 SPLITS: tuple[str, ...] = (TRAIN, CALIBRATION, TEST)
@@ -37,6 +36,11 @@ BOTH_SEGMENTS = "both"
 ProbeSegment = Literal["prompt", "completion", "both"]
 """Features of the hazard probes: one pooled segment, or both concatenated."""
 PROBE_SEGMENTS: tuple[str, ...] = typing.get_args(ProbeSegment)
+
+
+ClassSource = Literal["flag", "store", "default"]
+"""Where a tier class came from: ``--positive-tiers`` / ``--negative-tiers``, the store's attrs
+(``hazard_tiers`` / ``benign_tiers``), or `bra.vocab`'s defaults (a store built before it recorded one)."""
 
 
 class ScoreError(BraError):
@@ -126,6 +130,34 @@ class ScoreConfig:
     def thresholds(self) -> DepthThresholds:
         """The refusal-depth cut-offs."""
         return DepthThresholds(self.d_threshold, self.hazard_threshold)
+
+
+@dataclass(frozen=True)
+class TierClasses:
+    """The resolved tier classes of a score run (`bra.audit.classes.resolve_classes`; recorded in
+    report.json ``settings.classes``)."""
+
+    positive: tuple[str, ...]
+    """Tiers of the positive (hazard) class: label 1 of every probe, the AUROC's positives."""
+    negative: tuple[str, ...]
+    """Tiers of the negative (benign) class: label 0 of every probe, the AUROC's negatives."""
+    positive_from: ClassSource
+    """Where ``positive`` came from."""
+    negative_from: ClassSource
+    """Where ``negative`` came from."""
+    groups: dict[str, str]
+    """AUROC-table group name -> tier, for the tiers in neither class (count and mean score per group,
+    never in the AUROC). dual_use_bio is the group ``dual_use`` whenever it is in neither class, present or
+    not (as before the classes could be chosen); any other tier has a group when some prompt has it."""
+    redacted: tuple[str, ...]
+    """Tiers some prompt has whose completions appear only as short redacted excerpts: the positive class,
+    the store's recorded hazard class and the hazard-adjacent tiers (`bra.audit.classes.ALWAYS_REDACTED`)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready (report.json ``settings.classes``)."""
+        return {"positive": list(self.positive), "positive_from": self.positive_from,
+                "negative": list(self.negative), "negative_from": self.negative_from,
+                "groups": dict(self.groups), "redacted": list(self.redacted)}
 
 
 @dataclass(frozen=True)

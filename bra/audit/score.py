@@ -27,7 +27,7 @@ import pandas as pd
 from bra.audit import probes
 from bra.audit.bundle import EvalBundle, StoreFacts
 from bra.audit.catalog import build_catalog, contrasts, feature_profile
-from bra.audit.classes import TierClasses, resolve_classes
+from bra.audit.classes import resolve_classes
 from bra.audit.config import (
     BOTH_SEGMENTS,
     CALIBRATION,
@@ -42,6 +42,7 @@ from bra.audit.config import (
     ScoreConfig,
     ScoreError,
     ScoreResult,
+    TierClasses,
 )
 from bra.audit.contexts import catalog_contexts, decode_contexts, load_tokenizer
 from bra.audit.divergence import divergence, fit_alignment, refusal_depth_category
@@ -167,7 +168,7 @@ def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
     D = divergence(S, f[cfg.f_segment], alignment["T"])
 
     tier = table["tier"].astype(str).to_numpy()
-    positive, negative = classes.masks(tier)
+    positive, negative = np.isin(tier, classes.positive), np.isin(tier, classes.negative)
     methods = _methods(bundle, train & positive, train & negative, cfg)
     sets = probes.EvalSets(test & positive, test & negative,
                            {g: test & (tier == t) for g, t in classes.groups.items()})
