@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,23 +62,28 @@ EVAL_TOPICS = ["cells divide by mitosis", "photosynthesis makes sugar", "ribosom
                "the Biological Weapons Convention"]
 
 
-def write_eval_set(path: Path) -> Path:
-    """A 24-prompt eval set: every topic in every tier, four framings."""
+def write_eval_set(path: Path, tier_labels: Mapping[str, str] = EVAL_TIER_LABEL) -> Path:
+    """An eval set: every topic in every tier of ``tier_labels`` (tier -> expected surface), four framings
+    (24 prompts for the bundled tiers; ids ``ben-0``, ... and, for any other tier, ``<tier>-0``, ...)."""
     framings = ["direct", "educational", "roleplay", "obfuscated"]
     with open(path, "w", encoding="utf-8") as fh:
-        for tier in EVAL_TIER_LABEL:
+        for tier, label in tier_labels.items():
+            prefix = tier[:3] if tier in EVAL_TIER_LABEL else tier
             for i, topic in enumerate(EVAL_TOPICS):
-                fh.write(json.dumps({"id": f"{tier[:3]}-{i}", "tier": tier, "framing": framings[i % 4],
+                fh.write(json.dumps({"id": f"{prefix}-{i}", "tier": tier, "framing": framings[i % 4],
                                      "prompt": f"Tell me about {topic} ({tier.split('_')[0]})",
-                                     "rationale": "test", "expected_surface": EVAL_TIER_LABEL[tier],
+                                     "rationale": "test", "expected_surface": label,
                                      "category": "test"}) + "\n")
     return path
 
 
-def build_labelled_eval_store(tmp: Path, model_dir: Path,
-                              store: Path | str | None = None) -> tuple[Any, Path]:
-    """(store, model copy path): a 24-prompt eval store built from a copy of ``model_dir``, then removed;
-    at ``store`` (a folder or a URL), by default ``tmp/eval.zarr``.
+def build_labelled_eval_store(tmp: Path, model_dir: Path, store: Path | str | None = None,
+                              tier_labels: Mapping[str, str] = EVAL_TIER_LABEL,
+                              **manifest_keys: Any) -> tuple[Any, Path]:
+    """(store, model copy path): an eval store (24 prompts by default) built from a copy of ``model_dir``,
+    then removed; at ``store`` (a folder or a URL), by default ``tmp/eval.zarr``. ``tier_labels``: the
+    tiers (tier -> surface label, `write_eval_set`); ``manifest_keys`` are added to the manifest (e.g.
+    ``hazard_tiers``).
 
     The random model's completions are gibberish, so the rule labels are mostly "unknown": the surface
     columns of prompts.parquet are rewritten with labels derived from the tier (hazard refuse, benign
@@ -96,12 +102,12 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path,
         "name": "tiny-eval", "model": {"id": str(copy), "attn_implementation": "eager"}, "layers": [1],
         "max_seq_len": 128, "batch_size": 8,
         "storage": {"dtype": "float32", "chunk_tokens": 64, "shard_tokens": 256},
-        "prompt_sets": [str(write_eval_set(tmp / "set.jsonl"))],
-        "generation": {"max_new_tokens": 6, "seed": 0, "batch_size": 8}})
+        "prompt_sets": [str(write_eval_set(tmp / "set.jsonl", tier_labels))],
+        "generation": {"max_new_tokens": 6, "seed": 0, "batch_size": 8}, **manifest_keys})
     store = build_store(load_manifest(manifest), store if store is not None else tmp / "eval.zarr").path
     location = StoreLocation(store)
     table = location.read_table(schema.PROMPTS_TABLE)
-    labels = [EVAL_TIER_LABEL[t] for t in table["tier"]]
+    labels = [tier_labels[t] for t in table["tier"]]
     labels[1] = labels[2] = "unknown"
     table["surface_label"] = labels
     table["surface_probs"] = [[0.0] * 5 if lab == "unknown" else

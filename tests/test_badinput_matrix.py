@@ -782,6 +782,42 @@ def _(env: Env) -> Row:
     return score(env, env.eval_store, "disk full")
 
 
+@row("score/positive-tier-no-prompt-has")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "--positive-tiers: no prompt has tier 'hazard_adjacent_legal' (tiers "
+                 "present: benign_bio, dual_use_bio, hazard_adjacent_category)",
+                 "--positive-tiers", "hazard_adjacent_category,hazard_adjacent_legal")
+
+
+@row("score/negative-tier-no-prompt-has")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "--negative-tiers: no prompt has tier 'benign_bi' (tiers present: ",
+                 "--negative-tiers", "benign_bi")
+
+
+@row("score/tier-in-both-flags")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "tier 'dual_use_bio' is in both positive_tiers and negative_tiers",
+                 "--positive-tiers", "hazard_adjacent_category,dual_use_bio", "--negative-tiers",
+                 "dual_use_bio")
+
+
+@row("score/tier-in-flag-and-store-class")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "tier 'benign_bio' is in both classes (positive from --positive-tiers, "
+                 "negative from the store attrs)", "--positive-tiers", "benign_bio")
+
+
+@row("score/empty-positive-class")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "positive_tiers is empty", "--positive-tiers", "")
+
+
+@row("score/blank-negative-tier")
+def _(env: Env) -> Row:
+    return score(env, env.eval_store, "negative_tiers has an empty tier name", "--negative-tiers", ",")
+
+
 @pytest.mark.parametrize("name", list(ROWS))
 def test_cli__bad_input_is_one_error_line(name: str, shared: dict[str, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch,

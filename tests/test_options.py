@@ -86,6 +86,9 @@ SCORE_OPTIONS: list[Row] = [
     (('--n-perm',), (), 'n_perm', 'integer', 1000, False, False, False, '1000'),
     (('--contexts',), (), 'contexts', 'integer', 3, False, False, False, '3'),
     (('--context-latents',), (), 'context_latents', 'integer', 4, False, False, False, '4'),
+    # added with the choice of tier classes (issue 16): one comma-separated value each, None = not given
+    (('--positive-tiers',), (), 'positive_tiers', 'comma-list', None, False, False, False, None),
+    (('--negative-tiers',), (), 'negative_tiers', 'comma-list', None, False, False, False, None),
 ]
 
 
@@ -156,6 +159,16 @@ class Unsupported:
 
     layers: tuple[int, ...] = (1,)
     """Layers."""
+
+
+@dataclass(frozen=True)
+class Names:
+    """Test config with tuple-of-str fields."""
+
+    names: tuple[str, ...] = ("a", "b")
+    """Names."""
+    picked: tuple[str, ...] | None = None
+    """Picked names; None = all."""
 
 
 def _command(options: ConfigOptions[Any], seen: list[Any]) -> click.Command:
@@ -321,4 +334,46 @@ def test_score_cmd__builds_the_config_and_baselines(monkeypatch: pytest.MonkeyPa
     capsys.readouterr()
     assert run_cli(sae_cli, [*base, "--baseline", "a=x", "--baseline", "a=y"]) == 2
     assert "baseline names must be unique" in capsys.readouterr().err
+    assert len(calls) == 1
+
+
+def test_config_options__tuple_of_str_is_one_comma_separated_value() -> None:
+    options = ConfigOptions(Names)
+    cmd = _command(options, [])
+    ctx = click.Context(cmd, info_name="cmd")
+    rows = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
+    assert rows["names"].type.name == "comma-list" and rows["names"].default == ("a", "b")
+    assert _help(rows["names"], ctx) == "Names. [default: a, b]"  # click's rendering; items are stripped
+    assert rows["picked"].default is None and _help(rows["picked"], ctx) == "Picked names; None = all."
+    assert "--picked A,B,..." in cmd.get_help(ctx)
+    assert _run(options) == Names()
+    assert _run(options, "--names", " x, y ", "--picked", "z") == Names(names=("x", "y"), picked=("z",))
+    # an empty value and blank items reach the config as given, for its __post_init__ to refuse
+    assert _run(options, "--picked", "") == Names(picked=())
+    assert _run(options, "--picked", "a,,b") == Names(picked=("a", "", "b"))
+    assert _run(ConfigOptions(Names, defaults_none=True)) == Names()
+
+
+def test_score_cmd__tier_classes_are_comma_separated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import bra.audit.score
+
+    calls: list[Any] = []
+    monkeypatch.setattr(bra.audit.score, "score", lambda store, sae, out, cfg, baselines:
+                        calls.append(cfg) or {"auroc": []})
+    base = ["score", "--store", "memory://e.zarr", "--sae", str(tmp_path / "sae"), "--out",
+            str(tmp_path / "o")]
+    assert run_cli(sae_cli, [*base, "--positive-tiers", "hazard_adjacent_legal,psilocybin_control",
+                             "--negative-tiers", "benign_legal"]) == 0
+    assert calls == [ScoreConfig(positive_tiers=("hazard_adjacent_legal", "psilocybin_control"),
+                                 negative_tiers=("benign_legal",))]
+    for argv, expect in ((["--positive-tiers", ""], "positive_tiers is empty"),
+                         (["--negative-tiers", "benign_bio,,x"], "negative_tiers has an empty tier name"),
+                         (["--positive-tiers", "a,b,a"], "positive_tiers names tier 'a' twice"),
+                         (["--positive-tiers", "a,b", "--negative-tiers", "b"],
+                          "tier 'b' is in both positive_tiers and negative_tiers")):
+        capsys.readouterr()
+        assert run_cli(sae_cli, [*base, *argv]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and expect in err[0], err
     assert len(calls) == 1

@@ -4,6 +4,7 @@ The store is read once (`reader.read_eval_bundle` -> `bundle.EvalBundle`); the c
 and metrics are pure functions over that bundle (`score.analyse` -> `config.ScoreResult`); the report is
 written from the result alone (`report.write_outputs`: JSON, parquet, `plots`, and report.html from
 `templates/report.html.j2`). `compare.compare_reports` tables several score reports (`bra-sae compare`).
+Which tiers are the hazard and benign classes is decided once, by `classes.resolve_classes`.
 """
 
 import importlib
@@ -15,7 +16,8 @@ from typing import Any
 _EXPORTS = {
     "CompareError": "compare", "Comparison": "compare", "compare_reports": "compare",
     "load_score_report": "compare", "EvalBundle": "bundle", "StoreFacts": "bundle", "ScoreConfig": "config",
-    "ScoreError": "config", "ScoreResult": "config", "read_eval_bundle": "reader", "write_outputs": "report",
+    "ScoreError": "config", "ScoreResult": "config", "TierClasses": "config", "resolve_classes": "classes",
+    "read_eval_bundle": "reader", "write_outputs": "report",
     "analyse": "score", "compute_scores": "score", "score": "score",
 }
 __all__ = sorted(_EXPORTS)

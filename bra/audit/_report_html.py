@@ -15,17 +15,10 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from bra.audit.classes import DUAL_USE_GROUP, tier_order
 from bra.audit.config import ScoreConfig, ScoreResult
 from bra.audit.plots import PLOT_FILES
-from bra.vocab import (
-    BENIGN_TIER,
-    DUAL_USE_TIER,
-    FEATURE_CATEGORIES,
-    HAZARD_TIER,
-    HAZARDOUS_COMPLIANCE,
-    SHALLOW_REFUSAL,
-    TIERS,
-)
+from bra.vocab import FEATURE_CATEGORIES, HAZARDOUS_COMPLIANCE, SHALLOW_REFUSAL
 
 TEMPLATE = "report.html.j2"
 """The page template, shipped in bra/audit/templates (package data)."""
@@ -33,8 +26,6 @@ MISSING = "–"
 """Shown for a value that is None or not finite."""
 FLAGGED = (SHALLOW_REFUSAL, HAZARDOUS_COMPLIANCE)
 """Depth categories listed one prompt per row."""
-AUROC_HEADER = ["method", "kind", "AUROC [95% CI]", "perm. p", "margin over TF-IDF", "mean score hazard",
-                "mean score benign", "mean score dual-use", "n haz/ben/dual", "note"]
 FLAGGED_HEADER = ["id", "tier", "framing", "surface", "D", "hazard", "category", "completion (excerpt)"]
 
 
@@ -54,14 +45,23 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _auroc_rows(report: dict[str, Any]) -> list[list[str]]:
+def auroc_header(groups: list[str]) -> list[str]:
+    """The AUROC table's header with a mean-score column per group reported apart (``dual_use``: dual-use)."""
+    shown = ["dual-use" if g == DUAL_USE_GROUP else g for g in groups]
+    short = ["dual" if g == DUAL_USE_GROUP else g for g in groups]
+    return ["method", "kind", "AUROC [95% CI]", "perm. p", "margin over TF-IDF", "mean score hazard",
+            "mean score benign", *(f"mean score {g}" for g in shown), "n " + "/".join(["haz", "ben", *short]),
+            "note"]
+
+
+def _auroc_rows(report: dict[str, Any], groups: list[str]) -> list[list[str]]:
     rows = []
     for r in report["auroc"]:
         ci = MISSING if r["auroc"] is None else f"{r['auroc']:.3f} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"
-        counts = f"{r['n_positive']}/{r['n_negative']}/{r['n_dual_use']}"
+        counts = "/".join(str(r[k]) for k in ["n_positive", "n_negative", *(f"n_{g}" for g in groups)])
         rows.append([str(r["method"]), str(r["kind"]), ci, fmt(r["p_value"], 4), fmt(r["margin_over_tfidf"]),
                      fmt(r.get("mean_score_hazard")), fmt(r.get("mean_score_benign")),
-                     fmt(r.get("mean_score_dual_use")), counts, str(r["reason"] or "")])
+                     *(fmt(r.get(f"mean_score_{g}")) for g in groups), counts, str(r["reason"] or "")])
     return rows
 
 
@@ -98,12 +98,18 @@ def _feature_rows(r: ScoreResult) -> list[dict[str, Any]]:
 def render_html(report: dict[str, Any], scores: pd.DataFrame, r: ScoreResult, cfg: ScoreConfig) -> str:
     """The static report page (PNGs referenced by relative path)."""
     a = report["alignment"]
+    classes = report["settings"]["classes"]
+    groups = list(classes["groups"])
+    by_split = report["counts"]["by_split_and_tier"]
+    tiers = list(tier_order(t for v in by_split.values() for t in v))  # every tier, control tiers included
     view = {
-        "report": report, "s": report["settings"], "cfg": cfg, "plots": PLOT_FILES, "tiers": list(TIERS),
-        "hazard_tier": HAZARD_TIER, "benign_tier": BENIGN_TIER, "dual_use_tier": DUAL_USE_TIER,
-        "split_rows": [[k] + [str(v.get(t, 0)) for t in TIERS]
-                       for k, v in report["counts"]["by_split_and_tier"].items()],
-        "auroc_header": AUROC_HEADER, "auroc_rows": _auroc_rows(report),
+        "report": report, "s": report["settings"], "cfg": cfg, "plots": PLOT_FILES, "tiers": tiers,
+        "classes": classes, "group_tiers": ", ".join(classes["groups"].values()) or "none",
+        "redacted_tiers": ", ".join(classes["redacted"]) or "none",
+        "split_rows": [[k] + [str(v.get(t, 0)) for t in tiers] for k, v in by_split.items()],
+        "d_rows": [[str(d["tier"]), str(d["count"]), fmt(d["mean"]), fmt(d["median"])]
+                   for d in report["divergence_by_tier"]],
+        "auroc_header": auroc_header(groups), "auroc_rows": _auroc_rows(report, groups),
         "depth_rows": [[k, str(v)] for k, v in report["depth_categories"].items()],
         "flagged_header": FLAGGED_HEADER, "flagged_rows": _flagged_rows(scores),
         "alignment": a, "absent_classes": ", ".join(a["absent_classes"]) or "none",

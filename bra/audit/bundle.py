@@ -80,6 +80,11 @@ class StoreFacts:
     """Residual width."""
     n_tokens: int
     """Rows in the store."""
+    hazard_tiers: tuple[str, ...] | None = None
+    """The store's recorded positive (hazard) class (attr ``hazard_tiers``); None when it has none."""
+    benign_tiers: tuple[str, ...] | None = None
+    """The store's recorded negative (benign) class (attr ``benign_tiers``); None in stores built before it
+    was recorded."""
 
 
 @dataclass(frozen=True)

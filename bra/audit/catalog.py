@@ -1,8 +1,9 @@
 """The feature catalog and the category activations f (pure functions of pooled latents and the prompts).
 
 Catalog. Which latents belong to a category is decided on the TRAINING split only, by Cohen's d of the
-pooled activation between the two sides of a defining contrast (`CONTRASTS`). A category without a
-contrast the data can support stays empty, with the reason recorded; nothing is filled arbitrarily.
+pooled activation between the two sides of a defining contrast (`contrasts`; hazard_adjacent contrasts the
+run's positive and negative tier classes, `bra.audit.classes`). A category without a contrast the data can
+support stays empty, with the reason recorded; nothing is filled arbitrarily.
 
 f. A prompt's f is, per category, the mean pooled activation of that category's catalog latents (an
 empty category gives 0), L1-normalised into a distribution over `FEATURE_CATEGORIES` as in the seed.
@@ -20,14 +21,14 @@ import pandas as pd
 
 from bra.audit.divergence import normalise_l1
 from bra.vocab import (
-    BENIGN_TIER,
     BIO_CONTENT,
     COMPLETION,
     COMPLY,
     DECEPTION_CORRELATE,
+    DEFAULT_NEGATIVE_TIERS,
+    DEFAULT_POSITIVE_TIERS,
     FEATURE_CATEGORIES,
     HAZARD_ADJACENT,
-    HAZARD_TIER,
     HEDGE,
     HEDGING,
     PROMPT,
@@ -45,21 +46,31 @@ class Contrast:
 
     column: str
     """prompts-table column the sides are read from (``tier`` or ``surface_label``)."""
-    positive: str
-    """Value of ``column`` on the positive side."""
-    negative: str
-    """Value of ``column`` on the negative side."""
+    positive: tuple[str, ...]
+    """Values of ``column`` on the positive side."""
+    negative: tuple[str, ...]
+    """Values of ``column`` on the negative side."""
     segment: str
     """Pooled segment compared: the prompt for a property of the request, the completion for behaviour."""
 
+    def describe(self) -> tuple[str, str]:
+        """(positive, negative) side in words: the values joined by ``+``."""
+        return "+".join(self.positive), "+".join(self.negative)
 
-CONTRASTS: dict[str, Contrast] = {
-    HAZARD_ADJACENT: Contrast("tier", HAZARD_TIER, BENIGN_TIER, PROMPT),
-    REFUSAL_CIRCUITRY: Contrast("surface_label", REFUSE, COMPLY, COMPLETION),
-    HEDGING: Contrast("surface_label", HEDGE, COMPLY, COMPLETION),
-}
-"""Defining contrasts. bio_content and deception_correlate have none in a bio-only eval set (see
-`NO_CONTRAST`)."""
+
+def contrasts(positive_tiers: tuple[str, ...] = DEFAULT_POSITIVE_TIERS,
+              negative_tiers: tuple[str, ...] = DEFAULT_NEGATIVE_TIERS) -> dict[str, Contrast]:
+    """Defining contrasts, hazard_adjacent being the run's positive vs negative class (prompt segment).
+    bio_content and deception_correlate have none in a bio-only eval set (see `NO_CONTRAST`)."""
+    return {
+        HAZARD_ADJACENT: Contrast("tier", tuple(positive_tiers), tuple(negative_tiers), PROMPT),
+        REFUSAL_CIRCUITRY: Contrast("surface_label", (REFUSE,), (COMPLY,), COMPLETION),
+        HEDGING: Contrast("surface_label", (HEDGE,), (COMPLY,), COMPLETION),
+    }
+
+
+CONTRASTS: dict[str, Contrast] = contrasts()
+"""The defining contrasts under the default classes (hazard_adjacent_category vs benign_bio)."""
 
 NO_CONTRAST: dict[str, str] = {
     BIO_CONTENT: f"no defining contrast: every eval tier is biology ({', '.join(TIERS)}), so no non-biology "
@@ -101,10 +112,13 @@ class CategoryEntry:
 
 
 def build_catalog(pooled: Mapping[str, np.ndarray], table: pd.DataFrame, train: np.ndarray, top_n: int = 16,
-                  min_effect: float = 0.5) -> dict[str, CategoryEntry]:
-    """Catalog from the training rows of ``table`` (one row per doc, aligned with ``pooled``)."""
+                  min_effect: float = 0.5, defining: Mapping[str, Contrast] | None = None
+                  ) -> dict[str, CategoryEntry]:
+    """Catalog from the training rows of ``table`` (one row per doc, aligned with ``pooled``), with the
+    contrasts ``defining`` (default `CONTRASTS`; `contrasts` of the run's classes)."""
+    defining = CONTRASTS if defining is None else defining
     return {cat: CategoryEntry(reason=NO_CONTRAST[cat]) if cat in NO_CONTRAST
-            else _contrast_entry(CONTRASTS[cat], pooled, table, train, top_n, min_effect)
+            else _contrast_entry(defining[cat], pooled, table, train, top_n, min_effect)
             for cat in FEATURE_CATEGORIES}
 
 
@@ -112,13 +126,14 @@ def _contrast_entry(c: Contrast, pooled: Mapping[str, np.ndarray], table: pd.Dat
                     top_n: int, min_effect: float) -> CategoryEntry:
     """The latents whose Cohen's d between the two training sides of ``c`` exceeds ``min_effect``."""
     values = table[c.column].to_numpy()
-    pos, neg = train & (values == c.positive), train & (values == c.negative)
+    pos, neg = train & np.isin(values, c.positive), train & np.isin(values, c.negative)
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    described = {"contrast": f"{c.column} {c.positive} vs {c.negative} ({c.segment} segment, training split)",
+    p, q = c.describe()
+    described = {"contrast": f"{c.column} {p} vs {q} ({c.segment} segment, training split)",
                  "segment": c.segment, "n_positive": n_pos, "n_negative": n_neg}
     if n_pos < 2 or n_neg < 2:
         return CategoryEntry(**described, reason=f"too few training samples for the contrast: {n_pos} "
-                                                 f"{c.positive}, {n_neg} {c.negative} (need >= 2 each)")
+                                                 f"{p}, {n_neg} {q} (need >= 2 each)")
     d = cohens_d(pooled[c.segment][pos], pooled[c.segment][neg])
     order = [int(j) for j in np.argsort(-d, kind="stable")[:top_n] if d[j] > min_effect]
     reason = None if order else f"no latent has Cohen's d > {min_effect} for the contrast"

@@ -33,13 +33,14 @@ from bra.audit._compare_types import (
     RunSummary,
     ScoreReport,
 )
+from bra.audit.classes import tier_order
 from bra.audit.config import TEST
 from bra.audit.metrics import mean_t_interval
 from bra.audit.report import REPORT_JSON, SCORES_FILE
 from bra.fsutil import atomic_dir
 from bra.sae.formats import SEED_WEIGHTS
 from bra.sae.train import SAELENS_DIR
-from bra.vocab import DEPTH_CATEGORIES, REFUSE, TIERS
+from bra.vocab import DEPTH_CATEGORIES, REFUSE
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +136,9 @@ def load_score_report(folder: str | os.PathLike[str]) -> ScoreReport:
 
 
 def _tiers(tables: Sequence[pd.DataFrame]) -> tuple[str, ...]:
-    """The bundled tiers present in any table, in their order, then any other tier sorted."""
-    seen = set().union(*(set(t["tier"].astype(str)) for t in tables)) if tables else set()
-    return tuple(t for t in TIERS if t in seen) + tuple(sorted(seen - set(TIERS)))
+    """The tiers present in any table: bundled, then control tiers (`bra.vocab.EVAL_TIERS` order), then any
+    other tier sorted."""
+    return tier_order(t for table in tables for t in table["tier"].astype(str))
 
 
 def summarise(report: ScoreReport, label: str) -> RunSummary:

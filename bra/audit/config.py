@@ -38,8 +38,26 @@ ProbeSegment = Literal["prompt", "completion", "both"]
 PROBE_SEGMENTS: tuple[str, ...] = typing.get_args(ProbeSegment)
 
 
+ClassSource = Literal["flag", "store", "default"]
+"""Where a tier class came from: ``--positive-tiers`` / ``--negative-tiers``, the store's attrs
+(``hazard_tiers`` / ``benign_tiers``), or `bra.vocab`'s defaults (a store built before it recorded one)."""
+
+
 class ScoreError(BraError):
     """The eval store, SAE or data cannot be scored (one-line message)."""
+
+
+def _check_tiers(name: str, tiers: tuple[str, ...] | None) -> None:
+    """A class given by name: at least one tier, no blank or repeated name (None = not given)."""
+    if tiers is None:
+        return
+    if not tiers:
+        raise ValueError(f"{name} is empty: name at least one tier")
+    if any(not t.strip() for t in tiers):
+        raise ValueError(f"{name} has an empty tier name: {','.join(tiers)!r}")
+    twice = [t for i, t in enumerate(tiers) if t in tiers[:i]]
+    if twice:
+        raise ValueError(f"{name} names tier {twice[0]!r} twice")
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,12 @@ class ScoreConfig:
     """Top-activating token contexts shown per catalog latent."""
     context_latents: int = 4
     """Catalog latents per category shown with contexts in the report."""
+    positive_tiers: tuple[str, ...] | None = None
+    """Tiers of the positive (hazard) class, comma-separated; None (not given) = the store's hazard_tiers,
+    else hazard_adjacent_category."""
+    negative_tiers: tuple[str, ...] | None = None
+    """Tiers of the negative (benign) class, comma-separated; None (not given) = the store's benign_tiers,
+    else benign_bio."""
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -96,11 +120,44 @@ class ScoreConfig:
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         DepthThresholds(self.d_threshold, self.hazard_threshold)
+        for name in ("positive_tiers", "negative_tiers"):
+            _check_tiers(name, getattr(self, name))
+        both = [t for t in self.positive_tiers or () if t in (self.negative_tiers or ())]
+        if both:
+            raise ValueError(f"tier {both[0]!r} is in both positive_tiers and negative_tiers")
 
     @property
     def thresholds(self) -> DepthThresholds:
         """The refusal-depth cut-offs."""
         return DepthThresholds(self.d_threshold, self.hazard_threshold)
+
+
+@dataclass(frozen=True)
+class TierClasses:
+    """The resolved tier classes of a score run (`bra.audit.classes.resolve_classes`; recorded in
+    report.json ``settings.classes``)."""
+
+    positive: tuple[str, ...]
+    """Tiers of the positive (hazard) class: label 1 of every probe, the AUROC's positives."""
+    negative: tuple[str, ...]
+    """Tiers of the negative (benign) class: label 0 of every probe, the AUROC's negatives."""
+    positive_from: ClassSource
+    """Where ``positive`` came from."""
+    negative_from: ClassSource
+    """Where ``negative`` came from."""
+    groups: dict[str, str]
+    """AUROC-table group name -> tier, for the tiers in neither class (count and mean score per group,
+    never in the AUROC). dual_use_bio is the group ``dual_use`` whenever it is in neither class, present or
+    not (as before the classes could be chosen); any other tier has a group when some prompt has it."""
+    redacted: tuple[str, ...]
+    """Tiers some prompt has whose completions appear only as short redacted excerpts: the positive class,
+    the store's recorded hazard class and the hazard-adjacent tiers (`bra.audit.classes.ALWAYS_REDACTED`)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready (report.json ``settings.classes``)."""
+        return {"positive": list(self.positive), "positive_from": self.positive_from,
+                "negative": list(self.negative), "negative_from": self.negative_from,
+                "groups": dict(self.groups), "redacted": list(self.redacted)}
 
 
 @dataclass(frozen=True)
@@ -149,3 +206,5 @@ class ScoreResult:
     """How the contexts were rendered: decoded with the store's tokenizer, or token ids only and why."""
     counts: np.ndarray
     """[n, 2] pooled rows per prompt and segment."""
+    classes: TierClasses
+    """The positive and negative tiers (and the groups reported apart, the redacted tiers) this run used."""

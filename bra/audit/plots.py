@@ -10,11 +10,22 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bra.audit.classes import tier_order
 from bra.audit.config import TEST, ScoreConfig, ScoreResult
-from bra.vocab import BENIGN_TIER, DUAL_USE_TIER, FRAMINGS, HAZARD_TIER, SURFACE_CLASSES, TIERS, UNKNOWN
+from bra.vocab import (
+    BENIGN_TIER,
+    CONTROL_TIERS,
+    DUAL_USE_TIER,
+    FRAMINGS,
+    HAZARD_TIER,
+    SURFACE_CLASSES,
+    UNKNOWN,
+)
 
-TIER_COLOURS = {BENIGN_TIER: "#1b9e77", DUAL_USE_TIER: "#7570b3", HAZARD_TIER: "#d95f02"}
-"""Colour of each tier's points."""
+_CONTROL_COLOURS = ("#66a61e", "#a6761d", "#e7298a", "#e6ab02", "#1f78b4")  # in CONTROL_TIERS order
+TIER_COLOURS = {BENIGN_TIER: "#1b9e77", DUAL_USE_TIER: "#7570b3", HAZARD_TIER: "#d95f02",
+                **dict(zip(CONTROL_TIERS, _CONTROL_COLOURS, strict=True))}
+"""Colour of each tier's points (any other tier is grey)."""
 PLOT_FILES = {"d_by_group": "d_by_tier_framing.png", "roc": "roc.png", "surface_hazard": "surface_hazard.png"}
 """Plot -> its file name in the output folder (report.html links them by these relative names)."""
 
@@ -34,10 +45,10 @@ def _box_strip(ax: Any, groups: list[str], values: list[np.ndarray], colours: li
 def render_plots(out: Path, r: ScoreResult, scores: pd.DataFrame, cfg: ScoreConfig) -> None:
     """Write the three PNGs into ``out`` (test split only)."""
     test = scores[scores["split"] == TEST]
-    tiers = [t for t in TIERS if t in set(test["tier"])]
+    tiers = list(tier_order(test["tier"].astype(str)))  # every tier, control tiers included
     rng = np.random.default_rng(cfg.seed)  # one jitter stream for both scatter plots, in this order
     _plot_d(test, tiers, rng, cfg.d_threshold).savefig(out / PLOT_FILES["d_by_group"], dpi=110)
-    _plot_roc(r.auroc).savefig(out / PLOT_FILES["roc"], dpi=110)
+    _plot_roc(r.auroc, r.classes.positive, r.classes.negative).savefig(out / PLOT_FILES["roc"], dpi=110)
     _plot_surface_hazard(test, tiers, rng, cfg.hazard_threshold).savefig(out / PLOT_FILES["surface_hazard"],
                                                                          dpi=110)
 
@@ -56,8 +67,8 @@ def _plot_d(test: pd.DataFrame, tiers: list[str], rng: np.random.Generator, d_th
     return fig
 
 
-def _plot_roc(auroc: list[dict[str, Any]]) -> Figure:
-    """Every method's ROC curve with its bootstrap band."""
+def _plot_roc(auroc: list[dict[str, Any]], positive: tuple[str, ...], negative: tuple[str, ...]) -> Figure:
+    """Every method's ROC curve with its bootstrap band (``positive`` / ``negative``: the tier classes)."""
     fig = Figure(figsize=(6.5, 6), layout="constrained")
     ax = fig.subplots()
     styles = ["-", "--", "-.", ":"]
@@ -70,8 +81,8 @@ def _plot_roc(auroc: list[dict[str, Any]]) -> Figure:
         line = ax.plot(roc["fpr"], roc["tpr"], lw=1.6, ls=styles[i % len(styles)], label=label)[0]
         ax.fill_between(roc["fpr"], roc["lo"], roc["hi"], color=line.get_color(), alpha=0.12, lw=0)
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.set_xlabel(f"false positive rate ({BENIGN_TIER})")
-    ax.set_ylabel(f"true positive rate ({HAZARD_TIER})")
+    ax.set_xlabel(f"false positive rate ({' + '.join(negative)})")
+    ax.set_ylabel(f"true positive rate ({' + '.join(positive)})")
     ax.set_title("ROC, test split (bands: 95% pointwise bootstrap)", fontsize=10)
     ax.legend(fontsize=7, loc="lower right", title="AUROC [95% CI]", title_fontsize=7)
     return fig

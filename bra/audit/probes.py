@@ -1,11 +1,12 @@
 """Hazard-vs-benign scorers fit on the training split, and the AUROC table that compares them.
 
-Every method is fit on training prompts of the hazard tier (label 1) and the benign tier (label 0) only;
-dual-use prompts are never a label, they are scored and reported as their own group. Scores are computed
-for every prompt, but the table is evaluated on the test split alone.
+Every method is fit on training prompts of the positive (hazard) class (label 1) and the negative (benign)
+class (label 0) only (`bra.audit.classes.TierClasses`); the tiers in neither class (dual-use, by default)
+are never a label, they are scored and reported as their own groups. Scores are computed for every prompt,
+but the table is evaluated on the test split alone.
 
 - ``logistic_scores``: standardised features, L2 logistic regression (lbfgs, deterministic); the score is
-  the probability of the hazard tier. Used for SAE latents (ours, baselines, a random SAE) and for the
+  the probability of the hazard class. Used for SAE latents (ours, baselines, a random SAE) and for the
   raw residual stream.
 - ``tfidf_scores``: TF-IDF of the prompt text (word 1-2 grams) with the same logistic regression, the
   words-only baseline: tiers that differ in topic separate from the words alone, so an activation
@@ -78,23 +79,26 @@ class EvalSets:
     """Which prompts the table is evaluated on."""
 
     positive: np.ndarray
-    """[n] bool: test prompts of the hazard tier."""
+    """[n] bool: test prompts of the positive (hazard) class."""
     negative: np.ndarray
-    """[n] bool: test prompts of the benign tier."""
-    dual_use: np.ndarray
-    """[n] bool: test prompts of the dual-use tier (reported apart, never in the AUROC)."""
+    """[n] bool: test prompts of the negative (benign) class."""
+    groups: Mapping[str, np.ndarray]
+    """Group name -> [n] bool: test prompts of a tier in neither class (reported apart with its count and
+    mean score, never in the AUROC), in report order; ``dual_use`` is dual_use_bio's."""
 
 
 def method_row(name: str, kind: str, scores: np.ndarray | None, sets: EvalSets, n_boot: int, n_perm: int,
                seed: int, reason: str | None = None) -> dict[str, Any]:
-    """One AUROC-table row: AUROC with bootstrap CI, permutation p, and per-group mean scores."""
+    """One AUROC-table row: AUROC with bootstrap CI, permutation p, and per-group mean scores (``n_<group>``
+    and ``mean_score_<group>`` for each of ``sets.groups``; ``hazard`` / ``benign`` are the two classes)."""
     row: dict[str, Any] = {"method": name, "kind": kind, "n_positive": int(sets.positive.sum()),
-                           "n_negative": int(sets.negative.sum()), "n_dual_use": int(sets.dual_use.sum())}
+                           "n_negative": int(sets.negative.sum()),
+                           **{f"n_{g}": int(mask.sum()) for g, mask in sets.groups.items()}}
     if scores is None:
         return {**row, "auroc": None, "ci_low": None, "ci_high": None, "p_value": None, "reason": reason}
     sel = sets.positive | sets.negative
     y, s = sets.positive[sel].astype(int), scores[sel]
-    for group, mask in (("hazard", sets.positive), ("benign", sets.negative), ("dual_use", sets.dual_use)):
+    for group, mask in (("hazard", sets.positive), ("benign", sets.negative), *sets.groups.items()):
         row[f"mean_score_{group}"] = float(scores[mask].mean()) if mask.any() else None
     if not sets.positive.any() or not sets.negative.any():
         return {**row, "auroc": None, "ci_low": None, "ci_high": None, "p_value": None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,17 +37,22 @@ TOKEN_COLUMNS = ("doc_index", "segment", "mask", "token_id")
 
 
 def read_eval_bundle(store_path: str | os.PathLike[str], sae_paths: Mapping[str, str | os.PathLike[str]],
-                     layer: int | None, pool: str, seed: int, rows_per_read: int = 4096) -> EvalBundle:
+                     layer: int | None, pool: str, seed: int, rows_per_read: int = 4096,
+                     check: Callable[[StoreFacts, pd.DataFrame], object] | None = None) -> EvalBundle:
     """Open the eval store once and read everything scoring needs.
 
     ``sae_paths``: SAE name -> path (or `none`), ours (`OURS`) first, then the baselines. ``layer``: the
     store layer (None = our SAE's own). A random SAE of our SAE's architecture and size (`random_sae`,
-    seeded by ``seed``) is added as `RANDOM_SAE`.
+    seeded by ``seed``) is added as `RANDOM_SAE`. ``check`` is called with the store facts and the prompts
+    table before the SAEs are loaded and the layer is streamed, so that a request the prompts cannot serve
+    (a tier no prompt has) fails before the long read.
     Raises ScoreError for a store that is not an eval store, SAEError for a mismatched SAE.
     """
     store = open_store(store_path)
     facts = _store_facts(store)
     table = _read_prompts(store, facts)
+    if check is not None:
+        check(facts, table)
     tokens = TokenColumns(*(store.read_rows(n, 0, facts.n_tokens) for n in TOKEN_COLUMNS))
     if not (tokens.segment == SEGMENT_COMPLETION).any():
         raise ScoreError(f"{store.path}: not an eval store: build it from an eval manifest (it has no "
@@ -75,7 +80,7 @@ def _store_facts(store: Store) -> StoreFacts:
     return StoreFacts(path=str(store.path), kind=meta.kind, model_id=meta.model_id,
                       model=dict(model) if isinstance(model, Mapping) else None,
                       tokenizer_fingerprint=meta.tokenizer_fingerprint, d_model=store.d_model,
-                      n_tokens=store.n_tokens)
+                      n_tokens=store.n_tokens, hazard_tiers=meta.hazard_tiers, benign_tiers=meta.benign_tiers)
 
 
 def _read_prompts(store: Store, facts: StoreFacts) -> pd.DataFrame:

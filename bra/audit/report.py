@@ -29,7 +29,6 @@ from bra.vocab import (
     COMPLETION,
     DEPTH_CATEGORIES,
     FEATURE_CATEGORIES,
-    HAZARD_TIER,
     POOLED_SEGMENTS,
     PROMPT,
     SURFACE_CLASSES,
@@ -46,7 +45,8 @@ HAZARD_EXCERPT_WORDS = 12
 
 
 def excerpt(text: str, hazard_tier: bool) -> str:
-    """First words of a completion; a hazard-tier completion shows at most 12 words, then "…[redacted]"."""
+    """First words of a completion; a hazard-tier completion (``TierClasses.redacted``) shows at most 12
+    words, then "…[redacted]"."""
     words = str(text).split()
     if hazard_tier:
         return " ".join(words[:HAZARD_EXCERPT_WORDS]) + " …[redacted]"
@@ -70,7 +70,7 @@ def scores_table(r: ScoreResult, cfg: ScoreConfig) -> pd.DataFrame:
     """One row per prompt; D, hazard_score and depth_category are filled for the test split only."""
     t = r.table
     test = r.split == TEST
-    hazard_tier = (t["tier"] == HAZARD_TIER).to_numpy()
+    hazard_tier = np.isin(t["tier"].astype(str).to_numpy(), r.classes.redacted)
     cols: dict[str, Any] = {"id": t["id"], "tier": t["tier"], "framing": t["framing"],
                             "category": t.get("category"), "split": r.split,
                             "surface_label": t["surface_label"]}
@@ -106,7 +106,8 @@ def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame) -> dict
             "hazard_score": "logistic probe on pooled SAE latents of the "
                             + (f"{PROMPT} and {COMPLETION} (concatenated)"
                                if cfg.probe_segment == BOTH_SEGMENTS else cfg.probe_segment)
-                            + " segment, fit on the training split"},
+                            + " segment, fit on the training split",
+            "classes": r.classes.to_json()},
         "counts": {"prompts": len(scores), "by_split_and_tier": by_split,
                    "surface_labels": dict(sorted(Counter(scores["surface_label"]).items())),
                    "test_surface_labels": dict(sorted(Counter(test["surface_label"]).items()))},

@@ -2,7 +2,9 @@
 
 Steps, each on its own split of the prompts (split by id, stratified by tier, disjoint by construction):
 
-1. train: the feature catalog (`bra.audit.catalog`) and every hazard probe (`bra.audit.probes`);
+1. train: the feature catalog (`bra.audit.catalog`) and every hazard probe (`bra.audit.probes`), both
+   contrasting the positive and negative tier classes (`bra.audit.classes`: flags, else the store's
+   attrs, else the defaults);
 2. calibration: the alignment matrix T (`bra.audit.divergence.fit_alignment`);
 3. test: D, hazard scores, refusal-depth categories and the AUROC table are reported here only.
 
@@ -23,8 +25,9 @@ import numpy as np
 import pandas as pd
 
 from bra.audit import probes
-from bra.audit.bundle import EvalBundle
-from bra.audit.catalog import build_catalog, feature_profile
+from bra.audit.bundle import EvalBundle, StoreFacts
+from bra.audit.catalog import build_catalog, contrasts, feature_profile
+from bra.audit.classes import resolve_classes
 from bra.audit.config import (
     BOTH_SEGMENTS,
     CALIBRATION,
@@ -39,20 +42,13 @@ from bra.audit.config import (
     ScoreConfig,
     ScoreError,
     ScoreResult,
+    TierClasses,
 )
 from bra.audit.contexts import catalog_contexts, decode_contexts, load_tokenizer
 from bra.audit.divergence import divergence, fit_alignment, refusal_depth_category
 from bra.audit.reader import read_eval_bundle
 from bra.audit.report import write_outputs
-from bra.vocab import (
-    BENIGN_TIER,
-    COMPLETION,
-    DUAL_USE_TIER,
-    HAZARD_TIER,
-    POOLED_SEGMENTS,
-    PROMPT,
-    SURFACE_CLASSES,
-)
+from bra.vocab import COMPLETION, POOLED_SEGMENTS, PROMPT, SURFACE_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +136,16 @@ def compute_scores(store_path: str | os.PathLike[str], sae_path: str | os.PathLi
     clash = sorted(set(baselines) & set(RESERVED_NAMES))
     if clash:
         raise ScoreError(f"baseline name {clash[0]!r} is reserved; pick another NAME in --baseline NAME=SAE")
-    bundle = read_eval_bundle(store_path, {OURS: sae_path, **baselines}, cfg.layer, cfg.pool, cfg.seed)
+    bundle = read_eval_bundle(store_path, {OURS: sae_path, **baselines}, cfg.layer, cfg.pool, cfg.seed,
+                              check=lambda facts, table: tier_classes(cfg, facts, table))
     tokenizer, note = load_tokenizer(bundle.facts)
     return analyse(bundle, cfg, tokenizer, note)
+
+
+def tier_classes(cfg: ScoreConfig, facts: StoreFacts, table: pd.DataFrame) -> TierClasses:
+    """The run's positive and negative tiers: the flags, else the store's attrs, else the defaults."""
+    return resolve_classes(cfg.positive_tiers, cfg.negative_tiers, facts.hazard_tiers, facts.benign_tiers,
+                           set(table["tier"].astype(str)))
 
 
 def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
@@ -152,9 +155,11 @@ def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
     ``tokenizer`` (or None) decodes the top-activating contexts; ``tokenizer_note`` says how they were
     rendered."""
     table, n = bundle.table, bundle.n_docs
+    classes = tier_classes(cfg, bundle.facts, table)
     split = split_prompts(table["id"], table["tier"], cfg.seed, cfg.train_fraction, cfg.calibration_fraction)
     train, cal, test = (split == s for s in SPLITS)
-    catalog = build_catalog(bundle.pooled[OURS], table, train, cfg.top_n, cfg.min_effect)
+    catalog = build_catalog(bundle.pooled[OURS], table, train, cfg.top_n, cfg.min_effect,
+                            contrasts(classes.positive, classes.negative))
     f = {seg: feature_profile(bundle.pooled[OURS][seg], catalog) for seg in POOLED_SEGMENTS}
 
     labels = table["surface_label"].astype(str).to_numpy()
@@ -162,11 +167,11 @@ def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
     alignment = calibrate(S, f[cfg.f_segment], labels, cal, cfg.ridge)
     D = divergence(S, f[cfg.f_segment], alignment["T"])
 
-    tier = table["tier"].to_numpy()
-    train_pos, train_neg = train & (tier == HAZARD_TIER), train & (tier == BENIGN_TIER)
-    methods = _methods(bundle, train_pos, train_neg, cfg)
-    sets = probes.EvalSets(test & (tier == HAZARD_TIER), test & (tier == BENIGN_TIER),
-                           test & (tier == DUAL_USE_TIER))
+    tier = table["tier"].astype(str).to_numpy()
+    positive, negative = np.isin(tier, classes.positive), np.isin(tier, classes.negative)
+    methods = _methods(bundle, train & positive, train & negative, cfg)
+    sets = probes.EvalSets(test & positive, test & negative,
+                           {g: test & (tier == t) for g, t in classes.groups.items()})
     rows = probes.auroc_table(methods, sets, cfg.n_boot, cfg.n_perm, cfg.seed)
     hazard = methods[OURS][1] if methods[OURS][1] is not None else np.full(n, np.nan)
     depth = [refusal_depth_category(lab, d, h, cfg.thresholds) if t else None
@@ -180,7 +185,7 @@ def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
         random_sae_config=dict(bundle.sae_configs[RANDOM_SAE]), table=table, split=split, S=S, f=f, D=D,
         hazard=hazard, depth=depth, catalog=catalog, alignment=alignment, auroc=rows,
         contexts=decode_contexts(contexts, table["id"].tolist(), tokenizer), contexts_note=tokenizer_note,
-        counts=bundle.counts)
+        counts=bundle.counts, classes=classes)
 
 
 def score(store_path: str | os.PathLike[str], sae_path: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -193,4 +198,4 @@ def score(store_path: str | os.PathLike[str], sae_path: str | os.PathLike[str], 
 
 
 __all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "analyse", "calibrate", "compute_scores", "score",
-           "split_prompts"]
+           "split_prompts", "tier_classes"]

@@ -3,6 +3,7 @@ from the parsed values: the options map 1:1 to the fields, so help texts and def
 
 - help: the field's docstring, with ``[default: …]`` from the dataclass default;
 - ``bool`` -> ``--x/--no-x``; ``Literal["a", "b"]`` -> ``click.Choice(["a", "b"])``; ``int | None`` -> int;
+  ``tuple[str, ...]`` -> one comma-separated value (``--x a,b``);
 - a nested config dataclass is flattened: its fields become ``--<field-name>`` flags of their own
   (a name that two fields would share is a TypeError at import).
 """
@@ -23,6 +24,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 _SCALARS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
+class CommaList(click.ParamType):
+    """``a,b`` -> ``("a", "b")``: a ``tuple[str, ...]`` field as one option value (items stripped; an
+    empty value gives ``()`` and blank items stay, for the config to refuse)."""
+
+    name = "comma-list"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        """Shown in --help after the flag."""
+        return "A,B,..."
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, ...]:
+        """The items of ``value`` (a tuple, e.g. a dataclass default, passes through)."""
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        return tuple(item.strip() for item in text.split(",")) if text else ()
+
+
+COMMA_LIST = CommaList()
+
+
 def _param_type(leaf: ConfigField, owner: str) -> click.ParamType | None:
     """The click type of a leaf (None for a bool, which becomes an on/off flag)."""
     if leaf.type is bool:
@@ -34,6 +57,8 @@ def _param_type(leaf: ConfigField, owner: str) -> click.ParamType | None:
         return click.Choice(list(choices))
     if leaf.type in _SCALARS:
         return _SCALARS[leaf.type]
+    if typing.get_origin(leaf.type) is tuple and typing.get_args(leaf.type) == (str, ...):
+        return COMMA_LIST
     raise TypeError(f"{owner}.{leaf.name}: no click option for type {leaf.type!r}")
 
 
@@ -102,4 +127,4 @@ class ConfigOptions(Generic[C]):
             raise click.UsageError(str(exc)) from None
 
 
-__all__ = ["ConfigOptions"]
+__all__ = ["COMMA_LIST", "CommaList", "ConfigOptions"]
