@@ -113,6 +113,15 @@ DOC_COLUMNS = ("doc_index", "doc_id", "tier", "tier_code", "corpus", "source", "
 PROMPT_COLUMNS = ("id", "tier", "framing", "category", "domain", "expected_surface", "prompt", "completion",
                   "n_prompt_tokens", "n_completion_tokens", "doc_index", "surface_label", "surface_probs",
                   "surface_matched", "finished", "rationale", "sampled_from")
+# Judge columns (`bra.pipeline.judgerun.consensus_columns`), present once a relabel ran judges: every vote as
+# JSON (the rules' first), the weighted consensus of rules and judges, 1 - its top share, the review flag.
+JUDGE_VOTES = "judge_votes"
+CONSENSUS_LABEL = "consensus_label"
+CONSENSUS_PROBS = "consensus_probs"  # SURFACE_CLASSES order, all zeros when consensus_label is unknown
+DISAGREEMENT = "disagreement"  # NaN when no vote carried mass
+NEEDS_REVIEW = "needs_review"
+N_ABSTENTIONS = "n_abstentions"
+JUDGE_COLUMNS = (JUDGE_VOTES, CONSENSUS_LABEL, CONSENSUS_PROBS, DISAGREEMENT, NEEDS_REVIEW, N_ABSTENTIONS)
 
 
 def canonical_dtype(name: str) -> str:

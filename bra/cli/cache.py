@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from bra.cache import schema
 from bra.cli.common import NPROC_OPTION, STORE_PATH, relaunch_under_torchrun, run_cli, setup_logging
+from bra.pipeline.consensus import DEFAULT_REVIEW_THRESHOLD
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,6 +42,10 @@ def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrit
         result = build_store(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
     if not dist.is_main:
         return
+    if result.status != "already-complete" and load_manifest(manifest).judges:
+        from bra.pipeline.relabel import relabel_store
+
+        relabel_store(result.path)  # the manifest's judges, recorded in the store
     if result.status == "already-complete":
         click.echo(f"{result.path}: already complete ({result.n_tokens:,} tokens); nothing to do", err=True)
     else:
@@ -75,16 +81,42 @@ def verify(store: Path | str, quick: bool) -> None:
     click.echo(f"{store}: OK")
 
 
+JUDGE_HELP = ("A judge of the surface labels (repeat for several): local:PATH_OR_ID (an HF chat model "
+              "folder, hub id or GGUF), endpoint:URL#MODEL (an OpenAI-compatible /v1/chat/completions "
+              "endpoint; key_env=VAR names the environment variable holding its API key), or "
+              "command:\"CMD ARGS\" (JSON on stdin -> JSON on stdout); then ,OPTION=VALUE: weight, "
+              "name, timeout, retries, backoff, concurrency, max_tokens, device. "
+              "Default: the judges: of the store's manifest.")
+
+
 @cli.command()
 @click.argument("store", type=STORE_PATH)
-def relabel(store: Path) -> None:
-    """Re-classify the stored completions of eval STORE with the surface rules (no model needed)."""
-    from bra.pipeline.relabel import relabel_store
+@click.option("--judge", "judges", multiple=True, metavar="SPEC", help=JUDGE_HELP)
+@click.option("--no-judges", is_flag=True, help="Rules only, even if the store's manifest names judges.")
+@click.option("--judge-cache", type=click.Path(dir_okay=False), default=None,
+              help="Vote cache file (default $BRA_JUDGE_CACHE/votes.jsonl, else "
+                   "~/.cache/biorefusalaudit/judges/votes.jsonl); cached votes are never asked again.")
+@click.option("--rules-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the phrase rules' vote in the consensus (0 = judges only).")
+@click.option("--review-threshold", type=float, default=DEFAULT_REVIEW_THRESHOLD, show_default=True,
+              help="Flag a prompt for review when 1 - the consensus top share exceeds this.")
+def relabel(store: Path, judges: tuple[str, ...], no_judges: bool, judge_cache: str | None,
+            rules_weight: float, review_threshold: float) -> None:
+    """Re-classify the stored completions of eval STORE with the surface rules, and with judges when given
+    (no model of the audited model needed): every vote, the consensus, its disagreement and a review flag
+    go into prompts.parquet."""
+    from bra.pipeline.judges import parse_judge_spec
+    from bra.pipeline.relabel import JudgeConfig, relabel_store
 
-    table = relabel_store(store)
+    specs = () if no_judges else tuple(parse_judge_spec(j) for j in judges) or None
+    table = relabel_store(store, JudgeConfig(specs, judge_cache, rules_weight, review_threshold))
     counts = table["surface_label"].value_counts()
     click.echo(f"{store}: relabelled {len(table)} completions ("
                + ", ".join(f"{label} {n}" for label, n in counts.items()) + ")")
+    if schema.NEEDS_REVIEW in table.columns:
+        consensus = table[schema.CONSENSUS_LABEL].value_counts()
+        click.echo(f"{store}: consensus (" + ", ".join(f"{label} {n}" for label, n in consensus.items())
+                   + f"); {int(table[schema.NEEDS_REVIEW].sum())} of {len(table)} need review")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ import yaml
 from bra.cache.schema import canonical_dtype
 from bra.cache.writer import CodecSpec
 from bra.errors import ManifestError
+from bra.pipeline.judges import JudgeError, JudgeSpec, judge_spec_from_config
 from bra.vocab import DEFAULT_NEGATIVE_TIERS, DEFAULT_POSITIVE_TIERS, EVAL_TIERS, TIERS
 
 CODECS = ("none", "blosc-zstd", "blosc-lz4", "zstd")
@@ -153,6 +154,9 @@ class Manifest:
     """Eval prompt sets (eval stores)."""
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     """Generation settings for eval prompts."""
+    judges: tuple[JudgeSpec, ...] = ()
+    """Judges of the surface labels (`bra.pipeline.judges` specs), run after an eval build and by
+    ``bra-cache relabel``. Left out of the store fingerprint while empty."""
     base_dir: str = "."
     """Directory relative paths resolve against (the manifest's folder); not part of the hash."""
 
@@ -203,6 +207,8 @@ class Manifest:
         d.pop("base_dir")
         if not self.benign_tiers:  # a key added later: absent, so manifests written before hash as they did
             d.pop("benign_tiers")
+        if not self.judges:  # likewise
+            d.pop("judges")
         d["model"].pop("device")
         d["kind"] = self.kind
         return d
@@ -326,6 +332,12 @@ def _validate(m: Manifest, where: str) -> None:
         bad("generation.max_new_tokens", "must be positive")
     if m.generation.batch_size < 1:
         bad("generation.batch_size", "must be at least 1")
+    if m.judges and m.kind != "eval":
+        bad("judges", "only eval manifests (prompt_sets) have completions to judge")
+    names = [j.label for j in m.judges]
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+        bad("judges", f"two judges are named {twice[0]!r}: give one a name=...")
 
 
 def _validate_classes(m: Manifest, bad: Callable[[str, str], None]) -> None:
@@ -406,12 +418,21 @@ def load_manifest(path: str | Path) -> Manifest:
             for i, v in enumerate(value)
         )
 
+    def judges(value: Any, label: str) -> tuple[JudgeSpec, ...]:
+        if not isinstance(value, list):
+            raise ManifestError(f"{where}: {label}: expected a list of judge specs")
+        try:
+            return tuple(judge_spec_from_config(v, f"{label}[{i}]") for i, v in enumerate(value))
+        except JudgeError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+
     manifest: Manifest = _build(Manifest, data, where, "", {
         "model": lambda v, lab: _build(ModelSpec, {"id": v} if isinstance(v, str) else v, where, f"{lab}."),
         "storage": lambda v, lab: _build_storage(v, where, f"{lab}."),
         "generation": lambda v, lab: _build(GenerationSpec, v, where, f"{lab}."),
         "corpora": corpus,
         "prompt_sets": prompt_sets,
+        "judges": judges,
     })
     try:
         storage = dataclasses.replace(manifest.storage, dtype=canonical_dtype(manifest.storage.dtype))
