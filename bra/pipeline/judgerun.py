@@ -133,7 +133,8 @@ def run_judges(judges: Sequence[Judge], prompts: Sequence[str], completions: Seq
         name = judge.spec.label
         todo: list[tuple[int, str]] = []
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            hit = cache.get(key := cache_key(judge.spec, p, c)) if cache is not None else None
+            key = cache_key(judge.spec, p, c)
+            hit = cache.get(key) if cache is not None else None
             if not c.strip():
                 votes[i][j] = Vote.abstain(name, "empty completion")
             elif hit is not None:
