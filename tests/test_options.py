@@ -89,6 +89,9 @@ SCORE_OPTIONS: list[Row] = [
     # added with the choice of tier classes (issue 16): one comma-separated value each, None = not given
     (('--positive-tiers',), (), 'positive_tiers', 'comma-list', None, False, False, False, None),
     (('--negative-tiers',), (), 'negative_tiers', 'comma-list', None, False, False, False, None),
+    # added with the judges (issue 15): which surface labels the run uses
+    (('--labels',), (), 'labels', ('choice', ('auto', 'rules', 'judges', 'consensus')), 'auto', False, False,
+     False, 'auto'),
 ]
 
 

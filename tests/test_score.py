@@ -3,6 +3,7 @@ and an end-to-end `bra-sae score` on a tiny eval store with the model made unava
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -458,3 +459,49 @@ def test_report__escapes_html_in_completions(eval_env, no_model, tmp_path: Path)
     assert scores["completion_excerpt"].str.startswith(evil).all()
     assert "<script>" not in page and "<b>bold" not in page
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+
+
+def _judged_copy(store: Path, tmp: Path) -> Path:
+    """A copy of ``store`` with judge columns: one judge agreeing with the rules except on every third
+    prompt (where it says evade), one abstaining everywhere."""
+    import shutil
+
+    from bra.cache import schema
+    from bra.pipeline.consensus import Vote
+    from bra.pipeline.judgerun import consensus_columns
+
+    copy = Path(shutil.copytree(store, tmp / "judged.zarr"))
+    table = pd.read_parquet(copy / schema.PROMPTS_TABLE)
+    votes = [[Vote("j", "evade" if i % 3 == 0 or lab == "unknown" else lab), Vote.abstain("k", "HTTP 500")]
+             for i, lab in enumerate(table["surface_label"])]
+    for name, values in consensus_columns(votes, table["surface_label"].tolist(), {"j": 1.0}).items():
+        table[name] = values
+    table.to_parquet(copy / schema.PROMPTS_TABLE, index=False)
+    return copy
+
+
+def test_score__labels_source_recorded_with_disagreement(eval_env, no_model, tmp_path: Path, capsys) -> None:
+    from bra.audit.score import score
+    from bra.cli.sae import main
+
+    tmp, store, sae, _, _ = eval_env
+    fast = ScoreConfig(n_boot=10, n_perm=10, top_n=4, min_effect=0.2)
+    plain = score(store, sae, tmp_path / "plain", fast)
+    assert plain["settings"]["labels"] == "rules" and plain["settings"]["label_disagreement"] is None
+    judged = _judged_copy(store, tmp_path)
+    auto = score(judged, sae, tmp_path / "auto", fast)
+    assert auto["settings"]["labels"] == "consensus"
+    dis = auto["settings"]["label_disagreement"]
+    assert dis["n"] == 24 and 0 < dis["needs_review_share"] < 1 and 0 < dis["mean_disagreement"] < 0.5
+    judges = score(judged, sae, tmp_path / "judges", dataclasses.replace(fast, labels="judges"))
+    assert judges["settings"]["labels"] == "judges"
+    assert judges["settings"]["label_disagreement"]["mean_disagreement"] == 0  # one judge: unanimous
+    assert judges["counts"]["surface_labels"].get("evade", 0) >= 8
+    rules = score(judged, sae, tmp_path / "rules", dataclasses.replace(fast, labels="rules"))
+    assert rules["counts"]["surface_labels"] == plain["counts"]["surface_labels"]
+    with pytest.raises(SystemExit) as info:
+        main(["score", "--store", str(store), "--sae", str(sae), "--out", str(tmp_path / "x"),
+              "--labels", "judges", *FAST])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert info.value.code == 2 and len(err) == 1 and "has no judge votes" in err[0]
+    assert not (tmp_path / "x" / "report.json").exists()

@@ -111,6 +111,9 @@ class EvalBundle:
     """SAE name -> its architecture + provenance config (ours, baselines, the random SAE)."""
     sae_paths: Mapping[str, str]
     """SAE name -> the path it was loaded from (ours and the baselines; the random SAE has none)."""
+    labels: Mapping[str, Any] | None = None
+    """The surface-label source the table's surface columns hold, and its disagreement summary
+    (`bra.audit.labels.LabelChoice.to_json`)."""
 
     @property
     def n_docs(self) -> int:

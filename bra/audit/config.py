@@ -36,6 +36,9 @@ BOTH_SEGMENTS = "both"
 ProbeSegment = Literal["prompt", "completion", "both"]
 """Features of the hazard probes: one pooled segment, or both concatenated."""
 PROBE_SEGMENTS: tuple[str, ...] = typing.get_args(ProbeSegment)
+LabelSource = Literal["auto", "rules", "judges", "consensus"]
+"""Surface labels of a score run: the phrase rules, the judges alone, or the consensus of both."""
+LABEL_SOURCES: tuple[str, ...] = typing.get_args(LabelSource)
 
 
 ClassSource = Literal["flag", "store", "default"]
@@ -102,12 +105,17 @@ class ScoreConfig:
     negative_tiers: tuple[str, ...] | None = None
     """Tiers of the negative (benign) class, comma-separated; None (not given) = the store's benign_tiers,
     else benign_bio."""
+    labels: LabelSource = "auto"
+    """Surface labels: rules, judges (their consensus alone) or consensus (rules and judges, as relabel
+    stored it); auto = consensus when the store has judge votes, else rules."""
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.f_segment not in POOLED_SEGMENTS:
             raise ValueError(f"f_segment must be one of {POOLED_SEGMENTS}, got {self.f_segment!r}")
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"labels must be one of {LABEL_SOURCES}, got {self.labels!r}")
         if self.probe_segment not in PROBE_SEGMENTS:
             raise ValueError(f"probe_segment must be one of {PROBE_SEGMENTS}, got {self.probe_segment!r}")
         fr, fc = self.train_fraction, self.calibration_fraction
@@ -208,3 +216,5 @@ class ScoreResult:
     """[n, 2] pooled rows per prompt and segment."""
     classes: TierClasses
     """The positive and negative tiers (and the groups reported apart, the redacted tiers) this run used."""
+    labels: dict[str, Any] | None = None
+    """The surface-label source used and its disagreement summary (`bra.audit.labels.LabelChoice`)."""

@@ -18,6 +18,7 @@ import torch
 
 from bra.audit.bundle import EvalBundle, SparseCodes, StoreFacts, TokenColumns
 from bra.audit.config import RANDOM_SAE, ScoreError
+from bra.audit.labels import AUTO, choose_labels
 from bra.audit.pooling import accumulate_raw_, empty_raw, finish_raw, pool_codes
 from bra.cache import schema
 from bra.cache.store import Store, open_store
@@ -38,19 +39,21 @@ TOKEN_COLUMNS = ("doc_index", "segment", "mask", "token_id")
 
 def read_eval_bundle(store_path: str | os.PathLike[str], sae_paths: Mapping[str, str | os.PathLike[str]],
                      layer: int | None, pool: str, seed: int, rows_per_read: int = 4096,
-                     check: Callable[[StoreFacts, pd.DataFrame], object] | None = None) -> EvalBundle:
+                     check: Callable[[StoreFacts, pd.DataFrame], object] | None = None,
+                     labels: str = AUTO) -> EvalBundle:
     """Open the eval store once and read everything scoring needs.
 
     ``sae_paths``: SAE name -> path (or `none`), ours (`OURS`) first, then the baselines. ``layer``: the
     store layer (None = our SAE's own). A random SAE of our SAE's architecture and size (`random_sae`,
     seeded by ``seed``) is added as `RANDOM_SAE`. ``check`` is called with the store facts and the prompts
     table before the SAEs are loaded and the layer is streamed, so that a request the prompts cannot serve
-    (a tier no prompt has) fails before the long read.
+    (a tier no prompt has) fails before the long read. ``labels``: which surface labels the table's
+    ``surface_label`` / ``surface_probs`` hold (`bra.audit.labels.choose_labels`).
     Raises ScoreError for a store that is not an eval store, SAEError for a mismatched SAE.
     """
     store = open_store(store_path)
     facts = _store_facts(store)
-    table = _read_prompts(store, facts)
+    table, choice = choose_labels(_read_prompts(store, facts), labels, str(store.path))
     if check is not None:
         check(facts, table)
     tokens = TokenColumns(*(store.read_rows(n, 0, facts.n_tokens) for n in TOKEN_COLUMNS))
@@ -70,7 +73,7 @@ def read_eval_bundle(store_path: str | os.PathLike[str], sae_paths: Mapping[str,
         pooled={name: pool_codes(c, tokens, n_docs, pool) for name, c in codes.items()},
         raw=raw, counts=counts, codes=codes[ours],
         sae_configs={name: s.cfg.to_dict() for name, s in saes.items()},
-        sae_paths={name: str(path) for name, path in sae_paths.items()})
+        sae_paths={name: str(path) for name, path in sae_paths.items()}, labels=choice.to_json())
 
 
 def _store_facts(store: Store) -> StoreFacts:

@@ -107,7 +107,9 @@ def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame) -> dict
                             + (f"{PROMPT} and {COMPLETION} (concatenated)"
                                if cfg.probe_segment == BOTH_SEGMENTS else cfg.probe_segment)
                             + " segment, fit on the training split",
-            "classes": r.classes.to_json()},
+            "classes": r.classes.to_json(),
+            "labels": (r.labels or {}).get("source", "rules"),
+            "label_disagreement": (r.labels or {}).get("disagreement")},
         "counts": {"prompts": len(scores), "by_split_and_tier": by_split,
                    "surface_labels": dict(sorted(Counter(scores["surface_label"]).items())),
                    "test_surface_labels": dict(sorted(Counter(test["surface_label"]).items()))},

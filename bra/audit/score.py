@@ -137,7 +137,7 @@ def compute_scores(store_path: str | os.PathLike[str], sae_path: str | os.PathLi
     if clash:
         raise ScoreError(f"baseline name {clash[0]!r} is reserved; pick another NAME in --baseline NAME=SAE")
     bundle = read_eval_bundle(store_path, {OURS: sae_path, **baselines}, cfg.layer, cfg.pool, cfg.seed,
-                              check=lambda facts, table: tier_classes(cfg, facts, table))
+                              check=lambda facts, table: tier_classes(cfg, facts, table), labels=cfg.labels)
     tokenizer, note = load_tokenizer(bundle.facts)
     return analyse(bundle, cfg, tokenizer, note)
 
@@ -185,7 +185,7 @@ def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
         random_sae_config=dict(bundle.sae_configs[RANDOM_SAE]), table=table, split=split, S=S, f=f, D=D,
         hazard=hazard, depth=depth, catalog=catalog, alignment=alignment, auroc=rows,
         contexts=decode_contexts(contexts, table["id"].tolist(), tokenizer), contexts_note=tokenizer_note,
-        counts=bundle.counts, classes=classes)
+        counts=bundle.counts, classes=classes, labels=dict(bundle.labels) if bundle.labels else None)
 
 
 def score(store_path: str | os.PathLike[str], sae_path: str | os.PathLike[str], out: str | os.PathLike[str],
