@@ -80,6 +80,9 @@ class StoreFacts:
     """Residual width."""
     n_tokens: int
     """Rows in the store."""
+    variant: Mapping[str, Any] | None = None
+    """The store's generation variant (name, chat_template, system_prompt, prefill, max_new_tokens); None for
+    a store built without variants."""
 
 
 @dataclass(frozen=True)
