@@ -349,3 +349,10 @@ def test_load_manifest__bad_variant(tmp_path: Path, data: dict, key: str, words:
 def test_load_manifest__variant_keys_and_types(tmp_path: Path, data: dict, key: str, words: str) -> None:
     msg = _error(tmp_path, data)
     assert f": {key}: " in msg and words in msg
+
+
+def test_load_manifest__eval_demo_variants_loads() -> None:
+    m = load_manifest(MANIFESTS / "eval-demo-variants.yaml")
+    assert [r.variant.name for r in m.variant_manifests() if r.variant] == [
+        "canonical", "no-template", "system", "prefill", "short"]
+    assert [r.generation.max_new_tokens for r in m.variant_manifests()] == [64, 64, 64, 64, 32]
