@@ -210,7 +210,7 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
         t0 = time.perf_counter()
         results = _generate_shared(model, tokenizer, [p.prompt for p in prompts], manifest, device, dist)
         seconds = time.perf_counter() - t0
-        n_new = sum(len(r.completion_ids) for r in results)
+        n_new = sum(len(r.completion_ids) - r.n_prefill_tokens for r in results)  # a prefill is not new
         logger.info("generation: %d new tokens in %.1fs (%.0f tok/s)", n_new, seconds,
                     n_new / max(seconds, 1e-9))
 
