@@ -11,8 +11,8 @@ import yaml
 
 from bra.testing import SAMPLE_TEXT, make_tiny_gemma
 
-__all__ = ["SAMPLE_TEXT", "build_labelled_eval_store", "make_tiny_gemma", "tiny_manifest", "write_corpus",
-           "write_eval_set", "write_manifest"]
+__all__ = ["SAMPLE_TEXT", "build_labelled_eval_store", "label_by_tier", "make_tiny_gemma", "tiny_manifest",
+           "write_corpus", "write_eval_set", "write_manifest"]
 
 
 def write_corpus(path: Path, texts: list[str], prefix: str) -> Path:
@@ -91,11 +91,8 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path, store: Path | str | No
     """
     import shutil
 
-    from bra.cache import schema
-    from bra.cache.location import StoreLocation
     from bra.pipeline.build import build_store
     from bra.pipeline.manifest import load_manifest
-    from bra.vocab import SURFACE_CLASSES
 
     copy = Path(shutil.copytree(model_dir, tmp / "model"))
     manifest = write_manifest(tmp / "eval.yaml", {
@@ -105,6 +102,19 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path, store: Path | str | No
         "prompt_sets": [str(write_eval_set(tmp / "set.jsonl", tier_labels))],
         "generation": {"max_new_tokens": 6, "seed": 0, "batch_size": 8}, **manifest_keys})
     store = build_store(load_manifest(manifest), store if store is not None else tmp / "eval.zarr").path
+    label_by_tier(store, tier_labels)
+    shutil.rmtree(copy)  # the model is gone: scoring must not need it
+    return store, copy
+
+
+def label_by_tier(store: Path | str, tier_labels: Mapping[str, str] = EVAL_TIER_LABEL) -> None:
+    """Rewrite the surface columns of an eval store's prompts.parquet with labels derived from the tier
+    (``tier_labels``: tier -> label; the second and third prompts unknown), so that scoring a
+    random model's store runs every code path."""
+    from bra.cache import schema
+    from bra.cache.location import StoreLocation
+    from bra.vocab import SURFACE_CLASSES
+
     location = StoreLocation(store)
     table = location.read_table(schema.PROMPTS_TABLE)
     labels = [tier_labels[t] for t in table["tier"]]
@@ -113,8 +123,6 @@ def build_labelled_eval_store(tmp: Path, model_dir: Path, store: Path | str | No
     table["surface_probs"] = [[0.0] * 5 if lab == "unknown" else
                               [0.8 if c == lab else 0.05 for c in SURFACE_CLASSES] for lab in labels]
     location.write_table(schema.PROMPTS_TABLE, table)
-    shutil.rmtree(copy)  # the model is gone: scoring must not need it
-    return store, copy
 
 
 # --------------------------------------------------------------------------------- pretrained SAEs

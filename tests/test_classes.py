@@ -31,8 +31,9 @@ LEGACY_ROW_KEYS = ["method", "kind", "n_positive", "n_negative", "n_dual_use", "
                    "mean_score_benign", "mean_score_dual_use", "auroc", "ci_low", "ci_high", "p_value",
                    "reason", "margin_over_tfidf"]
 """An AUROC row of report.json before the classes could be chosen (commit 5594e63), key order included."""
-NEW_SETTINGS = {"positive_tiers", "negative_tiers", "classes"}
-"""The settings keys report.json gained with the classes."""
+NEW_SETTINGS = {"positive_tiers", "negative_tiers", "classes", "variant", "labels", "label_disagreement"}
+"""The settings keys report.json gained since 5594e63: the classes, the generation variant and the surface
+label source (judges)."""
 
 # ------------------------------------------------------------------------------------------ resolution
 

@@ -264,3 +264,75 @@ def test_build_cli__eval_prompt_lone_surrogate(tmp_path: Path, tiny_gemma_dir: P
     _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
     assert f"{prompts}:5: field 'prompt' holds invalid Unicode (lone surrogate '\\ud800'" in line, line
     assert not (tmp_path / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------------- generation variants
+
+SYSTEM_REFUSED = ("{% if messages[0]['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}"
+                  "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                  "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def variant_manifest(tmp_path: Path, model_dir: Path, variants: object) -> Path:
+    """A small eval manifest with ``variants`` as its generation.variants."""
+    from helpers import write_eval_set
+
+    return write_manifest(tmp_path / "eval.yaml", {
+        "name": "e", "model": {"id": str(model_dir), "attn_implementation": "eager"}, "layers": [1],
+        "max_seq_len": 128, "prompt_sets": [str(write_eval_set(tmp_path / "set.jsonl"))],
+        "generation": {"max_new_tokens": 2, "variants": variants}})
+
+
+def model_with_template(src: Path, dst: Path, template: str | None) -> Path:
+    """A copy of the tiny model whose tokenizer has ``template`` as its chat template (None: none)."""
+    import shutil
+
+    copy = Path(shutil.copytree(src, dst))
+    (copy / "chat_template.jinja").unlink()
+    config = json.loads((copy / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    (copy / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return copy
+
+
+def assert_no_stores(tmp_path: Path) -> None:
+    assert not list(tmp_path.glob("*.zarr")), sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("variants, key, words", [
+    (["a", {"name": "a", "prefill": "Sure"}], "generation.variants[1].name", "duplicate variant name 'a'"),
+    ([{"name": "a", "temperature": 0.7}], "generation.variants[0].temperature", "unknown key"),
+    ([{"name": "a", "max_new_tokens": 0}], "generation.variants[0].max_new_tokens", "must be positive"),
+    ([{"name": "a", "prefill": ""}], "generation.variants[0].prefill", "must not be empty"),
+])
+def test_build_cli__bad_variant(tmp_path: Path, tiny_gemma_dir: Path, capsys, variants: list, key: str,
+                                words: str) -> None:
+    manifest = variant_manifest(tmp_path, tiny_gemma_dir, variants)
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert f"{manifest}: {key}: " in line and words in line, line
+    assert_no_stores(tmp_path)
+
+
+def test_build_cli__variant_template_the_tokenizer_lacks(tmp_path: Path, tiny_gemma_dir: Path,
+                                                         capsys) -> None:
+    """The first variant (no template) would build; the second needs a template the tokenizer lacks: the
+    build fails before writing either store."""
+    model = model_with_template(tiny_gemma_dir, tmp_path / "model", None)
+    manifest = variant_manifest(tmp_path, model, [{"name": "raw", "chat_template": False}, "chat"])
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert line.startswith("error: generation.variants[1].chat_template: tokenizer ") and \
+        "has no chat template; set chat_template: false" in line, line
+    assert_no_stores(tmp_path)
+
+
+def test_build_cli__variant_system_turn_the_template_refuses(tmp_path: Path, tiny_gemma_dir: Path,
+                                                            capsys) -> None:
+    model = model_with_template(tiny_gemma_dir, tmp_path / "model", SYSTEM_REFUSED)
+    manifest = variant_manifest(tmp_path, model, ["canonical", {"name": "sys", "system_prompt": "Be brief."}])
+    _, line = build_cli([str(manifest), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert line.startswith("error: generation.variants[1].system_prompt: the chat template of ") and \
+        line.endswith("refuses a system turn (System role not supported)"), line
+    assert_no_stores(tmp_path)

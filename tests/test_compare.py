@@ -71,8 +71,9 @@ def test_mean_t_interval__hand_computed_values() -> None:
 
 
 def facts(sae: str, store: str = "cache/eval.zarr",
-          model: str | None = "google/gemma-2-2b-it") -> ReportFacts:
-    return ReportFacts(path="r", model_id=model, sae=sae, layer=1, store=store, n_prompts=1, n_test=1)
+          model: str | None = "google/gemma-2-2b-it", variant: str | None = None) -> ReportFacts:
+    return ReportFacts(path="r", model_id=model, sae=sae, layer=1, store=store, n_prompts=1, n_test=1,
+                       variant=variant)
 
 
 def test_derive_labels__model_sae_and_store_when_stores_differ() -> None:
@@ -83,6 +84,20 @@ def test_derive_labels__model_sae_and_store_when_stores_differ() -> None:
         "gemma-2-2b-it/a", "gemma-2-2b-it/b"]
     assert derive_labels([facts("x", "cache/greedy.zarr"), facts("x", "s3://b/sampled.zarr", None)]) == [
         "gemma-2-2b-it/x@greedy", "unknown-model/x@sampled"]
+
+
+def test_derive_labels__generation_variant_when_stores_differ() -> None:
+    assert derive_labels([facts("x", "cache/e.canonical.zarr", variant="canonical"),
+                          facts("x", "cache/e.prefill.zarr", variant="prefill"),
+                          facts("x", "cache/old.zarr")]) == [
+        "gemma-2-2b-it/x@canonical", "gemma-2-2b-it/x@prefill", "gemma-2-2b-it/x@old"]
+    # one store: no suffix, variant or not
+    assert derive_labels([facts("a", variant="v"), facts("b", variant="v")]) == [
+        "gemma-2-2b-it/a", "gemma-2-2b-it/b"]
+    # the same variant of two manifests: the store names tell them apart
+    assert derive_labels([facts("x", "cache/a.prefill.zarr", variant="prefill"),
+                          facts("x", "cache/b.prefill.zarr", variant="prefill")]) == [
+        "gemma-2-2b-it/x@a.prefill", "gemma-2-2b-it/x@b.prefill"]
 
 
 # -------------------------------------------------------------------------------------- end to end

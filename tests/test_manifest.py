@@ -261,3 +261,98 @@ def test_manifest_hash__benign_tiers_left_out_until_given(tmp_path: Path) -> Non
     given = load_manifest(_write(tmp_path, {**EVAL, "benign_tiers": ["benign_bio"]}))
     assert given.content_dict()["benign_tiers"] == ("benign_bio",)
     assert manifest_hash(given, {}) != manifest_hash(plain, {})
+
+
+# ------------------------------------------------------------------------------- generation variants
+
+# Computed by the code before generation variants existed (commit 5594e63) for this YAML: an eval manifest
+# with a generation block keeps its hash, so its store is still resumed or left alone, never refused.
+GENERATION_HASH = ({**EVAL, "name": "d", "generation": {"max_new_tokens": 64, "seed": 1, "batch_size": 12}},
+                   "8675b39490134aa1", "14cacd0aff6b42e6")
+
+
+def _variants(*variants: object, **generation: object) -> dict:
+    return {**EVAL, "generation": {"max_new_tokens": 16, **generation, "variants": list(variants)}}
+
+
+def test_manifest_hash__unchanged_without_variants(tmp_path: Path) -> None:
+    data, bare, with_file = GENERATION_HASH
+    m = load_manifest(_write(tmp_path, data))
+    assert m.variant_manifests() == (m,)
+    assert "variant" not in m.content_dict() and "variants" not in m.content_dict()["generation"]
+    assert manifest_hash(m, {}) == bare and manifest_hash(m, {"h.jsonl": "abc"}) == with_file
+
+
+def test_manifest__variants_resolve_into_one_manifest_each(tmp_path: Path) -> None:
+    m = load_manifest(_write(tmp_path, _variants(
+        "canonical", {"name": "raw", "chat_template": False}, {"name": "sys", "system_prompt": "Be brief."},
+        {"name": "pre", "prefill": "Sure, here is"}, {"name": "short", "max_new_tokens": 4})))
+    resolved = m.variant_manifests()
+    assert [r.variant.name for r in resolved if r.variant] == ["canonical", "raw", "sys", "pre", "short"]
+    assert [r.generation.max_new_tokens for r in resolved] == [16, 16, 16, 16, 4]
+    assert all(r.variant and r.variant.max_new_tokens == r.generation.max_new_tokens for r in resolved)
+    assert all(not r.generation.variants and r.variant_manifests() == (r,) for r in resolved)
+    assert resolved[1].prompt_format.chat_template is False and resolved[3].prompt_format.prefill == \
+        "Sure, here is"
+    assert m.prompt_format.name == "canonical" and m.prompt_format.chat_template
+    content = resolved[2].content_dict()
+    assert content["variant"]["system_prompt"] == "Be brief." and "variants" not in content["generation"]
+    assert len({manifest_hash(r, {}) for r in resolved}) == len(resolved)
+
+
+def test_manifest_hash__a_variant_hashes_by_itself(tmp_path: Path) -> None:
+    """Adding a variant, or editing another, leaves a variant's store fingerprint alone."""
+    def hashes(*variants: object) -> dict[str, str]:
+        m = load_manifest(_write(tmp_path, _variants(*variants)))
+        return {r.variant.name: manifest_hash(r, {}) for r in m.variant_manifests() if r.variant}
+
+    one = hashes("canonical")
+    two = hashes("canonical", {"name": "pre", "prefill": "Sure"})
+    edited = hashes("canonical", {"name": "pre", "prefill": "No"})
+    assert one["canonical"] == two["canonical"] == edited["canonical"]
+    assert two["pre"] != edited["pre"]
+    # a lone canonical variant is a store of its own, not the store of the manifest without variants
+    assert one["canonical"] != manifest_hash(load_manifest(_write(tmp_path, EVAL)), {})
+
+
+@pytest.mark.parametrize("data, key, words", [
+    (_variants("a", "a"), "generation.variants[1].name", "duplicate variant name 'a' (also "
+                                                          "generation.variants[0])"),
+    (_variants({"name": "a.b"}), "generation.variants[0].name", "invalid variant name"),
+    (_variants({"name": ""}), "generation.variants[0].name", "invalid variant name"),
+    (_variants({"name": "a", "max_new_tokens": 0}), "generation.variants[0].max_new_tokens", "positive"),
+    (_variants({"name": "a", "max_new_tokens": -3}), "generation.variants[0].max_new_tokens", "positive"),
+    (_variants({"name": "a", "prefill": ""}), "generation.variants[0].prefill", "must not be empty"),
+    (_variants({"name": "a", "system_prompt": ""}), "generation.variants[0].system_prompt",
+     "must not be empty"),
+    (_variants({"name": "a", "chat_template": False, "system_prompt": "Hi"}),
+     "generation.variants[0].system_prompt", "needs chat_template: true"),
+    (_with(generation={"variants": ["a"]}), "generation.variants", "only eval manifests"),
+    ({**EVAL, "generation": {"variants": []}}, "generation.variants", "non-empty list"),
+    ({**EVAL, "generation": {"variants": {"name": "a"}}}, "generation.variants", "non-empty list"),
+])
+def test_load_manifest__bad_variant(tmp_path: Path, data: dict, key: str, words: str) -> None:
+    msg = _error(tmp_path, data)
+    assert f": {key}: " in msg and words in msg
+
+
+@pytest.mark.parametrize("data, key, words", [
+    (_variants({"name": "a", "temperature": 0.7}), "generation.variants[0].temperature", "unknown key"),
+    (_variants({"name": "a", "chat_template": "no"}), "generation.variants[0].chat_template",
+     "expected true or false"),
+    (_variants({"name": "a", "max_new_tokens": "8"}), "generation.variants[0].max_new_tokens",
+     "expected an integer"),
+    (_variants({"prefill": "Sure"}), "generation.variants[0].name", "required key missing"),
+    (_variants(["a"]), "generation.variants[0]", "expected a mapping"),
+    ({**EVAL, "variant": {"name": "a"}}, "variant", "unknown key"),
+])
+def test_load_manifest__variant_keys_and_types(tmp_path: Path, data: dict, key: str, words: str) -> None:
+    msg = _error(tmp_path, data)
+    assert f": {key}: " in msg and words in msg
+
+
+def test_load_manifest__eval_demo_variants_loads() -> None:
+    m = load_manifest(MANIFESTS / "eval-demo-variants.yaml")
+    assert [r.variant.name for r in m.variant_manifests() if r.variant] == [
+        "canonical", "no-template", "system", "prefill", "short"]
+    assert [r.generation.max_new_tokens for r in m.variant_manifests()] == [64, 64, 64, 64, 32]

@@ -54,6 +54,21 @@ def test_store_attrs__old_store_without_optional_keys() -> None:
         _ = meta.manifest_model
 
 
+def test_store_attrs__variant_last_and_only_when_given() -> None:
+    """A generation variant's store records it after every other key; a store without one never has it."""
+    raw = build_like_attrs()
+    assert schema.StoreAttrs.from_attrs(raw).variant is None
+    assert schema.ATTR_VARIANT not in schema.StoreAttrs.from_attrs(raw).to_attrs()
+    variant = {"name": "prefill", "chat_template": True, "system_prompt": None, "prefill": "Sure",
+               "max_new_tokens": 8}
+    meta = schema.StoreAttrs.from_attrs({**raw, schema.ATTR_VARIANT: variant})
+    assert meta.variant == variant
+    out = meta.to_attrs()
+    assert list(out) == [*raw, schema.ATTR_VARIANT] and out[schema.ATTR_VARIANT] == variant
+    with pytest.raises(StoreError, match="attr 'variant' is unusable"):
+        schema.StoreAttrs.from_attrs({**raw, schema.ATTR_VARIANT: "prefill"})
+
+
 @pytest.mark.parametrize("key", ["model_id", "layers", "n_tokens", "bra_schema_version"])
 def test_store_attrs__missing_required_key_named(key: str) -> None:
     raw = build_like_attrs()

@@ -56,7 +56,7 @@ def _auroc(r: AurocRow) -> dict[str, Any]:
 def _run_json(run: RunSummary) -> dict[str, Any]:
     f = run.facts
     return {"label": run.label, "report_dir": f.path, "model_id": f.model_id, "sae": f.sae, "layer": f.layer,
-            "store": f.store, "n_prompts": f.n_prompts, "n_test": f.n_test,
+            "store": f.store, "variant": f.variant, "n_prompts": f.n_prompts, "n_test": f.n_test,
             "refusal_rate_by_tier": {t: _proportion(p) for t, p in run.refusal_by_tier.items()},
             "auroc": {m: _auroc(r) for m, r in run.auroc.items()},
             "depth_categories": {c: _proportion(p) for c, p in run.depth.items()},

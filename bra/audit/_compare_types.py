@@ -89,6 +89,8 @@ class ReportFacts:
     """Prompts scored (all splits)."""
     n_test: int
     """Prompts in the test split."""
+    variant: str | None = None
+    """Name of the store's generation variant (report.json ``settings.variant.name``); None without."""
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,9 @@ class StoreFacts:
     benign_tiers: tuple[str, ...] | None = None
     """The store's recorded negative (benign) class (attr ``benign_tiers``); None in stores built before it
     was recorded."""
+    variant: Mapping[str, Any] | None = None
+    """The store's generation variant (name, chat_template, system_prompt, prefill, max_new_tokens); None for
+    a store built without variants."""
 
 
 @dataclass(frozen=True)

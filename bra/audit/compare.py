@@ -107,9 +107,12 @@ def _parse_report(doc: Any, path: Path, folder: Path) -> tuple[ReportFacts, tupl
     if not isinstance(rows, list) or not isinstance(depth, dict) or not isinstance(n_prompts, int):
         raise CompareError(f"{path} is not a score report: auroc, depth_categories or counts.prompts has "
                            f"the wrong type")
+    variant = settings.get("variant")
     facts = ReportFacts(path=str(folder), model_id=settings.get("model_id"), sae=str(sae),
                         layer=settings.get("layer"), store=settings.get("store"), n_prompts=n_prompts,
-                        n_test=int(sum((by_split.get(TEST) or {}).values())))
+                        n_test=int(sum((by_split.get(TEST) or {}).values())),
+                        variant=str(variant["name"]) if isinstance(variant, dict) and "name" in variant
+                        else None)
     return facts, tuple(_auroc_row(r, path) for r in rows), {str(k): int(v) for k, v in depth.items()}
 
 
@@ -175,15 +178,20 @@ def _sae_name(sae: str) -> str:
 
 
 def derive_labels(facts: Sequence[ReportFacts]) -> list[str]:
-    """``MODEL/SAE`` per report (short names); ``@STORE`` is appended when the reports were scored on
-    different eval stores, since a store is one generation variant of a model."""
+    """``MODEL/SAE`` per report (short names); when the reports were scored on different eval stores,
+    ``@VARIANT`` (the store's generation variant) or, for a store without one, ``@STORE`` is appended, since
+    a store is one generation variant of a model. Store names replace variants when variants alone would
+    leave two labels the same (the same variant of two manifests)."""
     stores = {f.store for f in facts}
-    labels = []
-    for f in facts:
-        label = f"{_short(f.model_id, 'unknown-model')}/{_sae_name(f.sae)}"
-        if len(stores) > 1:
-            label += f"@{PurePosixPath(_short(f.store, 'unknown-store')).stem}"
-        labels.append(label)
+    bases = [f"{_short(f.model_id, 'unknown-model')}/{_sae_name(f.sae)}" for f in facts]
+    if len(stores) <= 1:
+        return bases
+    by_store = [f"@{PurePosixPath(_short(f.store, 'unknown-store')).stem}" for f in facts]
+    by_variant = [f"@{f.variant}" if f.variant else s for f, s in zip(facts, by_store, strict=True)]
+    for suffixes in (by_variant, by_store):
+        labels = [b + s for b, s in zip(bases, suffixes, strict=True)]
+        if len(set(labels)) == len(labels):
+            break
     return labels
 
 

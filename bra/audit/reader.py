@@ -83,7 +83,8 @@ def _store_facts(store: Store) -> StoreFacts:
     return StoreFacts(path=str(store.path), kind=meta.kind, model_id=meta.model_id,
                       model=dict(model) if isinstance(model, Mapping) else None,
                       tokenizer_fingerprint=meta.tokenizer_fingerprint, d_model=store.d_model,
-                      n_tokens=store.n_tokens, hazard_tiers=meta.hazard_tiers, benign_tiers=meta.benign_tiers)
+                      n_tokens=store.n_tokens, hazard_tiers=meta.hazard_tiers, benign_tiers=meta.benign_tiers,
+                      variant=meta.variant)
 
 
 def _read_prompts(store: Store, facts: StoreFacts) -> pd.DataFrame:

@@ -100,6 +100,7 @@ def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame) -> dict
         "settings": {
             **dataclasses.asdict(cfg), "store": r.facts.path, "sae": r.sae_path,
             "baselines": r.baselines, "layer": r.layer, "model_id": r.facts.model_id,
+            "variant": dict(r.facts.variant) if r.facts.variant is not None else None,
             "sae_config": r.sae_config, "random_sae_config": r.random_sae_config,
             "f_definition": f"per-category mean of catalog latents' {cfg.pool}-pooled activations over the "
                             f"{cfg.f_segment} segment, L1-normalised",

@@ -13,6 +13,7 @@ Layout of a store (a Zarr v3 group; every reader and writer goes through this mo
       shards/stats/layer_<L>/{count,sumsq,mean,m2}   per-shard Welford partials (float64)
       docs.parquet               per-document table (doc_index, doc_id, tier, source, n_tokens, ...)
       prompts.parquet            eval stores only: prompt, completion, surface labels
+      generation.parquet         eval stores only: templated prompt ids, completion ids (read by a resume)
 
 Rows are in document order (windows in order, positions in order). ``mask`` is True for rows that
 training and statistics must skip: the first position of every window (the attention sink, whether
@@ -49,6 +50,10 @@ PROMPTS_TABLE = "prompts.parquet"
 # is created, so a resumed build reuses the completions (regenerating them could differ on a GPU).
 GENERATION_TABLE = "generation.parquet"
 GENERATION_COLUMNS = ("doc_index", "prompt_ids", "completion_ids", "text", "finished")
+# Stores of a generation variant (attr ``variant`` set): both tables gain these columns after their own
+# (before the prompt sets' metadata in prompts.parquet): the prefill as written ("" when none) and how many
+# leading completion ids are its tokens. Stores without a variant lack them.
+VARIANT_COLUMNS = ("prefill", "n_prefill_tokens")
 
 # Per-token columns, in the order their checksums are stored in CRC_ARRAY (activations follow).
 TOKEN_COLUMNS: dict[str, str] = {
@@ -92,6 +97,7 @@ ATTR_CODEC = "codec"
 ATTR_STATS = "stats"  # {layer: {count, mean, var, mean_sq_norm}}, masked rows excluded
 ATTR_CORPUS_COUNTS = "corpus_counts"
 ATTR_TOKENS_DIGEST = "tokens_digest"  # CRC32 of every planned token id: a resume refuses an edited corpus
+ATTR_VARIANT = "variant"  # eval stores of a generation variant; absent otherwise (and in stores built before)
 ATTR_DIGESTS = "attrs_digest"  # per-key digests written at completion, so verify can name an edited attr
 
 REQUIRED_ATTRS = (
@@ -280,6 +286,9 @@ class StoreAttrs:
     """Per corpus (or the generation, for eval stores): documents and tokens read, and how."""
     tokens_digest: str | None = None
     """CRC32 of every planned token id and their count: a resume over an edited corpus is refused."""
+    variant: dict[str, Any] | None = None
+    """The generation variant of an eval store (name, chat_template, system_prompt, prefill,
+    max_new_tokens); absent for a manifest without variants."""
 
     @property
     def layout(self) -> StoreLayout:
@@ -350,6 +359,7 @@ _FIELD_KEYS: dict[str, str] = {
     "codec": ATTR_CODEC,
     "corpus_counts": ATTR_CORPUS_COUNTS,
     "tokens_digest": ATTR_TOKENS_DIGEST,
+    "variant": ATTR_VARIANT,
 }
 _REQUIRED_FIELDS = frozenset(name for name, key in _FIELD_KEYS.items() if key in REQUIRED_ATTRS)
 # every build writes the revision, None meaning the default branch; leaving it out would change the attrs
@@ -361,6 +371,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "tier_names": _strs, "hazard_tiers": _strs, "benign_tiers": _strs, "n_tokens": int, "n_docs": int,
     "chunk_tokens": int,
     "shard_tokens": int, "codec": _json_object, "corpus_counts": _json_object, "tokens_digest": str,
+    "variant": _json_object,
 }
 assert list(_FIELD_KEYS) == [f.name for f in dataclasses.fields(StoreAttrs)] == list(_CONVERT)
 

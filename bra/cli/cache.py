@@ -26,32 +26,42 @@ def cli(verbose: int) -> None:
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--store", type=STORE_PATH, default=None,
               help="Output store: a folder or a URL (s3://bucket/x.zarr, memory://, file://) "
-                   "(default cache/<manifest name>.zarr).")
+                   "(default cache/<manifest name>.zarr). With generation variants, a prefix: each variant "
+                   "VARIANT builds its own store, with the .zarr suffix replaced by .VARIANT.zarr "
+                   "(default cache/<manifest name>.VARIANT.zarr).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --store and rebuild it.")
 @NPROC_OPTION
 @click.pass_context
 def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrite: bool, nproc: int) -> None:
     """Build (or resume) the store described by MANIFEST. Re-running on a finished store does nothing.
-    Under torchrun every process builds its share of the shards."""
+    Under torchrun every process builds its share of the shards.
+
+    An eval manifest's generation.variants (name, chat_template, system_prompt, prefill, max_new_tokens)
+    build one eval store each, in manifest order; a complete variant store is skipped, and every other
+    variant is checked against the tokenizer before anything is written. A prefill opens the assistant
+    turn: the stored completion, and the text its surface label judges, is prefill + continuation."""
     from bra.dist import process_group
-    from bra.pipeline.build import build_store
+    from bra.pipeline.build import build_stores
     from bra.pipeline.manifest import load_manifest
 
     relaunch_under_torchrun(ctx, "bra.cli.cache", nproc)
     with process_group() as dist:
-        result = build_store(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
+        results = build_stores(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
     if not dist.is_main:
         return
-    if result.status != "already-complete" and load_manifest(manifest).judges:
-        from bra.pipeline.relabel import relabel_store
+    loaded = load_manifest(manifest)
+    for result in results:
+        if result.status != "already-complete" and loaded.judges:
+            from bra.pipeline.relabel import relabel_store
 
-        relabel_store(result.path)  # the manifest's judges, recorded in the store
-    if result.status == "already-complete":
-        click.echo(f"{result.path}: already complete ({result.n_tokens:,} tokens); nothing to do", err=True)
-    else:
-        rate = result.computed_tokens / result.seconds if result.seconds else 0.0
-        click.echo(f"{result.path}: {result.status}, {result.n_tokens:,} tokens "
-                   f"({result.computed_tokens:,} computed, {rate:,.0f} tok/s)", err=True)
+            relabel_store(result.path)  # the manifest's judges, recorded in the store
+        if result.status == "already-complete":
+            click.echo(f"{result.path}: already complete ({result.n_tokens:,} tokens); nothing to do",
+                       err=True)
+        else:
+            rate = result.computed_tokens / result.seconds if result.seconds else 0.0
+            click.echo(f"{result.path}: {result.status}, {result.n_tokens:,} tokens "
+                       f"({result.computed_tokens:,} computed, {rate:,.0f} tok/s)", err=True)
 
 
 @cli.command()

@@ -6,10 +6,14 @@ are split into contiguous runs, one per rank, each rank runs only the batches th
 only those whole shards, and rank 0 finalizes once every rank is done. Per-shard statistics partials make
 the merged statistics independent of who wrote what. Creating, resuming or refusing the store is
 ``bra.cache.lifecycle``'s; this module owns the plan and the forward loop.
+
+An eval manifest with generation variants builds one store per variant (``build_stores``), each an ordinary
+eval store with its own fingerprint, resumed, left alone or refused on its own; the model is loaded once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -28,7 +32,7 @@ from bra.cache import lifecycle, schema
 from bra.cache.location import StoreLocation
 from bra.cache.writer import StoreWriter
 from bra.dist import SINGLE, Dist
-from bra.errors import CorpusError, StoreError
+from bra.errors import CorpusError, ManifestError, StoreError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
     capture_residuals,
@@ -63,9 +67,47 @@ class BuildResult:
     """built, resumed or already-complete."""
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model a build runs, loaded once and shared by the stores of a manifest's variants."""
+
+    model: Any
+    """The causal LM, on ``device``, in eval mode."""
+    tokenizer: Any
+    """Its tokenizer."""
+    config: Any
+    """Its config (layer count, hidden size)."""
+    device: torch.device
+    """Where it runs."""
+    dtype: torch.dtype
+    """The compute dtype."""
+
+
 def default_store_path(manifest: Manifest) -> Path:
-    """cache/<manifest name>.zarr"""
-    return Path("cache") / f"{manifest.name}.zarr"
+    """cache/<manifest name>.zarr, or cache/<manifest name>.<variant>.zarr for one variant's manifest."""
+    base = Path("cache") / f"{manifest.name}.zarr"
+    return variant_store_path(base, manifest.variant.name) if manifest.variant is not None else base
+
+
+def variant_store_path(store: Path | str, variant: str) -> Path | str:
+    """The store of one variant beside ``store`` (a path or URL, used as a prefix): its ``.zarr`` suffix, if
+    any, becomes ``.<variant>.zarr`` (``cache/x.zarr`` and ``cache/x`` -> ``cache/x.<variant>.zarr``)."""
+    if isinstance(store, Path):
+        if not store.name:
+            raise StoreError(f"--store {store}: a manifest with generation variants needs a store name to "
+                             f"prefix (e.g. cache/x.zarr -> cache/x.<variant>.zarr)")
+        return store.with_name(f"{store.name.removesuffix('.zarr')}.{variant}.zarr")
+    return f"{str(store).rstrip('/').removesuffix('.zarr')}.{variant}.zarr"
+
+
+def store_targets(manifest: Manifest, store: str | Path | None = None) -> list[tuple[Manifest, Path | str]]:
+    """(manifest, store) of every store ``manifest`` builds: itself at ``store`` (default
+    ``default_store_path``) without variants, else each variant's manifest at ``variant_store_path``."""
+    base: Path | str = store if store is not None else Path("cache") / f"{manifest.name}.zarr"
+    if not manifest.generation.variants:
+        return [(manifest, base)]
+    return [(m, variant_store_path(base, m.variant.name)) for m in manifest.variant_manifests()
+            if m.variant is not None]
 
 
 def _tokens_digest(plan: TokenPlan) -> str:
@@ -193,21 +235,8 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
     return total
 
 
-def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
-                dist: Dist = SINGLE) -> BuildResult:
-    """Run stage one for ``manifest``: build, resume, or report an already complete store.
-
-    ``store`` is a folder or a URL (``memory://``, ``s3://``, ``file://``). Under torchrun every rank calls
-    this with its ``dist`` (``bra.dist.process_group``); alone, ``SINGLE``.
-    """
-    loc = StoreLocation.parse(store if store is not None else default_store_path(manifest))
-    path = loc.handle
-    m_hash = manifest_hash(manifest, _input_digests(manifest))
-    if not overwrite:
-        done_tokens = dist.on_main(lambda: lifecycle.completed_tokens(loc, m_hash))
-        if done_tokens is not None:
-            logger.info("store %s is already complete; nothing to do", path)
-            return BuildResult(path, done_tokens, 0, 0.0, "already-complete")
+def load_build_model(manifest: Manifest, dist: Dist = SINGLE) -> LoadedModel:
+    """Load the manifest's model on this rank's device, after checking its layers against the config."""
     device = resolve_device(manifest.model.device)
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -216,9 +245,64 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     check_layers(manifest.layers, config_int(config, "num_hidden_layers", manifest.model.id),
                  manifest.model.id)
     model, tokenizer = load_model(manifest.model, device, dtype)
+    return LoadedModel(model, tokenizer, config, device, dtype)
+
+
+def build_stores(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
+                 dist: Dist = SINGLE) -> list[BuildResult]:
+    """Build every store of ``manifest`` (``store_targets``): the one store of a manifest without variants
+    (``build_store``, exactly as always), or one per generation variant, in manifest order.
+
+    Variants whose store is complete are skipped before any model is loaded. Every other variant is checked
+    against the tokenizer (template, system turn, window room) before the first store is written, so a bad
+    variant leaves nothing half-written; the model is then loaded once for them all.
+    """
+    targets = store_targets(manifest, store)
+    if not manifest.generation.variants:
+        return [build_store(manifest, targets[0][1], overwrite, dist)]
+    from bra.pipeline.evalbuild import preflight
+
+    pending = [(i, m) for i, (m, path) in enumerate(targets) if overwrite or not _is_complete(m, path, dist)]
+    loaded = None
+    if pending:
+        loaded = load_build_model(manifest, dist)
+        for i, m in pending:
+            preflight(m, loaded.tokenizer, f"generation.variants[{i}]")
+    return [build_store(m, path, overwrite, dist, loaded) for m, path in targets]
+
+
+def _is_complete(manifest: Manifest, store: Path | str, dist: Dist) -> bool:
+    """Whether ``store`` is a complete store of ``manifest`` (checked on rank 0, before any model loads)."""
+    m_hash = manifest_hash(manifest, _input_digests(manifest))
+    return dist.on_main(lambda: lifecycle.completed_tokens(StoreLocation.parse(store), m_hash)) is not None
+
+
+def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
+                dist: Dist = SINGLE, loaded: LoadedModel | None = None) -> BuildResult:
+    """Run stage one for ``manifest`` (one store: a manifest without variants, or one variant's manifest):
+    build, resume, or report an already complete store.
+
+    ``store`` is a folder or a URL (``memory://``, ``s3://``, ``file://``). Under torchrun every rank calls
+    this with its ``dist`` (``bra.dist.process_group``); alone, ``SINGLE``. ``loaded``: the model, when the
+    caller has it already (``build_stores``); else it is loaded here, once the store is known not complete.
+    """
+    if manifest.generation.variants:
+        raise ManifestError("generation.variants: a manifest with variants builds one store per variant; "
+                            "call build_stores")
+    loc = StoreLocation.parse(store if store is not None else default_store_path(manifest))
+    path = loc.handle
+    m_hash = manifest_hash(manifest, _input_digests(manifest))
+    if not overwrite:
+        done_tokens = dist.on_main(lambda: lifecycle.completed_tokens(loc, m_hash))
+        if done_tokens is not None:
+            logger.info("store %s is already complete; nothing to do", path)
+            return BuildResult(path, done_tokens, 0, 0.0, "already-complete")
+    if loaded is None:
+        loaded = load_build_model(manifest, dist)
+    model, tokenizer, device, dtype = loaded.model, loaded.tokenizer, loaded.device, loaded.dtype
     plan, extra_tables = _plan(manifest, model, tokenizer, device, dist, loc, m_hash, overwrite)
-    attrs = _store_attrs(manifest, plan, m_hash, config_int(config, "hidden_size", manifest.model.id), dtype,
-                         tokenizer)
+    attrs = _store_attrs(manifest, plan, m_hash, config_int(loaded.config, "hidden_size", manifest.model.id),
+                         dtype, tokenizer)
     layers = list(attrs.layers)
     early = {k: v for k, v in extra_tables.items() if k == schema.GENERATION_TABLE}
     opened = dist.on_main(lambda: lifecycle.open_for_build(loc, attrs, overwrite, early))
@@ -264,6 +348,7 @@ def _store_attrs(manifest: Manifest, plan: TokenPlan, m_hash: str, d_model: int,
         chunk_tokens=storage.chunk_tokens, shard_tokens=storage.shard_tokens,
         codec=storage.compression.to_attrs(),
         corpus_counts=plan.counts, tokens_digest=_tokens_digest(plan),
+        variant=dataclasses.asdict(manifest.variant) if manifest.variant is not None else None,
     )
 
 

@@ -7,6 +7,10 @@ is the residual stream at that token given everything before it. The text, token
 labels go to ``prompts.parquet`` (one row per prompt, linked by ``doc_index``); the exact token ids to
 ``generation.parquet``, which a resumed build reads back instead of generating again.
 
+A generation variant (``Manifest.variant``) builds its own store the same way; its prompt ids are put as the
+variant says (``bra.pipeline.generate.format_prompt_ids``), its prefill's ids open the completion segment,
+and both tables gain ``schema.VARIANT_COLUMNS`` (the prefill and its token count).
+
 Under torchrun each rank generates a contiguous run of the generation batches a single process would form
 (so the completions are the same) and every rank receives all of them.
 """
@@ -26,8 +30,15 @@ from torch import nn
 from bra.cache import schema
 from bra.dist import SINGLE, Dist
 from bra.errors import ManifestError
-from bra.pipeline.generate import GenerationResult, chat_prompt_ids, generate_completions, stop_token_ids
-from bra.pipeline.manifest import Manifest
+from bra.pipeline.generate import (
+    GenerationResult,
+    check_prompt_format,
+    format_prompt_ids,
+    generate_completions,
+    prefill_ids,
+    stop_token_ids,
+)
+from bra.pipeline.manifest import CANONICAL_FORMAT, Manifest
 from bra.pipeline.plan import TokenPlan, Window
 from bra.pipeline.prompts import EvalPrompt, load_eval_set_files, metadata_columns
 from bra.pipeline.relabel import surface_columns
@@ -69,17 +80,38 @@ def eval_tier_names(manifest: Manifest, prompts: list[EvalPrompt]) -> tuple[str,
 
 
 def _check_room(manifest: Manifest, prompts: list[EvalPrompt], tokenizer: Any) -> None:
-    """Fail before generating if the longest prompt plus max_new_tokens could overflow max_seq_len."""
-    lengths = [len(chat_prompt_ids(tokenizer, p.prompt)) for p in prompts]
+    """Fail before generating if the longest prompt plus prefill and max_new_tokens could overflow
+    max_seq_len."""
+    fmt = manifest.prompt_format
+    lengths = [len(format_prompt_ids(tokenizer, p.prompt, fmt)) for p in prompts]
     longest = int(np.argmax(lengths))
-    need = lengths[longest] + manifest.generation.max_new_tokens
+    n_prefill = len(prefill_ids(tokenizer, fmt))
+    need = lengths[longest] + n_prefill + manifest.generation.max_new_tokens
     if need > manifest.max_seq_len:
+        what = "chat-template" if fmt.chat_template else "raw prompt"
+        prefill = f", the prefill {n_prefill}" if n_prefill else ""
+        variant = f" (variant {manifest.variant.name!r})" if manifest.variant is not None else ""
         raise ManifestError(
-            f"max_seq_len: {manifest.max_seq_len} is too short for eval windows: prompt "
-            f"{prompts[longest].id!r} has {lengths[longest]} chat-template tokens and "
+            f"max_seq_len: {manifest.max_seq_len} is too short for eval windows{variant}: prompt "
+            f"{prompts[longest].id!r} has {lengths[longest]} {what} tokens{prefill} and "
             f"generation.max_new_tokens is {manifest.generation.max_new_tokens}; raise max_seq_len to at "
             f"least {need} (prompt + completion windows are never truncated)"
         )
+
+
+def preflight(manifest: Manifest, tokenizer: Any,
+              key: str | None = None) -> list[tuple[str, str, list[EvalPrompt]]]:
+    """Everything that can fail before generating, checked without the model: the prompt files, the class
+    tiers, whether the tokenizer can put the prompts as the variant asks (errors name ``key``, by default
+    the variant), and whether every window fits. Returns the prompt sets (``_load_sets``)."""
+    sets = _load_sets(manifest)
+    prompts = [p for _, _, ps in sets for p in ps]
+    eval_tier_names(manifest, prompts)
+    if manifest.variant is not None:
+        check_prompt_format(tokenizer, manifest.variant,
+                            key or f"generation.variants[{manifest.variant.name}]")
+    _check_room(manifest, prompts, tokenizer)
+    return sets
 
 
 def _window(doc_index: int, result: GenerationResult) -> Window:
@@ -89,28 +121,43 @@ def _window(doc_index: int, result: GenerationResult) -> Window:
     return Window(doc_index, ids, segment)
 
 
-def generation_table(results: list[GenerationResult]) -> pd.DataFrame:
-    """The generation results as a table (``GENERATION_TABLE``), one row per prompt in plan order."""
-    return pd.DataFrame({
+def _variant_columns(manifest: Manifest, results: list[GenerationResult]) -> dict[str, Any]:
+    """``schema.VARIANT_COLUMNS`` of a variant store (the prefill, empty when none, and its token count);
+    nothing for a manifest without variants, whose tables keep their columns."""
+    if manifest.variant is None:
+        return {}
+    prefill, n_prefill = schema.VARIANT_COLUMNS
+    return {prefill: [manifest.variant.prefill or ""] * len(results),
+            n_prefill: np.asarray([r.n_prefill_tokens for r in results], dtype=np.int32)}
+
+
+def generation_table(results: list[GenerationResult], manifest: Manifest | None = None) -> pd.DataFrame:
+    """The generation results as a table (``GENERATION_TABLE``), one row per prompt in plan order; a variant
+    ``manifest`` adds ``schema.VARIANT_COLUMNS``."""
+    table = pd.DataFrame({
         "doc_index": np.arange(len(results), dtype=np.int32),
         "prompt_ids": [np.asarray(r.prompt_ids, dtype=np.int32) for r in results],
         "completion_ids": [np.asarray(r.completion_ids, dtype=np.int32) for r in results],
         "text": [r.text for r in results],
         "finished": np.asarray([r.finished for r in results], dtype=bool),
     })[list(schema.GENERATION_COLUMNS)]
+    return table.assign(**_variant_columns(manifest, results)) if manifest is not None else table
 
 
 def results_from_table(table: pd.DataFrame) -> list[GenerationResult]:
     """Inverse of ``generation_table``."""
     rows = table.sort_values("doc_index")
-    return [GenerationResult([int(i) for i in p], [int(i) for i in c], str(t), bool(f))
-            for p, c, t, f in zip(rows["prompt_ids"], rows["completion_ids"], rows["text"], rows["finished"],
-                                  strict=True)]
+    key = schema.VARIANT_COLUMNS[1]
+    n_prefill = rows[key] if key in rows.columns else [0] * len(rows)
+    return [GenerationResult([int(i) for i in p], [int(i) for i in c], str(t), bool(f), int(n))
+            for p, c, t, f, n in zip(rows["prompt_ids"], rows["completion_ids"], rows["text"],
+                                     rows["finished"], n_prefill, strict=True)]
 
 
-def _saved_results(saved: pd.DataFrame | None, prompts: list[EvalPrompt],
-                   tokenizer: Any) -> list[GenerationResult] | None:
-    """The saved results when they belong to exactly these prompts as this tokenizer templates them."""
+def _saved_results(saved: pd.DataFrame | None, prompts: list[EvalPrompt], tokenizer: Any,
+                   manifest: Manifest | None = None) -> list[GenerationResult] | None:
+    """The saved results when they belong to exactly these prompts as this tokenizer puts them (the
+    variant's format and prefill, by default the canonical chat template)."""
     if saved is None:
         return None
     try:
@@ -118,8 +165,11 @@ def _saved_results(saved: pd.DataFrame | None, prompts: list[EvalPrompt],
     except (KeyError, TypeError, ValueError):
         logger.warning("the saved completions are unreadable; generating them again")
         return None
+    fmt = manifest.prompt_format if manifest is not None else CANONICAL_FORMAT
+    opening = prefill_ids(tokenizer, fmt)
     if len(results) != len(prompts) or any(
-            r.prompt_ids != chat_prompt_ids(tokenizer, p.prompt)
+            r.prompt_ids != format_prompt_ids(tokenizer, p.prompt, fmt)
+            or r.completion_ids[:r.n_prefill_tokens] != opening or r.n_prefill_tokens != len(opening)
             for r, p in zip(results, prompts, strict=True)):
         logger.warning("the saved completions belong to other prompts; generating them again")
         return None
@@ -127,9 +177,10 @@ def _saved_results(saved: pd.DataFrame | None, prompts: list[EvalPrompt],
     return results
 
 
-def _generate_shared(model: nn.Module, tokenizer: Any, prompts: list[str], spec: Any, device: torch.device,
-                     dist: Dist) -> list[GenerationResult]:
+def _generate_shared(model: nn.Module, tokenizer: Any, prompts: list[str], manifest: Manifest,
+                     device: torch.device, dist: Dist) -> list[GenerationResult]:
     """Every prompt's completion, each rank generating a contiguous run of whole batches (see module doc)."""
+    spec = manifest.generation
     n_batches = -(-len(prompts) // spec.batch_size)
     mine = np.array_split(np.arange(n_batches), dist.world)[dist.rank]
     lo = int(mine[0]) * spec.batch_size if len(mine) else 0
@@ -138,7 +189,8 @@ def _generate_shared(model: nn.Module, tokenizer: Any, prompts: list[str], spec:
     error = None
     try:
         if hi > lo:
-            local = generate_completions(model, tokenizer, prompts[lo:hi], spec, device)
+            local = generate_completions(model, tokenizer, prompts[lo:hi], spec, device,
+                                         manifest.prompt_format)
     except Exception as exc:  # every rank must learn of it, or the others wait at the gather
         error = exc
     dist.check(error)
@@ -150,17 +202,15 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
                  ) -> tuple[TokenPlan, dict[str, pd.DataFrame]]:
     """Generate completions for the manifest's prompt sets (or reuse ``saved``, an interrupted build's
     ``GENERATION_TABLE``); return the plan and ``{PROMPTS_TABLE: ..., GENERATION_TABLE: ...}``."""
-    sets = _load_sets(manifest)
+    sets = preflight(manifest, tokenizer)
     prompts = [p for _, _, ps in sets for p in ps]
     tier_names = eval_tier_names(manifest, prompts)
-    _check_room(manifest, prompts, tokenizer)
-    results = _saved_results(saved, prompts, tokenizer)
+    results = _saved_results(saved, prompts, tokenizer, manifest)
     if results is None:
         t0 = time.perf_counter()
-        results = _generate_shared(model, tokenizer, [p.prompt for p in prompts], manifest.generation, device,
-                                   dist)
+        results = _generate_shared(model, tokenizer, [p.prompt for p in prompts], manifest, device, dist)
         seconds = time.perf_counter() - t0
-        n_new = sum(len(r.completion_ids) for r in results)
+        n_new = sum(len(r.completion_ids) - r.n_prefill_tokens for r in results)  # a prefill is not new
         logger.info("generation: %d new tokens in %.1fs (%.0f tok/s)", n_new, seconds,
                     n_new / max(seconds, 1e-9))
 
@@ -198,9 +248,11 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
     for key, values in surface_columns(table["prompt"].tolist(), table["completion"].tolist()).items():
         table[key] = values
     # The prompt sets' own extra fields follow the schema's columns (none for files in the upstream format).
-    extra = metadata_columns(prompts, taken=schema.PROMPT_COLUMNS)
-    return plan, {schema.PROMPTS_TABLE: table[list(schema.PROMPT_COLUMNS)].assign(**extra),
-                  schema.GENERATION_TABLE: generation_table(results)}
+    # A variant's prefill columns come next (none without variants), then the prompt sets' own fields.
+    variant = _variant_columns(manifest, results)
+    extra = metadata_columns(prompts, taken=schema.PROMPT_COLUMNS + tuple(variant))
+    return plan, {schema.PROMPTS_TABLE: table[list(schema.PROMPT_COLUMNS)].assign(**variant).assign(**extra),
+                  schema.GENERATION_TABLE: generation_table(results, manifest)}
 
 
 def _prompt_row(prompt: EvalPrompt, result: GenerationResult, doc_index: int) -> dict[str, Any]:
@@ -217,10 +269,15 @@ def _prompt_row(prompt: EvalPrompt, result: GenerationResult, doc_index: int) ->
 def _generation_record(manifest: Manifest, model: nn.Module, tokenizer: Any,
                        results: list[GenerationResult]) -> dict[str, Any]:
     """How the completions were made (stored in the store's attrs under corpus_counts)."""
-    g = manifest.generation
-    return {
+    g, fmt = manifest.generation, manifest.prompt_format
+    record = {
         "decoding": "greedy", "max_new_tokens": g.max_new_tokens, "seed": g.seed, "batch_size": g.batch_size,
-        "padding": "left", "chat_template": True, "stop_token_ids": stop_token_ids(model, tokenizer),
+        "padding": "left", "chat_template": fmt.chat_template,
+        "stop_token_ids": stop_token_ids(model, tokenizer),
         "prompts": len(results), "finished": sum(int(r.finished) for r in results),
         "completion_tokens": sum(len(r.completion_ids) for r in results),
     }
+    if manifest.variant is not None:  # a store without variants keeps the record it always had
+        record.update(variant=fmt.name, system_prompt=fmt.system_prompt, prefill=fmt.prefill,
+                      prefill_tokens=sum(r.n_prefill_tokens for r in results))
+    return record

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ from bra.pipeline.judges import JudgeError, JudgeSpec, judge_spec_from_config
 from bra.vocab import DEFAULT_NEGATIVE_TIERS, DEFAULT_POSITIVE_TIERS, EVAL_TIERS, TIERS
 
 CODECS = ("none", "blosc-zstd", "blosc-lz4", "zstd")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+"""A generation variant's name: it becomes part of its store's file name (``<store>.<variant>.zarr``)."""
+_NOT_IN_YAML = frozenset({"base_dir", "variant"})
+"""Manifest fields the loader sets, never a manifest file."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,30 @@ class StorageSpec:
 
 
 @dataclass(frozen=True)
+class VariantSpec:
+    """One generation variant of an eval manifest: how the prompts are put to the model. Each variant builds
+    its own eval store (``Manifest.variant_manifests``), an ordinary one that ``bra-sae score`` reads."""
+
+    name: str
+    """Names the variant and its store (``cache/<manifest name>.<name>.zarr``): letters, digits, - and _."""
+    chat_template: bool = True
+    """Wrap the prompt in the tokenizer's chat template; false: the prompt as the tokenizer encodes plain text
+    (special tokens such as BOS included), with no turn markers."""
+    system_prompt: str | None = None
+    """A system turn before the user turn (needs chat_template and a template that accepts system turns)."""
+    prefill: str | None = None
+    """Text the assistant turn starts with (tokenised on its own, appended after the generation prompt); the
+    model continues it, and the stored completion (text, ids, completion segment, surface label) is the
+    prefill followed by the continuation."""
+    max_new_tokens: int | None = None
+    """Completion length cap (generated tokens, the prefill not counted); None: generation.max_new_tokens."""
+
+
+CANONICAL_FORMAT = VariantSpec(name="canonical")
+"""How a manifest without variants puts its prompts: the chat template, one user turn, no prefill."""
+
+
+@dataclass(frozen=True)
 class GenerationSpec:
     """Greedy generation for eval prompts."""
 
@@ -112,6 +141,9 @@ class GenerationSpec:
     """Seed set before generating (greedy decoding makes it a formality, but it is recorded)."""
     batch_size: int = 8
     """Prompts per generate() call."""
+    variants: tuple[VariantSpec, ...] = ()
+    """Generation variants (system prompt, chat template on/off, prefill, max_new_tokens), one store each;
+    empty: one store, chat-templated (``CANONICAL_FORMAT``). Left out of the store fingerprint while empty."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +191,9 @@ class Manifest:
     ``bra-cache relabel``. Left out of the store fingerprint while empty."""
     base_dir: str = "."
     """Directory relative paths resolve against (the manifest's folder); not part of the hash."""
+    variant: VariantSpec | None = None
+    """The one generation variant this manifest builds (set by ``variant_manifests``, never in YAML, with
+    ``max_new_tokens`` filled in); None for a manifest without variants."""
 
     @property
     def kind(self) -> str:
@@ -195,6 +230,25 @@ class Manifest:
             return DEFAULT_NEGATIVE_TIERS
         return tuple(t for t in self.tier_names if t not in self.positive_tiers)
 
+    @property
+    def prompt_format(self) -> VariantSpec:
+        """How the eval prompts are put to the model: the variant, else ``CANONICAL_FORMAT``."""
+        return self.variant if self.variant is not None else CANONICAL_FORMAT
+
+    def variant_manifests(self) -> tuple[Manifest, ...]:
+        """One manifest per store the build writes: this one when it has no variants, else one per variant
+        (``variants`` emptied, ``variant`` set, ``generation.max_new_tokens`` the variant's). A variant's
+        store fingerprint is its own manifest's, so adding or editing one variant leaves the others' stores
+        valid."""
+        g = self.generation
+        out = []
+        for v in g.variants or ():
+            n_new = v.max_new_tokens if v.max_new_tokens is not None else g.max_new_tokens
+            out.append(dataclasses.replace(
+                self, generation=dataclasses.replace(g, variants=(), max_new_tokens=n_new),
+                variant=dataclasses.replace(v, max_new_tokens=n_new)))
+        return tuple(out) or (self,)
+
     def resolve(self, path: str) -> Path:
         """Resolve a manifest-relative path."""
         p = Path(path).expanduser()
@@ -209,6 +263,10 @@ class Manifest:
             d.pop("benign_tiers")
         if not self.judges:  # likewise
             d.pop("judges")
+        if not self.generation.variants:  # the same for the keys of generation variants
+            d["generation"].pop("variants")
+        if self.variant is None:
+            d.pop("variant")
         d["model"].pop("device")
         d["kind"] = self.kind
         return d
@@ -216,7 +274,7 @@ class Manifest:
 
 def _check_keys(cls: type, data: dict[str, Any], where: str, label: str,
                 names: set[str] | None = None) -> None:
-    names = names or {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
+    names = names or {f.name for f in dataclasses.fields(cls)} - _NOT_IN_YAML
     for key in data:
         if key not in names:
             raise ManifestError(f"{where}: {label}{key}: unknown key "
@@ -338,6 +396,33 @@ def _validate(m: Manifest, where: str) -> None:
     twice = [n for i, n in enumerate(names) if n in names[:i]]
     if twice:
         bad("judges", f"two judges are named {twice[0]!r}: give one a name=...")
+    _validate_variants(m, bad)
+
+
+def _validate_variants(m: Manifest, bad: Callable[[str, str], None]) -> None:
+    """``generation.variants``: eval manifests only; unique usable names; settings that make sense. Whether
+    the tokenizer's template can do what a variant asks is checked once it is loaded
+    (``bra.pipeline.generate.check_prompt_format``)."""
+    variants = m.generation.variants
+    if variants and m.kind != "eval":
+        bad("generation.variants", "only eval manifests (prompt_sets) have generation variants")
+    seen: dict[str, int] = {}
+    for i, v in enumerate(variants):
+        key = f"generation.variants[{i}]"
+        if not VARIANT_NAME.match(v.name):
+            bad(f"{key}.name", f"invalid variant name {v.name!r} (letters, digits, - and _: it names the "
+                               f"store)")
+        if v.name in seen:
+            bad(f"{key}.name", f"duplicate variant name {v.name!r} (also "
+                               f"generation.variants[{seen[v.name]}])")
+        seen[v.name] = i
+        if v.max_new_tokens is not None and v.max_new_tokens < 1:
+            bad(f"{key}.max_new_tokens", "must be positive")
+        for field_name in ("prefill", "system_prompt"):
+            if getattr(v, field_name) == "":
+                bad(f"{key}.{field_name}", f"must not be empty (leave {field_name} out for none)")
+        if v.system_prompt is not None and not v.chat_template:
+            bad(f"{key}.system_prompt", "needs chat_template: true (a raw prompt has no system turn)")
 
 
 def _validate_classes(m: Manifest, bad: Callable[[str, str], None]) -> None:
@@ -425,11 +510,18 @@ def load_manifest(path: str | Path) -> Manifest:
             return tuple(judge_spec_from_config(v, f"{label}[{i}]") for i, v in enumerate(value))
         except JudgeError as exc:
             raise ManifestError(f"{where}: {exc}") from None
+    def variants(value: Any, label: str) -> tuple[VariantSpec, ...]:
+        if not isinstance(value, list) or not value:
+            raise ManifestError(f"{where}: {label}: expected a non-empty list of variants")
+        return tuple(
+            _build(VariantSpec, {"name": v} if isinstance(v, str) else v, where, f"{label}[{i}].")
+            for i, v in enumerate(value)
+        )
 
     manifest: Manifest = _build(Manifest, data, where, "", {
         "model": lambda v, lab: _build(ModelSpec, {"id": v} if isinstance(v, str) else v, where, f"{lab}."),
         "storage": lambda v, lab: _build_storage(v, where, f"{lab}."),
-        "generation": lambda v, lab: _build(GenerationSpec, v, where, f"{lab}."),
+        "generation": lambda v, lab: _build(GenerationSpec, v, where, f"{lab}.", {"variants": variants}),
         "corpora": corpus,
         "prompt_sets": prompt_sets,
         "judges": judges,
