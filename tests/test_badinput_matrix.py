@@ -23,11 +23,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 import zarr
-from helpers import linear_sae_weights, tiny_manifest, write_gemma_scope_npz, write_saelens_dir
-from test_cli_badinput import error_lines
+from helpers import (
+    disk_full,
+    error_lines,
+    flip_chunk,
+    linear_sae_weights,
+    mark_incomplete,
+    put_nan,
+    sae_main_code,
+    tiny_manifest,
+    truncate,
+    write_gemma_scope_npz,
+    write_pickled_code,
+    write_saelens_dir,
+)
 
 from bra.cache import schema
 from bra.cli.cache import main as cache_main
@@ -81,63 +92,7 @@ def shared(tiny_gemma_dir: Path, labelled_eval_store: tuple[Path, Path],
             "eval_sae": eval_sae, "manifest": manifest}
 
 
-def sae_main_code(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as info:
-        sae_main(argv)
-    return int(info.value.code or 0)
-
-
 # ------------------------------------------------------------------------------------------- damage
-
-
-def flip_chunk(store: Path, layer: int = 1, shard: int = 1) -> None:
-    """Flip 4 bytes in the middle of an activation shard file (inside a compressed inner chunk)."""
-    path = store / "acts" / f"layer_{layer}" / "c" / str(shard) / "0"
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
-    path.write_bytes(bytes(data))
-
-
-def put_nan(store: Path, layer: int = 1) -> int:
-    """NaN in one unmasked activation row (statistics left as they were); returns the row."""
-    group = zarr.open_group(str(store), mode="r+")
-    acts = group[f"acts/layer_{layer}"]
-    row = int(np.flatnonzero(~group["mask"][:])[3])
-    data = acts[:]
-    data[row, 5] = np.nan
-    acts[:] = data
-    return row
-
-
-def mark_incomplete(store: Path) -> None:
-    zarr.open_group(str(store), mode="r+").attrs[schema.ATTR_STATUS] = schema.STATUS_BUILDING
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def write_pickled_code(path: Path, marker: Path, key: str = "W_enc") -> Path:
-    """A torch file whose unpickling would call ``marker.touch()``: weights_only=True must refuse it."""
-
-    class Evil:
-        def __reduce__(self) -> tuple[Any, ...]:
-            return (Path.touch, (marker,))
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({key: Evil()}, path)
-    return path
-
-
-def disk_full(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> None:
-    """Make ``target.name`` (a function that writes a file) fail with ENOSPC, naming the file it was given."""
-
-    def full(*args: Any, **kwargs: Any) -> None:
-        path = next((a for a in args if isinstance(a, (str, os.PathLike))), "?")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-    monkeypatch.setattr(target, name, full)
 
 
 def sae_dir_copy(env: Env, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
@@ -185,12 +140,18 @@ class Row:
     """Expected elsewhere on stderr (verify lists the problems above its error line)."""
 
 
-ROWS: dict[str, Callable[[Env], Row]] = {}
+ROWS: list[Any] = []
+"""Every row as ``pytest.param(builder, id=name)``, in registration order: the matrix test's parameters."""
 
 
 def row(name: str) -> Callable[[Callable[[Env], Row]], Callable[[Env], Row]]:
+    """Register the decorated ``builder(env) -> Row`` as the row ``name`` (its test id); a name registered
+    twice is refused when this module is imported."""
+    if any(param.id == name for param in ROWS):
+        raise ValueError(f"bad-input row {name!r} is registered twice")
+
     def register(fn: Callable[[Env], Row]) -> Callable[[Env], Row]:
-        ROWS[name] = fn
+        ROWS.append(pytest.param(fn, id=name))
         return fn
 
     return register
@@ -308,11 +269,6 @@ def _(env: Env) -> Row:
 
 
 # bra-cache info / verify
-
-
-@row("info/missing")
-def _(env: Env) -> Row:
-    return Row(cache_main, ["info", str(env.tmp / "nope.zarr")], "no store at")
 
 
 @row("info/not-a-bra-store")
@@ -818,12 +774,12 @@ def _(env: Env) -> Row:
     return score(env, env.eval_store, "negative_tiers has an empty tier name", "--negative-tiers", ",")
 
 
-@pytest.mark.parametrize("name", list(ROWS))
-def test_cli__bad_input_is_one_error_line(name: str, shared: dict[str, Path], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("build_row", ROWS)
+def test_cli__bad_input_is_one_error_line(build_row: Callable[[Env], Row], shared: dict[str, Path],
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     env = Env(tmp_path, monkeypatch=monkeypatch, **shared)
-    row = ROWS[name](env)
+    row = build_row(env)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         row.cli(row.argv)

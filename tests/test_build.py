@@ -1,43 +1,30 @@
-"""Acceptance tests for stage one (`bra-cache build/info/verify`) on the tiny Gemma2 and on SmolLM2.
+"""bra/pipeline/build.py: stage one (`bra-cache build`) on the tiny Gemma2 and on SmolLM2.
 
-The reference for every stored row is a plain ``output_hidden_states=True`` forward of its window alone.
+The reference for every stored row is a plain ``output_hidden_states=True`` forward of its window alone. The
+float32 store (``fp32_store``) is built once per session in conftest.py; test_store, test_verify and test_info
+read it too.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import SAMPLE_TEXT, tiny_manifest, write_corpus, write_manifest
+from helpers import SAMPLE_TEXT, build, load_yaml, run_cli, tiny_manifest, write_manifest
 
 from bra.cache import schema
 from bra.cache.store import Store, open_store
-from bra.cli.cache import main as cli_main
-from bra.errors import StoreError, StoreMismatchError
-from bra.pipeline.build import BuildResult, build_store
+from bra.errors import StoreMismatchError
 from bra.pipeline.manifest import load_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 DEMO_DATA = Path(__file__).resolve().parent.parent / "manifests" / "data"
-
-
-def build(manifest: Path, store: Path, overwrite: bool = False) -> BuildResult:
-    """Run stage one in-process."""
-    return build_store(load_manifest(manifest), store, overwrite=overwrite)
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `bra-cache ARGV` in-process; return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        cli_main(argv)
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
 
 
 def windows(store: Store) -> list[tuple[int, int]]:
@@ -57,22 +44,6 @@ def file_mtimes(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 
 
-def long_manifest(tmp: Path, model_dir: Path, **overrides: object) -> Path:
-    """tiny_manifest plus a third corpus holding one long document (many windows)."""
-    long_doc = write_corpus(tmp / "long.jsonl", [" ".join(SAMPLE_TEXT)], "l")
-    path = tiny_manifest(tmp, model_dir, **overrides)
-    data = load_yaml(path)
-    data["corpora"].append({"name": "long", "tier": "benign",
-                            "source": {"path": str(long_doc), "id_field": "id"}})
-    return write_manifest(path, data)
-
-
-def load_yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tiny_gemma_dir: Path, one_thread: None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,17 +51,6 @@ def tiny_model(tiny_gemma_dir: Path, one_thread: None):
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32,
                                                  attn_implementation="eager")
     return model.eval(), AutoTokenizer.from_pretrained(tiny_gemma_dir)
-
-
-@pytest.fixture(scope="module")
-def fp32_store(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path,
-               one_thread: None) -> tuple[Path, Path]:
-    """(manifest, store) of a float32 build over two tiers plus one long document, layers 1 and 2."""
-    tmp = tmp_path_factory.mktemp("fp32")
-    manifest = long_manifest(tmp, tiny_gemma_dir)
-    result = build(manifest, tmp / "s.zarr")
-    assert result.status == "built" and result.computed_tokens == result.n_tokens
-    return manifest, tmp / "s.zarr"
 
 
 @pytest.fixture(scope="module")
@@ -299,169 +259,6 @@ def test_build__edited_corpus_refused(tmp_path: Path, tiny_gemma_dir: Path) -> N
         fh.write(json.dumps({"id": "b-new", "text": "Another paragraph about cells."}) + "\n")
     with pytest.raises(StoreMismatchError, match="input files"):
         build(manifest, tmp_path / "s.zarr")
-
-
-def test_verify__good_store_ok(fp32_store, capsys) -> None:
-    code, out, _ = run_cli(["verify", str(fp32_store[1])], capsys)
-    assert code == 0 and out.strip().endswith(": OK")
-
-
-def _flip_bytes(path: Path) -> None:
-    shard = path / "acts" / "layer_2" / "c" / "1" / "0"
-    data = bytearray(shard.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
-    shard.write_bytes(bytes(data))
-
-
-def _delete_shard(path: Path) -> None:
-    (path / "token_id" / "c" / "2").unlink()
-
-
-def _truncate_docs(path: Path) -> None:
-    docs = path / schema.DOCS_TABLE
-    docs.write_bytes(docs.read_bytes()[: docs.stat().st_size // 2])
-
-
-def _remove_docs(path: Path) -> None:
-    (path / schema.DOCS_TABLE).unlink()
-
-
-def _edit_attr(path: Path) -> None:
-    meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"][schema.ATTR_MODEL_ID] = "someone/else"
-    (path / "zarr.json").write_text(json.dumps(meta))
-
-
-def _edit_stats(path: Path) -> None:
-    meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"][schema.ATTR_STATS]["1"]["mean"][0] += 1.0
-    (path / "zarr.json").write_text(json.dumps(meta))
-
-
-def _edit_geometry(path: Path) -> None:
-    meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"][schema.ATTR_SHARD_TOKENS] = 0
-    (path / "zarr.json").write_text(json.dumps(meta))
-
-
-def _remove_done_flags(path: Path) -> None:
-    shutil.rmtree(path / schema.DONE_ARRAY)
-
-
-def _garble_array_metadata(path: Path) -> None:
-    (path / "mask" / "zarr.json").write_text("{not json")
-
-
-def _incomplete(path: Path) -> None:
-    g = zarr.open_group(str(path), mode="r+")
-    g[schema.DONE_ARRAY][1] = 0
-    g.attrs[schema.ATTR_STATUS] = schema.STATUS_BUILDING
-
-
-def _delete_acts_shard(path: Path) -> None:
-    (path / "acts" / "layer_1" / "c" / "2" / "0").unlink()
-
-
-# every problem verify reports, in order (a fragment of each line): exactly what is wrong, nothing else
-@pytest.mark.parametrize("corrupt, expected", [
-    (_flip_bytes, ["shard 1: acts/layer_2: unreadable chunk, rows "]),
-    (_delete_shard, ["shard 2: token_id: checksum mismatch: shard file token_id/c/2 is missing"]),
-    (_delete_acts_shard, ["shard 2: acts/layer_1: checksum mismatch: shard file acts/layer_1/c/2/0 is"]),
-    (_truncate_docs, ["docs.parquet: unreadable"]),
-    (_remove_docs, ["docs.parquet: missing"]),
-    (_edit_attr, ["'model_id' was changed after the build"]),
-    (_edit_stats, ["'stats' was changed after the build",
-                   "stats: layer 1 does not match the stored activations"]),
-    (_incomplete, ["status is 'building', not complete", "shard 1: not written"]),
-    (_edit_geometry, ["'shard_tokens' was changed after the build", "layers/sizes unusable"]),
-    (_remove_done_flags, ["array 'shards/done' is missing"]),
-    (_garble_array_metadata, ["array 'mask' is unreadable"]),
-])
-def test_verify__corruption_named(fp32_store, tmp_path: Path, capsys, corrupt, expected: list[str]) -> None:
-    path = tmp_path / "s.zarr"
-    shutil.copytree(fp32_store[1], path)
-    corrupt(path)
-    code, out, err = run_cli(["verify", str(path)], capsys)
-    assert code == 1 and "OK" not in out
-    problems = [line for line in err.splitlines() if line.startswith(f"{path}: ")]
-    assert len(problems) == len(expected), err
-    for line, fragment in zip(problems, expected, strict=True):
-        assert fragment in line, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"{len(expected)} problem(s)" in errors[0]
-
-
-def test_read_rows__corrupt_chunk_and_missing_shard_named(fp32_store, tmp_path: Path) -> None:
-    """What fit, eval and score read goes through Store.read_rows: a chunk failing its CRC32C, or a missing
-    activation shard file (zarr would read zeros), is a one-line StoreError naming array, rows and shard;
-    intact chunks still read."""
-    path = Path(shutil.copytree(fp32_store[1], tmp_path / "s.zarr"))
-    _flip_bytes(path)
-    _delete_acts_shard(path)
-    store = open_store(path)
-    with pytest.raises(StoreError) as info:
-        store.read_acts(2, 0, store.n_tokens)
-    lo, hi = store.first_bad_chunk("acts/layer_2", 64, 128) or (0, 0)
-    assert store.first_bad_chunk("acts/layer_2", 0, 64) is None
-    assert 64 <= lo < hi <= 128 and hi - lo == 16
-    assert str(info.value) == (f"corrupt chunk in acts/layer_2 rows {lo}..{hi - 1} (shard 1) of {path}; "
-                               f"run `bra-cache verify {path}`")
-    with pytest.raises(StoreError, match=r"^missing shard file acts/layer_1/c/2/0 \(rows 128\.\.191\) of "):
-        store.read_acts(1, 100, 140)
-    assert store.read_acts(2, 0, 64).shape == (64, 64) and store.read_acts(1, 0, 128).shape == (128, 64)
-    assert store.read_rows("token_id", 0, store.n_tokens).shape == (store.n_tokens,)
-
-
-def test_info__json(fp32_store, capsys) -> None:
-    code, out, _ = run_cli(["info", "--json", str(fp32_store[1])], capsys)
-    assert code == 0
-    info = json.loads(out)
-    store = open_store(fp32_store[1])
-    docs = store.docs()
-    assert info["status"] == "complete" and info["n_tokens"] == store.n_tokens
-    assert info["hook_names"] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
-    assert set(info["tiers"]) == {"hazard_adjacent", "benign"}
-    for tier, t in info["tiers"].items():
-        rows = docs[docs["tier"] == tier]
-        assert t["docs"] == len(rows) and t["tokens"] == rows["n_tokens"].sum()
-    assert isinstance(info["compression_ratio"], float) and info["compression_ratio"] > 0
-    assert info["shards_done"] == info["shards"]
-    assert info["bytes_on_disk"] > info["activation_bytes_on_disk"] > 0
-    code, out, _ = run_cli(["info", str(fp32_store[1])], capsys)
-    assert code == 0 and "hazard_adjacent (hazard class)" in out
-
-
-def test_info__unfinished_store_counts_written_rows(fp32_store, tmp_path: Path, capsys) -> None:
-    """A store interrupted half-way holds half its rows: sizes, B/token and the ratio describe those rows
-    (not all planned rows against half the bytes, which doubled the ratio)."""
-    full = json.loads(run_cli(["info", "--json", str(fp32_store[1])], capsys)[1])
-    path = tmp_path / "half.zarr"
-    shutil.copytree(fp32_store[1], path)
-    group = zarr.open_group(str(path), mode="r+")
-    layout = open_store(path).layout
-    undone = list(range(layout.n_shards // 2, layout.n_shards))
-    for shard in undone:
-        group[schema.DONE_ARRAY][shard] = 0
-        for layer in (1, 2):
-            (path / schema.acts_path(layer) / "c" / str(shard) / "0").unlink()
-    group.attrs[schema.ATTR_STATUS] = schema.STATUS_BUILDING
-    code, out, _ = run_cli(["info", "--json", str(path)], capsys)
-    info = json.loads(out)
-    written = sum(hi - lo for lo, hi in (layout.shard_bounds(s) for s in range(layout.n_shards // 2)))
-    assert code == 0 and info["status"] == "building" and info["tokens_written"] == written < info["n_tokens"]
-    assert info["activation_bytes_raw"] == written * 64 * 4 * 2
-    assert abs(info["compression_ratio"] - full["compression_ratio"]) < 0.25 * full["compression_ratio"]
-    assert "tokens written so far" in run_cli(["info", str(path)], capsys)[1]
-
-
-def test_info__damaged_store_is_one_error_line(fp32_store, tmp_path: Path, capsys) -> None:
-    path = tmp_path / "s.zarr"
-    shutil.copytree(fp32_store[1], path)
-    _truncate_docs(path)
-    code, _, err = run_cli(["info", str(path)], capsys)
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "docs.parquet is unreadable" in errors[0]
 
 
 @pytest.mark.smollm

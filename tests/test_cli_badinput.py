@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_manifest, write_manifest
+from helpers import error_lines, tiny_manifest, write_manifest
 
 from bra.cache import schema
 from bra.cache.store import open_store
@@ -22,11 +21,6 @@ from bra.cli.cache import main as cli_main
 from bra.errors import StoreError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def error_lines(stderr: str) -> list[str]:
-    """The ``error:`` lines of stderr (log lines and progress bars, which redraw with \\r, are ignored)."""
-    return [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip().startswith("error:")]
 
 
 def build_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -17,25 +17,18 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers import error_lines, sae_main_code, truncate
 from PIL import Image
 from scipy.stats import binomtest
-from test_cli_badinput import error_lines
 
 from bra.audit.compare import ReportFacts, derive_labels
 from bra.audit.metrics import mean_t_interval, wilson_interval
-from bra.cli.sae import main as sae_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST_SCORE = ["--n-boot", "10", "--n-perm", "10"]
 Z = 1.959963984540054
 """The 97.5% normal quantile."""
-
-
-def sae_main_code(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as info:
-        sae_main(argv)
-    return int(info.value.code or 0)
 
 
 # --------------------------------------------------------------------------------------- intervals
@@ -235,10 +228,6 @@ def damaged_copy(reports: dict[str, Path], tmp: Path, damage: Callable[[Path], N
     copy = Path(shutil.copytree(reports["a"], tmp / "damaged"))
     damage(copy)
     return copy
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 @row("no-report")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_resume import done_count, resume_manifest, snapshot
+from helpers import done_count, eval_manifest, resume_manifest, snapshot, write_prompts
 
 from bra.cache import schema
 from bra.cache.verify import verify_store
@@ -229,7 +229,6 @@ def test_distributed_eval_build__ranks_share_generation_and_equal_one_process(
     in batches of 2: rank 0 the first two batches, rank 1 the last), every rank writes shards, and the
     store (arrays, attrs, prompts and generation tables) equals a 1-process build's."""
     import pandas as pd
-    from test_evalbuild import eval_manifest, write_prompts
 
     manifest = eval_manifest(tmp_path, tiny_gemma_dir, write_prompts(tmp_path / "set.jsonl"))
     with rank_threads():

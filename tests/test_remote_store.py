@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import SAMPLE_TEXT, build_labelled_eval_store, tiny_manifest, write_corpus
-from test_resume import snapshot
+from helpers import SAMPLE_TEXT, build_labelled_eval_store, snapshot, tiny_manifest, write_corpus
 
 from bra.cache import schema
 from bra.cache.info import store_info

@@ -15,43 +15,15 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-import yaml
-import zarr
-from helpers import SAMPLE_TEXT, tiny_manifest, write_corpus
+from helpers import TIMEOUT_S, KilledBuild, assert_same_store, done_count, resume_manifest, snapshot
 
 from bra.cache import schema
-from bra.cache.verify import verify_store
 from bra.pipeline.build import build_store
 from bra.pipeline.manifest import load_manifest
-
-TIMEOUT_S = 120.0
-
-
-def resume_manifest(tmp: Path, model_dir: Path) -> Path:
-    """~1,000 tokens in 64-token shards (~16 shards) and batches of two windows: a build of a few seconds."""
-    path = tiny_manifest(tmp, model_dir, batch_size=2, layers=[1, 3])
-    texts = [f"{a} {b}" for a in SAMPLE_TEXT for b in SAMPLE_TEXT[:3]]
-    write_corpus(tmp / "haz.jsonl", texts[::2], "h")
-    write_corpus(tmp / "ben.jsonl", texts[1::2], "b")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    assert data["storage"]["shard_tokens"] == 64
-    return path
-
-
-def done_count(store: Path) -> int:
-    """Shards marked done so far (0 while the store is not there yet or half-created)."""
-    try:
-        return int(zarr.open_group(str(store), mode="r")[schema.DONE_ARRAY][:].sum())
-    except Exception:  # not created yet, or created up to some array
-        return 0
 
 
 def store_appeared(store: Path) -> bool:
@@ -61,40 +33,6 @@ def store_appeared(store: Path) -> bool:
 def first_write(store: Path) -> bool:
     """Trigger on the build's first write of anything into the store's (otherwise empty) folder."""
     return store.parent.is_dir() and any(store.parent.iterdir())
-
-
-@dataclass
-class KilledBuild:
-    """One `bra-cache build` process and the condition on which it is SIGKILLed."""
-
-    store: Path
-    trigger: Callable[[Path], bool]
-    proc: subprocess.Popen[bytes] | None = None
-    killed: bool = False
-    argv: list[str] | None = None
-    """CLI arguments instead of `build MANIFEST --store STORE` (tests/test_torture.py runs fits too)."""
-
-
-def snapshot(store: Path) -> dict[str, Any]:
-    """Everything a build writes: every array, the group attrs and the document table's bytes."""
-    group = zarr.open_group(str(store), mode="r")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # docs.parquet is not a Zarr node
-        arrays = {name: node[...] for name, node in group.members(max_depth=None)
-                  if isinstance(node, zarr.Array)}
-    return {"arrays": arrays, "attrs": dict(group.attrs), "docs": (store / schema.DOCS_TABLE).read_bytes()}
-
-
-def assert_same_store(got: Path, want: dict[str, Any]) -> None:
-    snap = snapshot(got)
-    assert sorted(snap["arrays"]) == sorted(want["arrays"])
-    for name, arr in want["arrays"].items():
-        assert snap["arrays"][name].dtype == arr.dtype, name
-        assert np.array_equal(snap["arrays"][name], arr), f"{got}: array {name} differs"
-    assert snap["attrs"][schema.ATTR_STATS] == want["attrs"][schema.ATTR_STATS]
-    assert snap["attrs"] == want["attrs"]
-    assert snap["docs"] == want["docs"]
-    assert verify_store(got) == []
 
 
 def run_and_kill(manifest: Path, builds: list[KilledBuild]) -> None:

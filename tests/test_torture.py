@@ -32,8 +32,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import SAMPLE_TEXT, tiny_manifest, write_corpus
-from test_resume import TIMEOUT_S, KilledBuild, assert_same_store, snapshot
+from helpers import (
+    SAMPLE_TEXT,
+    TIMEOUT_S,
+    KilledBuild,
+    assert_same_store,
+    snapshot,
+    tiny_manifest,
+    write_corpus,
+)
 
 from bra.cache import schema
 from bra.cache.verify import verify_store

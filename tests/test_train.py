@@ -1,4 +1,5 @@
-"""Stage two: streaming reader, training loop, resume, formats of a fit, bad input."""
+"""bra/sae/train.py: `fit()` on conftest's ``tiny_store``: the run directory and its exports, resume (the same
+loss curve, seeking the data), refused resumes and bad input; SmolLM2 held-out FVU."""
 
 from __future__ import annotations
 
@@ -12,25 +13,18 @@ import torch
 import zarr
 from helpers import tiny_manifest, write_manifest
 
-from bra.cache.reader import ReaderConfig, RowStream, document_split
+from bra.cache.reader import document_split
 from bra.cache.store import open_store
 from bra.errors import SAEError, StoreError
 from bra.pipeline.build import build_store
 from bra.pipeline.manifest import load_manifest
-from bra.sae.config import PRESETS, TrainConfig
+from bra.sae.config import TrainConfig
 from bra.sae.evaluate import reconstruction_metrics
 from bra.sae.formats import load_saelens, load_seed
 from bra.sae.model import SAEConfig, TopKSAE
 from bra.sae.train import fit
 
 DATA = Path(__file__).resolve().parent.parent / "manifests" / "data"
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("train-store")
-    manifest = load_manifest(tiny_manifest(tmp, tiny_gemma_dir))
-    return build_store(manifest, tmp / "tiny.zarr").path
 
 
 @pytest.fixture(scope="module")
@@ -56,96 +50,6 @@ def _small_cfg(**kw) -> TrainConfig:
     base = {"d_sae": 128, "k": 8, "steps": 12, "batch_size": 32, "buffer_rows": 128, "log_every": 2,
             "checkpoint_every": 6, "dead_tokens": 64, "contrastive_rows": 16}
     return TrainConfig.from_dict({**base, **kw})
-
-
-def test_reader__every_unmasked_row_exactly_once_per_epoch_shuffled(tiny_store: Path) -> None:
-    store = open_store(tiny_store)
-    mask = store.array("mask")[:]
-    expected = np.flatnonzero(~mask)
-    stream = RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=5, prefetch=2))
-    rows = np.concatenate([b.row for b in stream.epoch(0)])
-    assert Counter(rows.tolist()) == Counter(expected.tolist())  # multiset: each row once
-    assert not np.array_equal(rows, expected)  # shuffled
-    again = np.concatenate([b.row for b in stream.epoch(0)])
-    assert np.array_equal(rows, again)  # deterministic given the seed
-    other = np.concatenate([b.row for b in stream.epoch(1)])
-    assert not np.array_equal(rows, other)  # a new order each epoch
-    batch = next(iter(stream.epoch(0)))
-    assert np.array_equal(batch.acts, store.read_acts(1, 0, store.n_tokens)[batch.row])
-    assert np.array_equal(batch.tier, store.array("tier")[:][batch.row])
-
-
-def test_reader__label_cache_bounded_and_same_stream(tiny_store: Path, monkeypatch) -> None:
-    """The shard label cache changes nothing but speed: with room for one shard only (evicting all the
-    time) the stream is identical to one with every shard cached, and it never holds more than allowed."""
-    import bra.cache.reader as reader
-
-    store = open_store(tiny_store)
-    cfg = ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=3, prefetch=2)
-    roomy = RowStream(store, cfg)
-    want = [(b.row, b.tier, b.doc_index, b.acts) for e in (0, 1) for b in roomy.epoch(e)]
-    assert len(roomy._labels) == store.layout.n_shards > 1
-    shard_bytes = sum(c.nbytes for c in roomy._labels[0])
-    monkeypatch.setattr(reader, "LABEL_CACHE_BYTES", shard_bytes)
-    tight = RowStream(store, cfg)
-    got = [(b.row, b.tier, b.doc_index, b.acts) for e in (0, 1) for b in tight.epoch(e)]
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert all(np.array_equal(x, y) for x, y in zip(g, w, strict=True))
-    assert len(tight._labels) == 1 and tight._labels_bytes <= shard_bytes
-
-
-def test_reader__threads_change_speed_not_order(tiny_store: Path) -> None:
-    """More reader threads (the default for stores at URLs) keep the exact stream: chunks are consumed in
-    the seeded order whatever finishes first."""
-    store = open_store(tiny_store)
-    streams = [[b.row for b in RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=2,
-                                                             threads=t, prefetch=p)).epoch(0)]
-               for t, p in ((1, 1), (8, 16))]
-    assert all(np.array_equal(a, b) for a, b in zip(*streams, strict=True))
-    assert ReaderConfig(layer=1).resolved(remote=False) == (2, 4)
-    assert ReaderConfig(layer=1).resolved(remote=True) == (8, 16)
-    assert ReaderConfig(layer=1, threads=3).resolved(remote=True) == (3, 6)
-    with pytest.raises(ValueError):
-        ReaderConfig(layer=1, threads=0)
-
-
-def test_reader__concurrent_misses_read_a_shards_labels_once(tiny_store: Path, monkeypatch) -> None:
-    """Many threads starting on chunks of the same shards wait for one read of its label columns."""
-    import threading
-    import time
-    from collections import Counter as Count
-
-    store = open_store(tiny_store)
-    calls: Count[tuple[str, int]] = Count()
-    lock = threading.Lock()
-    real = store.read_rows
-
-    def counting(name: str, start: int, stop: int):
-        if not name.startswith("acts/"):
-            with lock:
-                calls[(name, start)] += 1
-            time.sleep(0.01)  # widen the window in which other threads miss the same shard
-        return real(name, start, stop)
-
-    monkeypatch.setattr(store, "read_rows", counting)
-    stream = RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, threads=8, prefetch=16))
-    for epoch in (0, 1):
-        for _ in stream.epoch(epoch):
-            pass
-    assert len(calls) == 3 * store.layout.n_shards and set(calls.values()) == {1}
-
-
-def test_reader__document_selection_and_split_by_document(tiny_store: Path) -> None:
-    store = open_store(tiny_store)
-    docs = store.docs()
-    heldout = document_split(docs, 0.25, seed=1)
-    assert heldout.any() and (~heldout).any()
-    assert set(docs[heldout]["tier"]) == set(docs["tier"])  # stratified: every tier held out
-    assert np.array_equal(heldout, document_split(docs, 0.25, seed=1))
-    stream = RowStream(store, ReaderConfig(layer=2, batch_size=16, buffer_rows=64), doc_selected=~heldout)
-    seen_docs = {int(d) for b in stream.epoch(0) for d in b.doc_index}
-    assert seen_docs == set(np.flatnonzero(~heldout).tolist())
 
 
 def test_fit__writes_formats_metrics_and_keeps_decoder_unit_norm(tiny_store: Path, tmp_path: Path) -> None:
@@ -240,21 +144,6 @@ def test_fit__empty_tier_refused_for_balanced_sampling(tiny_gemma_dir: Path, tmp
         fit(store, tmp_path / "o", _small_cfg())
 
 
-def test_train_config__lr_schedule_constant_then_linear_decay() -> None:
-    cfg = TrainConfig(steps=10, lr=1.0, lr_decay_frac=0.4)
-    assert [round(cfg.lr_at(i), 3) for i in range(10)] == [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
-    assert TrainConfig(steps=10, lr=1.0, lr_decay_frac=0.0).lr_at(9) == 1.0
-    assert "steps" in cfg.differences({**cfg.to_dict(), "steps": 20})
-    assert "steps" not in TrainConfig(lr_decay_frac=0.0).differences(
-        {**TrainConfig(lr_decay_frac=0.0).to_dict(), "steps": 1})
-
-
-def test_presets__seed_recipe() -> None:
-    cfg = TrainConfig(**PRESETS["seed"])
-    assert (cfg.d_sae, cfg.k, cfg.lr, cfg.steps, cfg.contrastive) == (6144, 32, 3e-4, 5000, "cosine")
-    assert cfg.l1_coef > 0
-
-
 @pytest.mark.smollm
 def test_fit__smollm_heldout_fvu_well_below_random(smollm_store: Path, tmp_path: Path) -> None:
     cfg = TrainConfig.from_dict({"d_sae": 1152, "k": 32, "steps": 60, "batch_size": 256, "lr": 1e-3,
@@ -272,36 +161,6 @@ def test_fit__smollm_heldout_fvu_well_below_random(smollm_store: Path, tmp_path:
     assert trained["fvu"] < 0.65
     assert trained["fvu"] < 0.6 * random["fvu"]
     assert trained["per_tier"]["hazard_adjacent"]["rows"] > 0 and trained["per_tier"]["benign"]["rows"] > 0
-
-
-def test_reader__saved_position_continues_the_same_stream(tiny_store: Path, tmp_path: Path) -> None:
-    """A cursor's position, saved between any two batches (through torch.save / weights_only load, as a
-    checkpoint does), continues with exactly the batches the uninterrupted stream yields next: inside the
-    shuffle buffer, across its mixes and across epochs (the forever carry)."""
-    from bra.cache.reader import StreamPosition
-
-    store = open_store(tiny_store)
-    cfg = ReaderConfig(layer=1, batch_size=7, buffer_rows=30, seed=4, prefetch=2)
-    sel = ~document_split(store.docs(), 0.2, seed=0)
-    whole = RowStream(store, cfg, doc_selected=sel).forever()
-    want = [next(whole) for _ in range(120)]
-    whole.close()
-    epochs = set()
-    for k in (0, 1, 5, 17, 51, 100, 119):
-        head = RowStream(store, cfg, doc_selected=sel).forever()
-        for _ in range(k):
-            next(head)
-        epochs.add(head.position().epoch)
-        torch.save(head.position().to_state(), tmp_path / "pos.pt")
-        head.close()
-        saved = torch.load(tmp_path / "pos.pt", weights_only=True)
-        tail = RowStream(store, cfg, doc_selected=sel).forever(position=StreamPosition.from_state(saved))
-        for w in want[k:]:
-            got = next(tail)
-            assert all(np.array_equal(getattr(got, f), getattr(w, f))
-                       for f in ("row", "acts", "tier", "doc_index")), k
-        tail.close()
-    assert epochs >= {0, 1, 2}  # positions inside the first three epochs
 
 
 def test_fit__resume_seeks_the_data_instead_of_replaying_it(tiny_store: Path, tmp_path: Path,
@@ -363,41 +222,3 @@ def test_fit__resume_reads_a_flat_run_json(tiny_store: Path, tmp_path: Path) -> 
         fit(tiny_store, tmp_path / "r", _small_cfg(buffer_rows=64), resume=True)
     fit(tiny_store, tmp_path / "r", cfg, resume=True)
     assert (tmp_path / "r" / "sae" / "cfg.json").is_file()
-
-
-def test_train_config__nested_stream_settings_flat_or_nested() -> None:
-    from bra.sae.config import StreamConfig
-
-    cfg = TrainConfig.from_dict({"buffer_rows": 64, "k": 4, "d_sae": 8})
-    assert cfg.stream == StreamConfig(buffer_rows=64)
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg == TrainConfig.from_dict(cfg.flat_dict())
-    assert cfg.differences(cfg.to_dict()) == cfg.differences(cfg.flat_dict()) == []
-    assert cfg.differences({**cfg.flat_dict(), "buffer_rows": 1}) == ["buffer_rows"]
-    assert cfg.differences({**cfg.to_dict(), "stream": {"buffer_rows": 1}}) == ["buffer_rows"]
-    assert cfg.differences({**cfg.to_dict(), "stream": {}}) == ["buffer_rows"]
-    with pytest.raises(ValueError, match="buffer_rows"):
-        TrainConfig.from_dict({"buffer_rows": 0})
-    with pytest.raises(TypeError):
-        TrainConfig.from_dict({"buffer_rowz": 1})
-
-
-def test_trainer__non_finite_loss_refused_before_it_is_logged_or_saved(tmp_path: Path) -> None:
-    """The step does not sync to check the loss; the first NaN/inf loss is still named, with its step,
-    before any metrics line or checkpoint after it is written."""
-    from bra.sae.trainer import Trainer, TrainInput
-
-    cfg = TrainConfig(d_sae=16, k=2, steps=10, batch_size=8, log_every=5, checkpoint_every=5,
-                      contrastive="none", device="cpu")
-    sae = TopKSAE.init_random(SAEConfig(d_model=4, d_sae=16, k=2), 0)
-
-    def data():
-        gen = torch.Generator().manual_seed(0)
-        for i in range(10):
-            x = torch.randn(8, 4, generator=gen)
-            if i == 2:
-                x[0, 0] = torch.inf
-            yield TrainInput(x, torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int64))
-
-    with pytest.raises(SAEError, match=r"loss became (nan|inf) at step 3; lower --lr"):
-        Trainer(sae, data(), cfg, out=tmp_path).fit()
-    assert not (tmp_path / "metrics.jsonl").read_text() and not (tmp_path / "checkpoint").exists()

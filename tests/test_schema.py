@@ -1,5 +1,5 @@
-"""StoreAttrs (the typed group attrs), the progress-key helpers beside it, and the store lifecycle, without a
-model: hand-set attrs with exact expected results."""
+"""bra/cache/schema.py: StoreAttrs (the typed group attrs) and the progress-key helpers beside it, without a
+model: hand-set attrs (helpers.build_like_attrs) with exact expected results; no attr key read elsewhere."""
 
 from __future__ import annotations
 
@@ -8,28 +8,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from helpers import build_like_attrs
 
-from bra.cache import lifecycle, schema
-from bra.cache.store import open_store
-from bra.errors import StoreError, StoreMismatchError
+from bra.cache import schema
+from bra.errors import StoreError
 
 BRA = Path(__file__).resolve().parent.parent / "bra"
-
-
-def build_like_attrs() -> dict:
-    """Attrs as a build writes them, in on-disk order (progress keys excluded)."""
-    return {
-        "bra_schema_version": 1, "kind": "corpus", "model_id": "tiny/model", "model_revision": None,
-        "layers": [1, 2], "hook_names": ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"],
-        "d_model": 8, "dtype": "float32", "compute_dtype": "float32", "tokenizer_fingerprint": "fp",
-        "manifest_hash": "mh",
-        "manifest": {"model": {"id": "tiny/model", "revision": None}, "layers": [1, 2]},
-        "dataset_revisions": {"benign": "local"}, "package_version": "0.1.0",
-        "tier_names": ["benign", "hazard"], "hazard_tiers": ["hazard"], "n_tokens": 40, "n_docs": 3,
-        "chunk_tokens": 8, "shard_tokens": 16,
-        "codec": {"codec": "blosc-zstd", "clevel": 3, "shuffle": "shuffle"},
-        "corpus_counts": {"benign": {"docs": 3}}, "tokens_digest": "0000abcd:40",
-    }
 
 
 def test_store_attrs__round_trip_keeps_keys_values_and_order() -> None:
@@ -96,25 +80,6 @@ def test_progress_keys__status_completion_and_digests() -> None:
     assert schema.digest_problems(done) == ["'model_id' was changed after the build"]
     del done["d_model"]
     assert schema.missing_attrs(done) == ["d_model"]
-
-
-def test_lifecycle__create_resume_refuse_without_a_model(tmp_path: Path) -> None:
-    attrs = schema.StoreAttrs.from_attrs(build_like_attrs())
-    loc = tmp_path / "s.zarr"
-    assert lifecycle.completed_tokens(loc, "mh") is None
-    opened = lifecycle.open_for_build(loc, attrs, False, {})
-    assert opened == lifecycle.OpenedStore("built", (0, 1, 2))
-    store = open_store(loc, require_complete=False)
-    assert store.meta == attrs and store.status == schema.STATUS_BUILDING
-    assert lifecycle.check_existing(loc, attrs) == "resume"
-    assert lifecycle.open_for_build(loc, attrs, False, {}).status == "resumed"
-    with pytest.raises(StoreMismatchError, match="different tokens digest"):
-        lifecycle.check_existing(loc, dataclasses.replace(attrs, tokens_digest="ffff0000:40"))
-    other = dataclasses.replace(attrs, manifest_hash="other",
-                                manifest={**(attrs.manifest or {}), "layers": [1]})
-    with pytest.raises(StoreMismatchError, match=r"differs in: layers\)"):
-        lifecycle.check_existing(loc, other)
-    assert lifecycle.completed_tokens(loc, "mh") is None  # not complete yet
 
 
 def _attrs_reads(path: Path) -> list[str]:

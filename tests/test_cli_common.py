@@ -1,4 +1,5 @@
-"""`--nproc N` re-runs the same command under torchrun: the relaunched argv must parse to the same values."""
+"""bra/cli/common.py: `--nproc N` re-runs the same command under torchrun (the relaunched argv must parse to
+the same values), and is refused inside torchrun."""
 
 from __future__ import annotations
 

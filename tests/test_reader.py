@@ -1,0 +1,134 @@
+"""bra/cache/reader.py: shuffled, prefetched row streams over conftest's ``tiny_store``: every row once per
+epoch, bounded label cache, threads, document selection, saved and restored stream positions."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bra.cache.reader import ReaderConfig, RowStream, document_split
+from bra.cache.store import open_store
+
+
+def test_reader__every_unmasked_row_exactly_once_per_epoch_shuffled(tiny_store: Path) -> None:
+    store = open_store(tiny_store)
+    mask = store.array("mask")[:]
+    expected = np.flatnonzero(~mask)
+    stream = RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=5, prefetch=2))
+    rows = np.concatenate([b.row for b in stream.epoch(0)])
+    assert Counter(rows.tolist()) == Counter(expected.tolist())  # multiset: each row once
+    assert not np.array_equal(rows, expected)  # shuffled
+    again = np.concatenate([b.row for b in stream.epoch(0)])
+    assert np.array_equal(rows, again)  # deterministic given the seed
+    other = np.concatenate([b.row for b in stream.epoch(1)])
+    assert not np.array_equal(rows, other)  # a new order each epoch
+    batch = next(iter(stream.epoch(0)))
+    assert np.array_equal(batch.acts, store.read_acts(1, 0, store.n_tokens)[batch.row])
+    assert np.array_equal(batch.tier, store.array("tier")[:][batch.row])
+
+
+def test_reader__label_cache_bounded_and_same_stream(tiny_store: Path, monkeypatch) -> None:
+    """The shard label cache changes nothing but speed: with room for one shard only (evicting all the
+    time) the stream is identical to one with every shard cached, and it never holds more than allowed."""
+    import bra.cache.reader as reader
+
+    store = open_store(tiny_store)
+    cfg = ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=3, prefetch=2)
+    roomy = RowStream(store, cfg)
+    want = [(b.row, b.tier, b.doc_index, b.acts) for e in (0, 1) for b in roomy.epoch(e)]
+    assert len(roomy._labels) == store.layout.n_shards > 1
+    shard_bytes = sum(c.nbytes for c in roomy._labels[0])
+    monkeypatch.setattr(reader, "LABEL_CACHE_BYTES", shard_bytes)
+    tight = RowStream(store, cfg)
+    got = [(b.row, b.tier, b.doc_index, b.acts) for e in (0, 1) for b in tight.epoch(e)]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(g, w, strict=True))
+    assert len(tight._labels) == 1 and tight._labels_bytes <= shard_bytes
+
+
+def test_reader__threads_change_speed_not_order(tiny_store: Path) -> None:
+    """More reader threads (the default for stores at URLs) keep the exact stream: chunks are consumed in
+    the seeded order whatever finishes first."""
+    store = open_store(tiny_store)
+    streams = [[b.row for b in RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, seed=2,
+                                                             threads=t, prefetch=p)).epoch(0)]
+               for t, p in ((1, 1), (8, 16))]
+    assert all(np.array_equal(a, b) for a, b in zip(*streams, strict=True))
+    assert ReaderConfig(layer=1).resolved(remote=False) == (2, 4)
+    assert ReaderConfig(layer=1).resolved(remote=True) == (8, 16)
+    assert ReaderConfig(layer=1, threads=3).resolved(remote=True) == (3, 6)
+    with pytest.raises(ValueError):
+        ReaderConfig(layer=1, threads=0)
+
+
+def test_reader__concurrent_misses_read_a_shards_labels_once(tiny_store: Path, monkeypatch) -> None:
+    """Many threads starting on chunks of the same shards wait for one read of its label columns."""
+    import threading
+    import time
+    from collections import Counter as Count
+
+    store = open_store(tiny_store)
+    calls: Count[tuple[str, int]] = Count()
+    lock = threading.Lock()
+    real = store.read_rows
+
+    def counting(name: str, start: int, stop: int):
+        if not name.startswith("acts/"):
+            with lock:
+                calls[(name, start)] += 1
+            time.sleep(0.01)  # widen the window in which other threads miss the same shard
+        return real(name, start, stop)
+
+    monkeypatch.setattr(store, "read_rows", counting)
+    stream = RowStream(store, ReaderConfig(layer=1, batch_size=9, buffer_rows=40, threads=8, prefetch=16))
+    for epoch in (0, 1):
+        for _ in stream.epoch(epoch):
+            pass
+    assert len(calls) == 3 * store.layout.n_shards and set(calls.values()) == {1}
+
+
+def test_reader__document_selection_and_split_by_document(tiny_store: Path) -> None:
+    store = open_store(tiny_store)
+    docs = store.docs()
+    heldout = document_split(docs, 0.25, seed=1)
+    assert heldout.any() and (~heldout).any()
+    assert set(docs[heldout]["tier"]) == set(docs["tier"])  # stratified: every tier held out
+    assert np.array_equal(heldout, document_split(docs, 0.25, seed=1))
+    stream = RowStream(store, ReaderConfig(layer=2, batch_size=16, buffer_rows=64), doc_selected=~heldout)
+    seen_docs = {int(d) for b in stream.epoch(0) for d in b.doc_index}
+    assert seen_docs == set(np.flatnonzero(~heldout).tolist())
+
+
+def test_reader__saved_position_continues_the_same_stream(tiny_store: Path, tmp_path: Path) -> None:
+    """A cursor's position, saved between any two batches (through torch.save / weights_only load, as a
+    checkpoint does), continues with exactly the batches the uninterrupted stream yields next: inside the
+    shuffle buffer, across its mixes and across epochs (the forever carry)."""
+    from bra.cache.reader import StreamPosition
+
+    store = open_store(tiny_store)
+    cfg = ReaderConfig(layer=1, batch_size=7, buffer_rows=30, seed=4, prefetch=2)
+    sel = ~document_split(store.docs(), 0.2, seed=0)
+    whole = RowStream(store, cfg, doc_selected=sel).forever()
+    want = [next(whole) for _ in range(120)]
+    whole.close()
+    epochs = set()
+    for k in (0, 1, 5, 17, 51, 100, 119):
+        head = RowStream(store, cfg, doc_selected=sel).forever()
+        for _ in range(k):
+            next(head)
+        epochs.add(head.position().epoch)
+        torch.save(head.position().to_state(), tmp_path / "pos.pt")
+        head.close()
+        saved = torch.load(tmp_path / "pos.pt", weights_only=True)
+        tail = RowStream(store, cfg, doc_selected=sel).forever(position=StreamPosition.from_state(saved))
+        for w in want[k:]:
+            got = next(tail)
+            assert all(np.array_equal(getattr(got, f), getattr(w, f))
+                       for f in ("row", "acts", "tier", "doc_index")), k
+        tail.close()
+    assert epochs >= {0, 1, 2}  # positions inside the first three epochs
