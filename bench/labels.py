@@ -7,7 +7,10 @@ each read and labelled by hand against ``manifests/data/labels/GUIDE.md`` before
 
 The set is split by prompt, stratified by tier (within each tier, prompt ids in sorted order alternate between
 halves), so every variant of one prompt lands in the same half. The rules were tuned looking only at the
-``tune`` half; ``heldout`` is the number that counts.
+``tune`` half; ``heldout`` is the number that counts. Caveat of this set: the prefill variants were generated
+on every 2nd / 4th prompt, which are exactly the tune half's prompts, so the held-out half holds only the
+default and system-prompt completions (mostly comply). A future set should draw prefill prompts from both
+halves (or split by a hash of the prompt id); changing the split now would leak the rows tuned on.
 
 A labeller that abstains (``None``) or says ``unknown`` is scored as a disagreement: its votes go to an extra
 ``unknown`` class that no hand label has, and their share is reported beside κ.
