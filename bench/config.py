@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 MODELS = ("smollm2", "tiny-gemma")
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume", "labels")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ class BenchConfig:
     """Steps N at which study 8 stops a fit and times the first step of its --resume (issue 12: any N)."""
     resume_reps: int = 5
     """Interleaved fresh / resumed first-step timings of study 8 per N (the fastest of each reported)."""
+    labels_n_boot: int = 2000
+    """Bootstrap resamples of each Cohen's κ CI in study 9 (surface labels vs hand labels)."""
     scaleout_latency_ms: float = 20.0
     """First-byte delay the study-7 S3 server then adds to every GET (S3 itself: tens of ms), to read every
     geometry again, and the default reader against one with 2 threads."""
@@ -155,6 +157,7 @@ SIZES: dict[str, BenchConfig] = {
         scaleout_latency_ms=5.0,
         resume_stops=(3, 12),
         resume_reps=1,
+        labels_n_boot=50,
     ),
     # a few minutes on 2 CPU cores
     # 5 build/bare reps: 3 left the ratio at the mercy of one burst

@@ -31,6 +31,7 @@ MODULES = {
     "saelens": "bench.saelens_side",
     "scaleout": "bench.scaleout",
     "resume": "bench.resume_ratio",
+    "labels": "bench.labels",
 }
 TITLES = {
     "build": "1. Build ÷ bare forward",
@@ -41,6 +42,7 @@ TITLES = {
     "saelens": "6. Side by side with SAELens",
     "scaleout": "7. Scale-out: processes and object-store shard size",
     "resume": "8. Resume ÷ fresh start (first step)",
+    "labels": "9. Surface labels vs hand labels",
 }
 REPO = Path(__file__).resolve().parent.parent
 

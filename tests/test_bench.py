@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume", "labels")
 
 
 def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
@@ -54,16 +54,61 @@ def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: 
     assert sum(n.startswith("reader threads ") for n in scaleout) == 1
     assert all(isinstance(r["value"], (int, float)) for r in by_study["scaleout"] if r["value"] is not None)
     targets = {r["study"]: r["target"] for r in data["rows"] if r["target"]}
-    assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05", "resume": "≤ 1.5"}
+    assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05", "resume": "≤ 1.5",
+                       "labels": "≥ 0.7"}
     resume = [r for r in by_study["resume"] if r["target"]]
     assert [r["name"].split(" stopped at step ")[1].split(":")[0] for r in resume] == ["3", "12"]
 
     text = md.read_text()
     assert "| study | measurement | value |" in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8.", "## 9."):
         assert heading in text
     for row in data["rows"]:
         assert row["name"].replace("|", "\\|") in text
+
+
+def test_bench__tiny_labels_study_scores_rules_on_both_halves(tmp_path: Path) -> None:
+    from bench.__main__ import main
+
+    md, js = tmp_path / "results.md", tmp_path / "results.json"
+    main(["--size", "tiny", "--studies", "labels", "--out", str(md), "--json-out", str(js), "--work",
+          str(tmp_path / "work"), "--threads", "1"], standalone_mode=False)
+
+    data = json.loads(js.read_text())
+    assert data["studies"]["labels"]["error"] is None
+    rows = {r["name"]: r for r in data["rows"]}
+    heldout = rows["rules vs hand labels, Cohen's κ (heldout half)"]
+    assert heldout["target"] == "≥ 0.7" and -1.0 <= heldout["value"] <= 1.0
+    assert "rules vs hand labels, Cohen's κ (tune half)" in rows
+    results = data["studies"]["labels"]["details"]["results"]["rules"]
+    assert results["tune"]["n"] + results["heldout"]["n"] == results["all"]["n"] >= 150
+    for half in results.values():
+        lo, hi = half["kappa_ci95"]
+        assert lo <= half["kappa"] <= hi and 0.0 <= half["unknown_share"] <= 1.0
+        assert set(half["per_class"]) == {"refuse", "comply", "partial", "hedge", "evade"}
+    assert "| rules | heldout |" in md.read_text()
+
+
+def test_bench_labels__split_keeps_each_prompt_in_one_half_and_is_stratified() -> None:
+    from bench.labels import load_label_set
+
+    rows = load_label_set()
+    halves: dict[str, set[str]] = {}
+    for r in rows:
+        halves.setdefault(r["prompt_id"], set()).add(r["half"])
+    assert all(len(h) == 1 for h in halves.values())
+    for tier in {r["tier"] for r in rows}:
+        assert {r["half"] for r in rows if r["tier"] == tier} == {"tune", "heldout"}
+
+
+def test_bench_labels__kappa_ci_brackets_perfect_and_abstaining_labellers() -> None:
+    from bench.labels import kappa_ci, score
+
+    truth = ["refuse", "comply", "partial", "hedge", "evade"] * 8
+    assert kappa_ci(truth, truth, n_boot=50) == (1.0, 1.0, 1.0)
+    abstain = ["unknown" if i % 4 == 0 else t for i, t in enumerate(truth)]
+    s = score(truth, abstain, n_boot=50)
+    assert s["unknown_share"] == 0.25 and s["accuracy"] == 0.75 and s["kappa"] < 1.0
 
 
 def test_bench__unknown_size_and_study_refused(tmp_path: Path) -> None:
