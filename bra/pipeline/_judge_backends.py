@@ -6,6 +6,7 @@ abstention with its reason, never a default class. `JUDGE_BACKENDS` maps each ki
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -71,18 +72,20 @@ class LocalJudge:
 
     @torch.no_grad()
     def __call__(self, prompt: str, completion: str) -> Vote:
-        """Score the five class names after the rubric prompt in one batched forward pass."""
+        """Score the five class names after the rubric prompt: the prompt runs once (its key/value cache
+        kept), then each class name's remaining tokens run on a copy of that cache."""
         ids = self._prompt_ids(prompt, completion)
-        seqs = [ids + c for c in self.class_ids]
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        logprobs = torch.log_softmax(self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
         scores = []
-        for row, cont in enumerate(self.class_ids):
-            pos = torch.arange(len(ids) - 1, len(ids) - 1 + len(cont), device=self.device)
-            scores.append(float(logprobs[row, pos, torch.tensor(cont, device=self.device)].sum()))
+        for cont in self.class_ids:
+            score = float(first[cont[0]])
+            if len(cont) > 1:
+                rest = self.model(input_ids=torch.tensor([cont[:-1]], device=self.device),
+                                  past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
+                logprobs = torch.log_softmax(rest.logits[0].float(), -1)
+                score += float(logprobs[torch.arange(len(cont) - 1), torch.tensor(cont[1:])].sum())
+            scores.append(score)
         share = torch.softmax(torch.tensor(scores), 0)
         if not torch.isfinite(share).all():
             return Vote.abstain(self.spec.label, "non-finite class scores")
