@@ -195,6 +195,14 @@ def _markdown(results: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]]
             f"| {name} | {split} | {half} | {s['n']} | {s['kappa']:.3f} | [{lo:.3f}, {hi:.3f}] | "
             f"{s['accuracy']:.3f} | {s['unknown_share']:.3f} |"
         )
+    if CONSENSUS_NAME in results:
+        verdicts = []
+        for split in SPLITS:
+            k_c, k_r = (results[n][split]["heldout"]["kappa"] for n in (CONSENSUS_NAME, "rules"))
+            k_j = results[f"judge:{JUDGE_NAME}"][split]["heldout"]["kappa"]
+            verdicts.append(f"split={split} held-out: consensus κ {k_c:.3f} "
+                            f"{'≥' if k_c >= k_r else '**<**'} rules κ {k_r:.3f} (judge alone {k_j:.3f})")
+        lines += ["", "Issue 15's second target (consensus ≥ rules): " + "; ".join(verdicts) + "."]
     lines += ["", "Per class (precision / recall / hand support):", ""]
     lines += ["| labeller | split | half | " + " | ".join(SURFACE_CLASSES) + " |"]
     lines += ["| --- | --- | --- |" + " --- |" * len(SURFACE_CLASSES)]
