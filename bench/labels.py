@@ -170,7 +170,10 @@ def _markdown(results: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]]
                   f"abstentions {j['abstained'] or 'none'}); `{CONSENSUS_NAME}` is the weighted "
                   f"consensus of the rules and that judge (weights 1 / 1, vote mass = weight × confidence, "
                   f"threshold {CONSENSUS_THRESHOLD}); {j['consensus_needs_review']} rows needed review "
-                  "and count as unknown.")
+                  "and count as unknown. The judge's votes: "
+                  + ", ".join(f"{c} {n}" for c, n in j["judge_label_counts"].items())
+                  + " (SmolLM2-135M is a weak judge; with the rules' confidence 1 against its softmax share, "
+                  "the consensus follows the rules only where both agree or the judge is unsure).")
     lines = [
         f"{len(rows)} hand-labelled SmolLM2-135M-Instruct completions (`{LABEL_SET.name}`; hand labels "
         + ", ".join(f"{c} {n}" for c, n in counts.items())
@@ -246,7 +249,8 @@ def judge_votes(
         cons_labels.append(UNKNOWN if c.needs_review else c.label)
     info = {"judge": JUDGE_GGUF, "cache": str(cache_path), "calls": stats.calls[JUDGE_NAME],
             "cached": stats.cached[JUDGE_NAME], "abstained": stats.abstained[JUDGE_NAME],
-            "consensus_threshold": CONSENSUS_THRESHOLD, "consensus_needs_review": n_review}
+            "consensus_threshold": CONSENSUS_THRESHOLD, "consensus_needs_review": n_review,
+            "judge_label_counts": {c: judge_labels.count(c) for c in CLASSES if c in judge_labels}}
     return {f"judge:{JUDGE_NAME}": judge_labels, CONSENSUS_NAME: cons_labels}, info
 
 
