@@ -66,13 +66,8 @@ def rules_labeller(prompt: str, completion: str) -> str | None:
 
 
 def labellers() -> dict[str, Labeller]:
-    """The labellers scored against the hand labels, one results row each, in this order.
-
-    Hook for LLM judges and a consensus: ``bra.pipeline.judges.build_judge(spec)`` returns a callable
-    ``(prompt, completion) -> SurfaceLabel``; add each as
-    ``out[f"judge:{name}"] = lambda p, c, j=build_judge(spec): j(p, c).label`` (an unavailable backend should
-    be skipped with a logged reason rather than fail the study), and a consensus over them the same way.
-    """
+    """The per-item labellers scored against the hand labels, in this order (the judge and the consensus,
+    which run batched over a vote cache, come from `judge_votes` after these)."""
     out: dict[str, Labeller] = {"rules": rules_labeller}
     return out
 
