@@ -266,3 +266,29 @@ def test_relabel_cli__bad_judges_one_error_line(store_copy: Path, capsys, monkey
 def test_judge_spec__is_frozen_and_holds_no_secret() -> None:
     s = JudgeSpec("endpoint", "http://h", model="m", key_env="K")
     assert "key_env" in vars(s) and not any("sk-" in str(v) for v in vars(s).values())
+
+
+def test_build_stores__runs_the_manifest_judges_after_a_fresh_build(tiny_gemma_dir: Path, command_judge,
+                                                                    tmp_path: Path, monkeypatch) -> None:
+    """An eval manifest's `judges:` vote on the completions right after the build; a rebuild of the complete
+    store asks nobody again."""
+    from helpers import write_eval_set, write_manifest
+
+    from bra.pipeline.build import build_stores
+
+    spec, count = command_judge
+    monkeypatch.setenv("BRA_JUDGE_CACHE", str(tmp_path / "votes.jsonl"))
+    manifest = write_manifest(tmp_path / "eval.yaml", {
+        "name": "judged", "model": {"id": str(tiny_gemma_dir), "attn_implementation": "eager"}, "layers": [1],
+        "max_seq_len": 128, "batch_size": 8,
+        "storage": {"dtype": "float32", "chunk_tokens": 64, "shard_tokens": 256},
+        "prompt_sets": [str(write_eval_set(tmp_path / "set.jsonl"))],
+        "generation": {"max_new_tokens": 4, "seed": 0, "batch_size": 8}, "judges": [spec]})
+    [result] = build_stores(load_manifest(manifest), tmp_path / "eval.zarr")
+    table = pd.read_parquet(Path(result.path) / schema.PROMPTS_TABLE)
+    assert set(schema.JUDGE_COLUMNS) <= set(table.columns)
+    assert all(len(votes_from_json(v)) == 2 for v in table["judge_votes"])  # rules + the command judge
+    calls = _calls(count)
+    assert calls == len(table)
+    [again] = build_stores(load_manifest(manifest), tmp_path / "eval.zarr")
+    assert again.status == "already-complete" and _calls(count) == calls

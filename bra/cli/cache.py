@@ -49,12 +49,7 @@ def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrit
         results = build_stores(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
     if not dist.is_main:
         return
-    loaded = load_manifest(manifest)
     for result in results:
-        if result.status != "already-complete" and loaded.judges:
-            from bra.pipeline.relabel import relabel_store
-
-            relabel_store(result.path)  # the manifest's judges, recorded in the store
         if result.status == "already-complete":
             click.echo(f"{result.path}: already complete ({result.n_tokens:,} tokens); nothing to do",
                        err=True)

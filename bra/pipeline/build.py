@@ -259,16 +259,32 @@ def build_stores(manifest: Manifest, store: str | Path | None = None, overwrite:
     """
     targets = store_targets(manifest, store)
     if not manifest.generation.variants:
-        return [build_store(manifest, targets[0][1], overwrite, dist)]
-    from bra.pipeline.evalbuild import preflight
+        results = [build_store(manifest, targets[0][1], overwrite, dist)]
+    else:
+        from bra.pipeline.evalbuild import preflight
 
-    pending = [(i, m) for i, (m, path) in enumerate(targets) if overwrite or not _is_complete(m, path, dist)]
-    loaded = None
-    if pending:
-        loaded = load_build_model(manifest, dist)
-        for i, m in pending:
-            preflight(m, loaded.tokenizer, f"generation.variants[{i}]")
-    return [build_store(m, path, overwrite, dist, loaded) for m, path in targets]
+        pending = [(i, m) for i, (m, path) in enumerate(targets)
+                   if overwrite or not _is_complete(m, path, dist)]
+        loaded = None
+        if pending:
+            loaded = load_build_model(manifest, dist)
+            for i, m in pending:
+                preflight(m, loaded.tokenizer, f"generation.variants[{i}]")
+        results = [build_store(m, path, overwrite, dist, loaded) for m, path in targets]
+    _judge_new_stores(manifest, results, dist)
+    return results
+
+
+def _judge_new_stores(manifest: Manifest, results: Sequence[BuildResult], dist: Dist) -> None:
+    """Run the manifest's ``judges:`` on every store this call built or resumed (rank 0; a store that was
+    already complete keeps the votes it has: `bra-cache relabel` asks again)."""
+    if not manifest.judges or not dist.is_main:
+        return
+    from bra.pipeline.relabel import relabel_store
+
+    for result in results:
+        if result.status != "already-complete":
+            relabel_store(result.path)  # reads the judges recorded in the store's manifest
 
 
 def _is_complete(manifest: Manifest, store: Path | str, dist: Dist) -> bool:
