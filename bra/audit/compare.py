@@ -38,8 +38,7 @@ from bra.audit.config import TEST
 from bra.audit.metrics import mean_t_interval
 from bra.audit.report import REPORT_JSON, SCORES_FILE
 from bra.fsutil import atomic_dir
-from bra.sae.formats import SEED_WEIGHTS
-from bra.sae.train import SAELENS_DIR
+from bra.sae.files import SAELENS_DIR, SEED_WEIGHTS
 from bra.vocab import DEPTH_CATEGORIES, REFUSE
 
 logger = logging.getLogger(__name__)

@@ -31,16 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from bra.errors import SAEError
 from bra.fsutil import atomic_dir, atomic_file, write_text_atomic
+from bra.sae.files import SAELENS_CFG, SAELENS_WEIGHTS, SEED_WEIGHTS  # noqa: F401 (re-exported)
 from bra.sae.model import DTYPES, PARAM_NAMES, SEED_K, SAEConfig, TopKSAE
 
 logger = logging.getLogger(__name__)
 
-SEED_WEIGHTS = "sae_weights.pt"
-"""Seed checkpoint file name."""
-SAELENS_CFG = "cfg.json"
-"""SAELens config file name (`sae_lens.constants.SAE_CFG_FILENAME`)."""
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-"""SAELens weights file name (`sae_lens.constants.SAE_WEIGHTS_FILENAME`)."""
 BRA_CFG = "bra_sae.json"
 """Sidecar with our config and provenance, for formats that cannot carry them (the seed `.pt`)."""
 

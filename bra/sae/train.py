@@ -19,6 +19,7 @@ from bra.errors import SAEError
 from bra.fsutil import write_text_atomic
 from bra.sae.config import TrainConfig
 from bra.sae.data import TrainingData, rank_shards, train_batches, training_data
+from bra.sae.files import SAELENS_DIR  # noqa: F401 (re-exported)
 from bra.sae.model import SAEConfig, TopKSAE
 from bra.sae.trainer import (
     CHECKPOINT_DIR,
@@ -39,8 +40,6 @@ RUN_FILE = "run.json"
 """Settings of the run (a --resume with other settings is refused)."""
 SPLIT_FILE = "split.json"
 """The held-out documents."""
-SAELENS_DIR = "sae"
-"""The exported SAE in SAELens format."""
 
 
 def _run_record(store: Store, data: TrainingData, cfg: TrainConfig, sae_cfg: SAEConfig) -> dict[str, Any]:
