@@ -5,14 +5,22 @@ thousands of resampled ones use the equivalent Mann-Whitney rank formula (`rank_
 for ties), and ROC points come from `roc_points`; both are tested equal to scikit-learn
 (``roc_auc_score``, ``roc_curve``) and are ~100x faster than calling it per resample. The interval of a
 proportion (`wilson_interval`) and of a mean (`mean_t_interval`) serve `bra-sae compare`.
+
+Beside the bootstrap: DeLong's variance of an AUROC (`delong_variance`, `delong_auroc_ci`) and of the
+difference of two AUROCs on the same prompts (`paired_auroc_diff`), Holm's correction across a table's rows
+(`holm`), a bootstrap interval of a mean (`bootstrap_mean_ci`), and the Brier score and reliability bins of
+a probability (`brier_score`, `reliability_bins`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from scipy.stats import norm, rankdata
 from scipy.stats import t as student_t
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import brier_score_loss, roc_auc_score
 
 
 def rank_auroc(y: np.ndarray, scores: np.ndarray) -> float:
@@ -149,3 +157,166 @@ def mean_t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, flo
         return None
     half = float(student_t.ppf(0.5 + level / 2.0, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
     return float(x.mean()) - half, float(x.mean()) + half
+
+
+def _placements(y: np.ndarray, scores_KN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components of K score vectors, by midranks (Sun & Xu 2014, eqs. 6-7).
+
+    ``v10_KM[k, i]``: share of negatives that positive i outranks under scorer k (a tie counts 1/2);
+    ``v01_KL[k, j]``: share of positives that outrank negative j. Each row's mean is that scorer's AUROC.
+    Midranks replace the O(M·L) pairwise comparisons: a positive's rank among all minus its rank among the
+    positives is the (tie-halved) number of negatives below it."""
+    pos, neg = y == 1, y == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    rank_all = rankdata(scores_KN, axis=1)
+    v10 = (rank_all[:, pos] - rankdata(scores_KN[:, pos], axis=1)) / n
+    v01 = 1.0 - (rank_all[:, neg] - rankdata(scores_KN[:, neg], axis=1)) / m
+    return v10, v01
+
+
+def _delong_cov(y: np.ndarray, scores_KN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(AUROCs [K], DeLong covariance [K, K]) = S10 / M + S01 / L (DeLong, DeLong & Clarke-Pearson 1988)."""
+    v10, v01 = _placements(y, scores_KN)
+    m, n = v10.shape[1], v01.shape[1]
+    # a class of one sample has no spread to estimate: its term is 0 and the variance is understated
+    s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((len(scores_KN),) * 2)
+    s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((len(scores_KN),) * 2)
+    return v10.mean(axis=1), s10 / m + s01 / n
+
+
+def delong_variance(y: np.ndarray, scores: np.ndarray) -> float:
+    """DeLong's estimate of the variance of the AUROC of ``scores`` for labels ``y`` (0/1).
+
+    Nonparametric (from the structural components, `_placements`), so it needs no resampling and does not
+    depend on a seed. It is 0 when the classes are perfectly separated: the AUROC is then at its bound and
+    the estimator sees no spread (read it with the counts)."""
+    y, scores = _check(y, scores)
+    return float(_delong_cov(y, scores[None])[1][0, 0])
+
+
+def delong_auroc_ci(y: np.ndarray, scores: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(AUROC, lower, upper): AUROC ± z · sqrt(DeLong variance), clipped to [0, 1].
+
+    A normal-approximation interval beside the bootstrap's (`auroc_ci`); like it, it collapses to a point
+    at perfect separation (`delong_variance` is then 0), so neither says how a larger set would rank."""
+    y, scores = _check(y, scores)
+    auc, cov = _delong_cov(y, scores[None])
+    half = float(norm.ppf(0.5 + level / 2.0)) * float(np.sqrt(cov[0, 0]))
+    return float(auc[0]), max(0.0, float(auc[0]) - half), min(1.0, float(auc[0]) + half)
+
+
+def paired_auroc_diff(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_boot: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """AUROC_a - AUROC_b of two scorers of the same prompts, with a paired interval and DeLong's p-value.
+
+    Returns ``diff``; ``ci_low``/``ci_high``, the percentile interval of a stratified paired bootstrap (each
+    resample draws positives and negatives with replacement, as `auroc_ci`, and scores both methods on the
+    SAME indices, so what the two share cancels); ``p_value``, the two-sided p of DeLong's paired z-test,
+    z = diff / sqrt(var_a + var_b - 2 cov_ab) with the DeLong covariance of the two AUROCs (1 when the
+    difference and its variance are both 0, e.g. identical scores; 0 when only the variance is); and
+    ``n_boot``. The bootstrap gives the interval, DeLong the test: the p-value needs no seed."""
+    y, a = _check(y, scores_a)
+    _, b = _check(y, scores_b)
+    auc, cov = _delong_cov(y, np.stack([a, b]))
+    diff = float(auc[0] - auc[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
+    if var > 1e-15:
+        p = float(2.0 * norm.sf(abs(diff) / np.sqrt(var)))
+    else:  # no spread in the difference: it is exactly what was seen
+        p = 1.0 if abs(diff) < 1e-12 else 0.0
+    boot = [rank_auroc(y[idx], a[idx]) - rank_auroc(y[idx], b[idx])
+            for idx in _stratified_resamples(y, n_boot, seed)]
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha]) if boot else (float("nan"), float("nan"))
+    return {"diff": diff, "ci_low": float(lo), "ci_high": float(hi), "p_value": p, "n_boot": n_boot}
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (Holm 1979), in the input order.
+
+    The i-th smallest of m p-values becomes max over j <= i of (m - j + 1) · p_(j), capped at 1, so the
+    adjusted values keep the order of the raw ones and reject exactly what Holm's step-down rejects at any
+    level. None (a row without a test) and NaN pass through unchanged and do not count in m."""
+    values = [None if p is None else float(p) for p in pvalues]
+    tested = [(i, p) for i, p in enumerate(values) if p is not None and not np.isnan(p)]
+    raw = np.array([p for _, p in tested], dtype=np.float64)
+    if ((raw < 0) | (raw > 1)).any():
+        raise ValueError("p-values must lie in [0, 1]")
+    order = np.argsort(raw, kind="stable")
+    m = raw.size
+    stepped = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * raw[order]))
+    out = list(values)
+    for rank, pos in enumerate(order):
+        out[tested[pos][0]] = float(stepped[rank])
+    return out
+
+
+def bootstrap_mean_ci(values: np.ndarray | Sequence[float], n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float, float] | None:
+    """(mean, lower, upper): percentile bootstrap interval of the mean of the finite ``values``.
+
+    NaN/inf are dropped (a prompt whose D is undefined has no value to average). None when no finite
+    value is left; with a single value the spread is unknown, so the bounds are NaN, never a zero-width
+    interval at the value."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return None
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // x.size)  # resamples per draw: bounds memory at ~16 MB whatever n is
+    means = np.concatenate([x[rng.integers(0, x.size, (min(chunk, n_boot - start), x.size))].mean(axis=1)
+                            for start in range(0, n_boot, chunk)])
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return mean, float(lo), float(hi)
+
+
+def _check_probabilities(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y).astype(int).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y has {y.size} entries, p {p.size}")
+    if not set(np.unique(y)) <= {0, 1}:
+        raise ValueError("y must be binary (0/1)")
+    if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
+        raise ValueError("probabilities must be finite and in [0, 1]")
+    return y, p
+
+
+def brier_score(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean squared error of the predicted probability of class 1 (Brier 1950; scikit-learn's
+    ``brier_score_loss``): 0 is perfect, 0.25 is a constant 0.5."""
+    y, p = _check_probabilities(y, p)
+    return float(brier_score_loss(y, p, pos_label=1))
+
+
+def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, list[Any]]:
+    """Reliability diagram data: ``n_bins`` equal-width bins of the predicted probability over [0, 1].
+
+    Lists, one entry per bin: ``bin_low``, ``bin_high``, ``n``, ``mean_predicted``, ``observed_rate`` and
+    the Wilson interval of the observed rate (``observed_lo``, ``observed_hi``; `wilson_interval`). A bin
+    is (low, high], the first [0, high], as in scikit-learn's ``calibration_curve`` (whose non-empty bins
+    these equal); empty bins are kept, with n = 0 and None values, so that the plot shows where the probe
+    never predicts."""
+    if n_bins < 1:
+        raise ValueError("n_bins must be positive")
+    y, p = _check_probabilities(y, p)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.searchsorted(edges[1:-1], p)  # calibration_curve's binning
+    out: dict[str, list[Any]] = {k: [] for k in ("bin_low", "bin_high", "n", "mean_predicted",
+                                                 "observed_rate", "observed_lo", "observed_hi")}
+    for b in range(n_bins):
+        sel = which == b
+        n, k = int(sel.sum()), int(y[sel].sum())
+        interval = wilson_interval(k, n)
+        out["bin_low"].append(float(edges[b]))
+        out["bin_high"].append(float(edges[b + 1]))
+        out["n"].append(n)
+        out["mean_predicted"].append(float(p[sel].mean()) if n else None)
+        out["observed_rate"].append(k / n if n else None)
+        out["observed_lo"].append(interval[0] if interval else None)
+        out["observed_hi"].append(interval[1] if interval else None)
+    return out
