@@ -126,9 +126,14 @@ class StoreInputs:
         self.batches.seek(position)
 
 
-def contrastive_features(z: torch.Tensor, hazard: torch.Tensor, doc: torch.Tensor,
-                         cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Profiles and binary labels entering the tier term: strided token rows, or per-document means."""
+def contrastive_features(z: torch.Tensor, hazard: torch.Tensor, doc: torch.Tensor, cfg: TrainConfig,
+                         step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Profiles and binary labels entering the tier term: strided token rows, or per-document means.
+
+    With more documents in the batch than ``cfg.contrastive_rows``, the documents kept are a random subset
+    balanced between the two labels (`balanced_subset`), drawn from ``cfg.seed`` and ``step`` so that a
+    resumed run draws what an uninterrupted one did. Keeping the first ones would keep the lowest document
+    indices, which are tier-contiguous in a store: one label only, and NT-Xent returns 0."""
     if cfg.contrastive_level == "token":
         stride = max(1, z.shape[0] // cfg.contrastive_rows)
         return z[::stride][:cfg.contrastive_rows], hazard[::stride][:cfg.contrastive_rows]
@@ -137,7 +142,39 @@ def contrastive_features(z: torch.Tensor, hazard: torch.Tensor, doc: torch.Tenso
     counts = torch.zeros(len(uniq), dtype=z.dtype, device=z.device).index_add_(
         0, inv, torch.ones_like(inv, dtype=z.dtype))
     labels = torch.zeros(len(uniq), dtype=hazard.dtype, device=z.device).scatter_(0, inv, hazard)
-    return (sums / counts[:, None])[:cfg.contrastive_rows], labels[:cfg.contrastive_rows]
+    means = sums / counts[:, None]
+    if len(uniq) <= cfg.contrastive_rows:
+        return means, labels
+    pick = balanced_subset(labels, cfg.contrastive_rows, subset_generator(cfg.seed, step))
+    return means[pick], labels[pick]
+
+
+CONTRASTIVE_STREAM = 0x636F6E74
+"""Mixed into the seed of the contrastive document subset, so that it is a stream of its own."""
+
+
+def subset_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator for step ``step`` of a run seeded ``seed`` (the same on every device and resume)."""
+    state = np.random.SeedSequence([seed % 2**32, step, CONTRASTIVE_STREAM]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n] indices into ``labels`` (0/1, n <= len): n // 2 drawn at random among the 1s and the rest among
+    the 0s, the short side's shortfall filled from the other (each label present keeps >= 1 when n >= 2).
+
+    Computed on the labels' device with no host sync: random keys sort each label's entries, a quota per
+    label says how many of its first entries to keep."""
+    lab = labels.long()
+    keys = torch.rand(len(lab), generator=generator).to(lab.device)
+    order = torch.argsort(lab.to(keys.dtype) * 2 + keys)  # the 0s first, each label in random order
+    lab_sorted = lab[order]
+    c1 = lab.sum()
+    c0 = len(lab) - c1
+    rank = torch.arange(len(lab), device=lab.device) - lab_sorted * c0  # position within its label
+    q1 = torch.minimum(c1, torch.clamp(n - c0, min=n // 2))  # max(n // 2, n - c0), at most c1
+    chosen = rank < torch.where(lab_sorted == 1, q1, n - q1)
+    return order[torch.argsort((~chosen).to(torch.int8), stable=True)[:n]]
 
 
 class Trainer:
@@ -216,7 +253,7 @@ class Trainer:
             total = total + cfg.auxk_coef * auxk
         con = zero
         if cfg.contrastive != "none" and cfg.contrastive_coef:
-            feats, labels = contrastive_features(out.z, batch.hazard, batch.doc, cfg)
+            feats, labels = contrastive_features(out.z, batch.hazard, batch.doc, cfg, state.step)
             con = (losses.nt_xent_tier_loss(feats, labels, cfg.temperature) if cfg.contrastive == "ntxent"
                    else losses.cosine_tier_separation(feats, labels))
             total = total + cfg.contrastive_coef * con
