@@ -366,6 +366,50 @@ def test_evaluate__each_architecture(arch_env, architecture: str) -> None:
         assert result["l0"] == pytest.approx(0.2 * D_SAE, rel=0.25)
 
 
+def test_sample_windows__spread_over_tiers_and_seeded() -> None:
+    from bra.sae.evaluate import sample_windows
+
+    tiers = np.array([0] * 100 + [1] * 100 + [2] * 5)  # store order: tier-contiguous, one tier tiny
+    picked = sample_windows(tiers, 64, seed=0)
+    assert np.bincount(tiers[picked]).tolist() == [29, 30, 5]  # tier 2 gives the rest of its share away
+    assert len(set(picked.tolist())) == 64 and (np.diff(picked) > 0).all()  # distinct, in store order
+    assert np.array_equal(sample_windows(tiers, 64, seed=0), picked)
+    assert not np.array_equal(sample_windows(tiers, 64, seed=1), picked)
+    assert sample_windows(tiers[:10], 64, seed=0).tolist() == list(range(10))  # fewer than asked: all
+
+
+def test_ce_loss_score__splices_only_unmasked_positions(arch_env, tiny_gemma_dir: Path) -> None:
+    """An SAE that reconstructs 0 sees only the windows' unmasked rows, and then the spliced loss is the
+    zero-ablated one (both replace the same positions); the windows come from every tier."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from bra.cache.store import open_store
+    from bra.sae.evaluate import _ce_windows, ce_loss_score, heldout_docs
+
+    class ZeroSAE(torch.nn.Module):
+        rows = 0
+
+        def forward(self, x: torch.Tensor) -> SimpleNamespace:
+            ZeroSAE.rows += x.shape[0]
+            return SimpleNamespace(x_hat=torch.zeros_like(x))
+
+    _, store_path, _, _, _ = arch_env
+    store = open_store(store_path)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma_dir), attn_implementation="eager").eval()
+    every = heldout_docs(store, None, 0.0, 0) | True
+    result = ce_loss_score(ZeroSAE(), store, 1, model, every, max_windows=6, seed=0)
+    _, mask, _, windows = _ce_windows(store, every, 6, 0)
+    unmasked = sum(int((~mask[s:e]).sum()) for s, e in windows)
+    assert ZeroSAE.rows == result["positions_spliced"] == unmasked
+    assert unmasked <= sum(e - s - 1 for s, e in windows)  # position 0 (masked) of every window is left out
+    assert result["ce_spliced"] == pytest.approx(result["ce_zero"], abs=1e-6)
+    tiers_present = set(np.unique(store.read_rows("tier", 0, store.n_tokens)).tolist())
+    assert len(result["windows_per_tier"]) == min(len(tiers_present), 6)
+    assert sum(result["windows_per_tier"].values()) == result["windows"] == 6
+
+
 @pytest.mark.parametrize("architecture", ["jumprelu", "standard", "none"])
 def test_ce_loss_score__splices_each_architecture(arch_env, tiny_gemma_dir: Path, architecture: str) -> None:
     """The eval store was built from a copy of the tiny Gemma2, so that model splices its rows back in."""

@@ -113,35 +113,64 @@ def reconstruction_metrics(sae: SparseAutoencoder, store: Store, layer: int, doc
     }
 
 
+def sample_windows(tier_W: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of min(n, len) windows of tiers ``tier_W``, random within each tier and spread evenly
+    over the tiers: the smallest tiers first, each taking at most an equal share of what is left, so a tier
+    with too few windows gives its share to the others."""
+    rng = np.random.default_rng(seed)
+    tiers, counts = np.unique(tier_W, return_counts=True)
+    left = min(n, len(tier_W))
+    picked = [np.zeros(0, np.int64)]
+    for i, t in enumerate(np.argsort(counts, kind="stable")):
+        take = min(int(counts[t]), left // (len(tiers) - i))
+        picked.append(rng.choice(np.flatnonzero(tier_W == tiers[t]), take, replace=False))
+        left -= take
+    return np.sort(np.concatenate(picked))
+
+
+def _ce_windows(store: Store, doc_selected: np.ndarray, max_windows: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """(token ids, mask, tier of every row; the (start, stop) rows of the sampled windows)."""
+    pos = store.read_rows("position", 0, store.n_tokens)
+    doc = store.read_rows("doc_index", 0, store.n_tokens)
+    masked = store.read_rows("mask", 0, store.n_tokens)
+    tier = store.read_rows("tier", 0, store.n_tokens)
+    starts = np.flatnonzero(pos == 0)
+    ends = np.append(starts[1:], len(pos))
+    eligible = [(int(s), int(e)) for s, e in zip(starts, ends, strict=True)
+                if doc_selected[doc[s]] and e - s > 1 and not masked[s:e].all()]
+    if not eligible:
+        raise SAEError("no held-out windows for the CE-loss score")
+    picked = sample_windows(np.array([tier[s] for s, _ in eligible]), max_windows, seed)
+    return store.read_rows("token_id", 0, store.n_tokens), masked, tier, [eligible[i] for i in picked]
+
+
 @torch.no_grad()
 def ce_loss_score(sae: SparseAutoencoder, store: Store, layer: int, model: Any, doc_selected: np.ndarray,
-                  max_windows: int = 64) -> dict[str, float]:
+                  max_windows: int = 64, seed: int = 0) -> dict[str, Any]:
     """CE-loss score: 1 - (CE_spliced - CE_clean) / (CE_zero - CE_clean), over stored token windows.
 
     Windows are rebuilt from the stored token ids (consecutive rows whose position restarts at 0), so
-    only the model is needed, never the original text.
+    only the model is needed, never the original text. Up to ``max_windows`` selected windows are drawn
+    across the tiers (`sample_windows`, seeded): the first ones in store order would all be of one tier.
+    The reconstruction (and the zero ablation) replaces the hook's output only at the store's unmasked
+    positions: a masked row (position 0, the attention sink, or a BOS) is one the SAE never trained on, and
+    its residual norm is typically far above the others' (massive activations, Sun et al. 2024).
     """
     from bra.pipeline.model import decoder_layers
 
-    pos = store.read_rows("position", 0, store.n_tokens)
-    ids_all = store.read_rows("token_id", 0, store.n_tokens)
-    doc = store.read_rows("doc_index", 0, store.n_tokens)
-    starts = np.flatnonzero(pos == 0)
-    ends = np.append(starts[1:], len(pos))
-    windows = [(s, e) for s, e in zip(starts, ends, strict=True)
-               if doc_selected[doc[s]] and e - s > 1][:max_windows]
-    if not windows:
-        raise SAEError("no held-out windows for the CE-loss score")
+    ids_all, masked, tier, windows = _ce_windows(store, doc_selected, max_windows, seed)
     block = decoder_layers(model)[layer]
     device = next(model.parameters()).device
-    mode: dict[str, str] = {"m": "clean"}
+    state: dict[str, Any] = {"mode": "clean", "keep": None}
 
     def hook(_m: Any, _i: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
-        if mode["m"] == "clean":
+        if state["mode"] == "clean":
             return output
-        new = torch.zeros_like(hidden) if mode["m"] == "zero" else \
-            sae(hidden[0].float()).x_hat.to(hidden.dtype)[None]
+        keep = state["keep"]
+        new = hidden.clone()
+        new[:, keep] = 0 if state["mode"] == "zero" else sae(hidden[0, keep].float()).x_hat.to(hidden.dtype)
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
@@ -150,8 +179,9 @@ def ce_loss_score(sae: SparseAutoencoder, store: Store, layer: int, model: Any, 
     try:
         for s, e in windows:
             ids = torch.from_numpy(ids_all[s:e].astype(np.int64))[None].to(device)
+            state["keep"] = torch.from_numpy(~masked[s:e]).to(device)
             for m in totals:
-                mode["m"] = m
+                state["mode"] = m
                 logits = model(input_ids=ids).logits.float()
                 totals[m] += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:],
                                                                      reduction="sum"))
@@ -160,6 +190,10 @@ def ce_loss_score(sae: SparseAutoencoder, store: Store, layer: int, model: Any, 
         handle.remove()
     ce = {k: v / n_tok for k, v in totals.items()}
     denom = ce["zero"] - ce["clean"]
+    names = store.tier_names
+    codes, per = np.unique([tier[s] for s, _ in windows], return_counts=True)
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
             "ce_loss_score": 1 - (ce["spliced"] - ce["clean"]) / denom if denom else float("nan"),
-            "windows": len(windows)}
+            "windows": len(windows),
+            "windows_per_tier": {names[c]: int(k) for c, k in zip(codes, per, strict=True)},
+            "positions_spliced": int(sum(int((~masked[s:e]).sum()) for s, e in windows))}
