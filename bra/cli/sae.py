@@ -44,8 +44,10 @@ def cli(verbose: int) -> None:
               help="Activation store (bra-cache build): a folder or a URL (s3://, memory://, file://).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="seed: the seed recipe (d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, L1 + cosine tier "
-                   "term); contrastive: NT-Xent + AuxK (default settings); plain: no tier term.")
+              help="seed: a reconstruction of the seed recipe (d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, "
+                   "L1 0.05 + cosine tier term 0.05; the two coefficients were solved from two published "
+                   "loss totals, not published); contrastive: NT-Xent + AuxK (default settings); plain: no "
+                   "tier term.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @NPROC_OPTION
 @TRAIN_OPTIONS

@@ -150,9 +150,11 @@ def _flatten(data: dict[str, Any], cls: type) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The seed recipe (model card): d_sae 6144, k 32, AdamW 3e-4, 5,000 steps, reconstruction + L1 +
-    # cosine tier separation. Coefficients are unpublished; 0.05 and 0.05 reproduce the published loss
-    # totals (initial 7.29 + 0.05*1.97 + 0.05*0.567 ≈ 7.42, final 0.066 + 0.05*0.43 + 0.05*0.06 ≈ 0.090).
+    # A RECONSTRUCTION of the seed recipe, not the recipe itself. Published (model card): d_sae 6144, k 32,
+    # AdamW 3e-4, 5,000 steps, reconstruction + L1 + cosine tier separation. Not published: the two
+    # coefficients. 0.05 and 0.05 are solved from the two published loss totals, two equations in two
+    # unknowns (initial 7.29 + 0.05*1.97 + 0.05*0.567 ≈ 7.42, final 0.066 + 0.05*0.43 + 0.05*0.06 ≈ 0.090),
+    # so they fit those totals and nothing else confirms them.
     "seed": {"d_sae": 6144, "k": 32, "lr": 3e-4, "lr_decay_frac": 0.0, "steps": 5000, "l1_coef": 0.05,
              "auxk_coef": 0.0, "contrastive": "cosine", "contrastive_coef": 0.05},
     # Ours: NT-Xent separation plus AuxK to keep latents alive.
@@ -160,3 +162,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Baseline: the same SAE without the tier term.
     "plain": {"contrastive": "none", "contrastive_coef": 0.0, "balanced": False},
 }
+"""Named starting points for `bra-sae fit --preset` (flags override them). ``seed`` reconstructs the seed
+recipe: its two loss coefficients were solved from two published loss totals, not published themselves."""
