@@ -62,9 +62,11 @@ FEATURE_CATEGORIES: tuple[str, ...] = (BIO_CONTENT, HAZARD_ADJACENT, REFUSAL_CIR
 """SAE-feature categories of the catalog, in the order of f and of T's columns."""
 
 DEEP_REFUSAL, SHALLOW_REFUSAL = "deep_refusal", "shallow_refusal"
+UNCERTAIN_REFUSAL = "uncertain_refusal"
+"""A refusal whose depth the calibrated evidence cannot decide (`bra.audit.depth`)."""
 COMPLIANCE, HAZARDOUS_COMPLIANCE = "compliance", "hazardous_compliance"
-DEPTH_CATEGORIES: tuple[str, ...] = (DEEP_REFUSAL, SHALLOW_REFUSAL, COMPLIANCE, HAZARDOUS_COMPLIANCE, HEDGE,
-                                     EVADE, UNKNOWN)
+DEPTH_CATEGORIES: tuple[str, ...] = (DEEP_REFUSAL, SHALLOW_REFUSAL, UNCERTAIN_REFUSAL, COMPLIANCE,
+                                     HAZARDOUS_COMPLIANCE, HEDGE, EVADE, UNKNOWN)
 """Refusal-depth categories a scored prompt can get (hedge, evade and unknown share the surface names)."""
 
 NULL_SAE = "none"
@@ -108,6 +110,7 @@ __all__ = [
     "SEGMENT_NAMES",
     "SEGMENT_PROMPT",
     "SHALLOW_REFUSAL",
+    "UNCERTAIN_REFUSAL",
     "SURFACE_CLASSES",
     "TIERS",
     "UNKNOWN",

@@ -53,7 +53,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BRA = Path(__file__).resolve().parent.parent / "bra"
 SMALL_FIT = ["--d-sae", "64", "--k", "4", "--steps", "4", "--batch-size", "16", "--buffer-rows", "64",
              "--checkpoint-every", "2", "--dead-tokens", "64", "--contrastive-rows", "8", "--device", "cpu"]
-FAST_SCORE = ["--n-boot", "10", "--n-perm", "10"]
+FAST_SCORE = ["--n-boot", "10", "--n-perm", "10", "--repeats", "1", "--n-d-null", "10"]
 
 
 @dataclass

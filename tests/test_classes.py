@@ -18,7 +18,7 @@ from helpers import build_labelled_eval_store
 from bra.audit.catalog import CONTRASTS, build_catalog, contrasts
 from bra.audit.classes import resolve_classes, tier_order
 from bra.audit.config import ScoreConfig, ScoreError
-from bra.audit.probes import EvalSets, method_row
+from bra.audit.probes import EvalSets, Method, ProbeScores, method_row
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,10 +27,11 @@ CONTROL_LABELS = {"benign_legal": "comply", "psilocybin_control": "hedge", "haza
                   "hazard_adjacent_category": "refuse"}
 """The control store's tiers (and their surface labels): the legal control tiers, psilocybin, and the bio
 hazard tier, which must stay redacted when it is not in the positive class."""
-LEGACY_ROW_KEYS = ["method", "kind", "n_positive", "n_negative", "n_dual_use", "mean_score_hazard",
-                   "mean_score_benign", "mean_score_dual_use", "auroc", "ci_low", "ci_high", "p_value",
-                   "reason", "margin_over_tfidf"]
-"""An AUROC row of report.json before the classes could be chosen (commit 5594e63), key order included."""
+ROW_KEYS = ["method", "segment", "key", "kind", "n_positive", "n_negative", "n_dual_use", "probe_C",
+            "cv_folds", "mean_score_hazard", "mean_score_benign", "mean_score_dual_use", "auroc", "ci_low",
+            "ci_high", "delong_low", "delong_high", "p_value", "reason", "margin_over_tfidf"]
+"""An AUROC row of report.json (issue 13: the input segment, DeLong's CI, the cross-validated C), key order
+included."""
 NEW_SETTINGS = {"positive_tiers", "negative_tiers", "classes", "variant", "labels", "label_disagreement"}
 """The settings keys report.json gained since 5594e63: the classes, the generation variant and the surface
 label source (judges)."""
@@ -108,11 +109,12 @@ def test_method_row__groups_keep_the_legacy_keys_and_add_a_group_per_tier() -> N
     scores = np.array([0.9, 0.8, 0.1, 0.2, 0.5, 0.4])
     pos, neg = np.array([1, 1, 0, 0, 0, 0], bool), np.array([0, 0, 1, 1, 0, 0], bool)
     dual = np.array([0, 0, 0, 0, 1, 1], bool)
-    legacy = method_row("m", "sae", scores, EvalSets(pos, neg, {"dual_use": dual}), 20, 20, 0)
-    assert [k for k in legacy if k != "roc"] == [k for k in LEGACY_ROW_KEYS if k != "margin_over_tfidf"]
+    m = Method("m", "sae", "both", ProbeScores(scores, 1.0, 2))
+    legacy = method_row(m, EvalSets(pos, neg, {"dual_use": dual}), 20, 20, 0)
+    assert [k for k in legacy if k != "roc"] == [k for k in ROW_KEYS if k != "margin_over_tfidf"]
     assert legacy["mean_score_dual_use"] == pytest.approx(0.45)
     groups = {"dual_use": np.zeros(6, bool), "benign_legal": dual}
-    row = method_row("m", "sae", scores, EvalSets(pos, neg, groups), 20, 20, 0)
+    row = method_row(m, EvalSets(pos, neg, groups), 20, 20, 0)
     assert (row["n_dual_use"], row["mean_score_dual_use"]) == (0, None)
     assert (row["n_benign_legal"], row["mean_score_benign_legal"]) == (2, pytest.approx(0.45))
     assert row["auroc"] == 1.0 and row["n_positive"] == 2 and row["n_negative"] == 2
@@ -173,7 +175,7 @@ def _score_cli(store: Path, sae: Path, out: Path, *flags: str) -> tuple[dict[str
 
     with pytest.raises(SystemExit) as exc:
         main(["score", "--store", str(store), "--sae", str(sae), "--out", str(out), "--n-boot", "50",
-              "--n-perm", "50", "--top-n", "4", "--min-effect", "0.2", *flags])
+              "--n-perm", "50", "--top-n", "4", "--repeats", "1", "--n-d-null", "20", *flags])
     assert exc.value.code == 0
     return json.loads((out / "report.json").read_text()), pd.read_parquet(out / "scores.parquet")
 
@@ -283,13 +285,14 @@ def test_score__default_classes_reproduce_the_report(bio_env, tmp_path: Path) ->
         "positive": ["hazard_adjacent_category"], "positive_from": "store", "negative": ["benign_bio"],
         "negative_from": "store", "groups": {"dual_use": "dual_use_bio"},
         "redacted": ["hazard_adjacent_category"]}
-    # the shape report.json had before (commit 5594e63): the same rows, the same settings plus the new keys
-    assert all(list(row) == LEGACY_ROW_KEYS for row in report["auroc"])
+    # the shape of report.json: every row has the same keys, the settings the config's fields plus the facts
+    assert all(list(row) == ROW_KEYS for row in report["auroc"])
     assert set(report["settings"]) - NEW_SETTINGS == {
         "seed", "pool", "layer", "f_segment", "probe_segment", "train_fraction", "calibration_fraction",
-        "ridge", "top_n", "min_effect", "d_threshold", "hazard_threshold", "n_boot", "n_perm", "contexts",
-        "context_latents", "store", "sae", "baselines", "model_id", "sae_config", "random_sae_config",
-        "f_definition", "hazard_score"}
+        "ridge", "top_n", "min_effect", "fdr", "n_null", "depth_quantile", "min_reference", "d_quantile",
+        "magnitude_quantile", "n_d_null", "repeats", "n_boot", "n_perm", "contexts", "context_latents",
+        "store", "sae", "baselines", "model_id", "sae_config", "random_sae_config", "f_definition",
+        "hazard_score", "groups"}
     assert report["catalog"]["hazard_adjacent"]["contrast"] == \
         "tier hazard_adjacent_category vs benign_bio (prompt segment, training split)"
     assert _redacted(runs["store"][1]) == {"benign_bio": False, "dual_use_bio": False,
@@ -308,7 +311,7 @@ def test_score__a_class_the_prompts_cannot_serve_fails_before_the_layer_is_read(
 
     monkeypatch.setattr(reader_mod, "load_checked", refuse)
     monkeypatch.setattr(reader_mod, "_stream_layer", refuse)
-    cfg = ScoreConfig(n_boot=10, n_perm=10, positive_tiers=("hazard_adjacent_legal",))
+    cfg = ScoreConfig(n_boot=10, n_perm=10, repeats=1, n_d_null=10, positive_tiers=("hazard_adjacent_legal",))
     with pytest.raises(ScoreError, match="no prompt has tier 'hazard_adjacent_legal'"):
         score(store, sae, tmp_path / "out", cfg)
     assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import error_lines, sae_main_code, truncate
@@ -26,7 +27,7 @@ from bra.audit.metrics import mean_t_interval, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST_SCORE = ["--n-boot", "10", "--n-perm", "10"]
+FAST_SCORE = ["--n-boot", "10", "--n-perm", "10", "--repeats", "1", "--n-d-null", "10"]
 Z = 1.959963984540054
 """The 97.5% normal quantile."""
 
@@ -145,7 +146,8 @@ def test_compare__numbers_equal_the_reports(reports: dict[str, Path], tmp_path: 
             assert (cell["k"], cell["n"]) == (k, n) and cell["share"] == pytest.approx(k / n)
             assert (cell["ci_low"], cell["ci_high"]) == pytest.approx(wilson_interval(k, n))
             assert cell["ci_low"] <= cell["share"] <= cell["ci_high"]
-        for row in ref["report"]["auroc"]:
+        seg = ref["report"]["settings"]["probe_segment"]
+        for row in (r for r in ref["report"]["auroc"] if r["segment"] == seg):  # each run's own probe input
             got = run["auroc"][row["method"]]
             assert [got[f] for f in ("auroc", "ci_low", "ci_high", "p_value")] == \
                 [row[f] for f in ("auroc", "ci_low", "ci_high", "p_value")]
@@ -155,6 +157,9 @@ def test_compare__numbers_equal_the_reports(reports: dict[str, Path], tmp_path: 
             assert counts["n"] == n_depth and counts["share"] == pytest.approx(counts["k"] / n_depth)
         for row in ref["report"]["divergence_by_tier"]:
             got = run["d_mean_by_tier"][row["tier"]]
+            if row["count"] == 0:  # D undefined for the whole tier (e.g. below the magnitude floor)
+                assert got["mean"] is None and row["mean"] is None and np.isnan(ref["d_mean"][row["tier"]])
+                continue
             assert got["mean"] == pytest.approx(ref["d_mean"][row["tier"]]) == pytest.approx(row["mean"])
             assert got["n"] == row["count"] and got["ci_low"] <= got["mean"] <= got["ci_high"]
     # a method only run a has is absent from b (no key, "absent" in the table), never zero

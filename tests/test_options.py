@@ -79,9 +79,17 @@ SCORE_OPTIONS: list[Row] = [
     (('--calibration-fraction',), (), 'calibration_fraction', 'float', 0.25, False, False, False, '0.25'),
     (('--ridge',), (), 'ridge', 'float', 0.01, False, False, False, '0.01'),
     (('--top-n',), (), 'top_n', 'integer', 16, False, False, False, '16'),
-    (('--min-effect',), (), 'min_effect', 'float', 0.5, False, False, False, '0.5'),
-    (('--d-threshold',), (), 'd_threshold', 'float', 0.5, False, False, False, '0.5'),
-    (('--hazard-threshold',), (), 'hazard_threshold', 'float', 0.5, False, False, False, '0.5'),
+    (('--min-effect',), (), 'min_effect', 'float', 0.0, False, False, False, '0.0'),
+    # issue 13: the catalog's FDR and null, the calibrated depth scale, D's calibration, repeated splits
+    # (replacing the fixed --d-threshold and --hazard-threshold)
+    (('--fdr',), (), 'fdr', 'float', 0.05, False, False, False, '0.05'),
+    (('--n-null',), (), 'n_null', 'integer', 20, False, False, False, '20'),
+    (('--depth-quantile',), (), 'depth_quantile', 'float', 0.1, False, False, False, '0.1'),
+    (('--min-reference',), (), 'min_reference', 'integer', 3, False, False, False, '3'),
+    (('--d-quantile',), (), 'd_quantile', 'float', 0.95, False, False, False, '0.95'),
+    (('--magnitude-quantile',), (), 'magnitude_quantile', 'float', 0.05, False, False, False, '0.05'),
+    (('--n-d-null',), (), 'n_d_null', 'integer', 200, False, False, False, '200'),
+    (('--repeats',), (), 'repeats', 'integer', 5, False, False, False, '5'),
     (('--n-boot',), (), 'n_boot', 'integer', 1000, False, False, False, '1000'),
     (('--n-perm',), (), 'n_perm', 'integer', 1000, False, False, False, '1000'),
     (('--contexts',), (), 'contexts', 'integer', 3, False, False, False, '3'),
@@ -323,7 +331,8 @@ def test_score_cmd__builds_the_config_and_baselines(monkeypatch: pytest.MonkeyPa
 
     def fake_score(store: Any, sae: Any, out: Any, cfg: Any, baselines: Any) -> dict[str, Any]:
         calls.append((store, sae, out, cfg, baselines))
-        return {"auroc": [{"method": "sae", "auroc": 0.5}]}
+        return {"auroc": [{"method": "sae", "segment": "both", "auroc": 0.5}],
+                "depth": {"verdicts": {"deep": 0, "shallow": 0, "uncertain": 0}, "n_refused_test": 0}}
 
     monkeypatch.setattr(bra.audit.score, "score", fake_score)
     base = ["score", "--store", "memory://e.zarr", "--sae", str(tmp_path / "sae"), "--out",
@@ -363,7 +372,7 @@ def test_score_cmd__tier_classes_are_comma_separated(monkeypatch: pytest.MonkeyP
 
     calls: list[Any] = []
     monkeypatch.setattr(bra.audit.score, "score", lambda store, sae, out, cfg, baselines:
-                        calls.append(cfg) or {"auroc": []})
+                        calls.append(cfg) or {"auroc": [], "depth": {"verdicts": {}, "n_refused_test": 0}})
     base = ["score", "--store", "memory://e.zarr", "--sae", str(tmp_path / "sae"), "--out",
             str(tmp_path / "o")]
     assert run_cli(sae_cli, [*base, "--positive-tiers", "hazard_adjacent_legal,psilocybin_control",

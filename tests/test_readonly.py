@@ -98,7 +98,8 @@ try:
 except PermissionError:
     writable = False
 codes = []
-for argv in (["score", "--store", store, "--sae", sae, "--out", out, "--n-boot", "10", "--n-perm", "10"],
+for argv in (["score", "--store", store, "--sae", sae, "--out", out, "--n-boot", "10", "--n-perm", "10",
+              "--repeats", "1"],
              ["eval", "--sae", sae, "--store", store, "--split", "all"]):
     try:
         main(argv)

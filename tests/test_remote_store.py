@@ -159,7 +159,7 @@ def test_s3_store__build_verify_info_fit_score_from_urls(s3_server: str, local_b
     sae_dir = save_saelens(TopKSAE.init_random(cfg, seed=5), tmp_path / "sae")
     assert run_cli(sae_cli, ["score", "--store", eval_url, "--sae", str(sae_dir), "--out",
                              str(tmp_path / "score"), "--n-boot", "50", "--n-perm", "50", "--top-n", "4",
-                             "--min-effect", "0.2"]) == 0
+                             "--repeats", "1"]) == 0
     report = json.loads((tmp_path / "score" / "report.json").read_text())
     assert report["settings"]["store"] == eval_url
 

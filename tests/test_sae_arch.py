@@ -323,7 +323,7 @@ def test_read_eval_bundle__pooled_latents_are_exact(arch_env, architecture: str)
     assert random_cfg["d_sae"] == bundle.sae_configs["sae"]["d_sae"]
 
 
-FAST = ["--n-boot", "20", "--n-perm", "20", "--top-n", "4", "--min-effect", "0.2"]
+FAST = ["--n-boot", "20", "--n-perm", "20", "--top-n", "4", "--repeats", "1", "--n-d-null", "20"]
 
 
 @pytest.mark.parametrize("architecture", ["jumprelu", "standard", "none"])

@@ -43,7 +43,7 @@ def test_split_prompts__disjoint_stratified_deterministic() -> None:
 # -------------------------------------------------------------------------------------- end to end
 
 
-FAST = ["--n-boot", "200", "--n-perm", "200", "--top-n", "4", "--min-effect", "0.2"]
+FAST = ["--n-boot", "200", "--n-perm", "200", "--top-n", "4", "--repeats", "2"]
 
 
 def test_score__end_to_end_without_model_is_deterministic(eval_env, no_model) -> None:
@@ -59,7 +59,7 @@ def test_score__end_to_end_without_model_is_deterministic(eval_env, no_model) ->
     assert (a / "report.json").read_text() == (b / "report.json").read_text()
     assert (a / "catalog.json").read_text() == (b / "catalog.json").read_text()
     assert (a / "scores.parquet").read_bytes() == (b / "scores.parquet").read_bytes()
-    for name in ("report.html", "roc.png", "d_by_tier_framing.png", "surface_hazard.png"):
+    for name in ("report.html", "roc.png", "d_by_tier_framing.png", "depth_scores.png", "reliability.png"):
         assert (a / name).stat().st_size > 0
 
     report = json.loads((a / "report.json").read_text())
@@ -67,12 +67,26 @@ def test_score__end_to_end_without_model_is_deterministic(eval_env, no_model) ->
     train, cal, test_ids = (set(splits[s]) for s in ("train", "calibration", "test"))
     assert not train & test_ids and not cal & test_ids and not train & cal
     assert sum(map(len, splits.values())) == 24
-    methods = {r["method"]: r for r in report["auroc"]}
-    assert set(methods) == {"sae", "plain", "random_sae", "tfidf_logreg", "raw_logreg", "raw_diff_of_means"}
+    methods = {r["key"]: r for r in report["auroc"]}
+    names = {"sae", "plain", "random_sae", "tfidf_logreg", "raw_logreg", "raw_diff_of_means"}
+    assert set(methods) == {f"{m}@{seg}" for m in names for seg in ("prompt", "completion", "both")}
     for r in methods.values():
         assert r["auroc"] is not None and r["ci_low"] <= r["auroc"] <= r["ci_high"]
+        assert r["delong_low"] <= r["auroc"] <= r["delong_high"]
         assert 0 < r["p_value"] <= 1 and r["n_dual_use"] >= 1
-        assert r["margin_over_tfidf"] == pytest.approx(r["auroc"] - methods["tfidf_logreg"]["auroc"])
+        # margins only between rows that saw the same input
+        same = methods[f"tfidf_logreg@{r['segment']}"]["auroc"]
+        assert r["margin_over_tfidf"] == pytest.approx(r["auroc"] - same)
+    versus = {(c["segment"], c["versus"]) for c in report["comparisons"]}
+    assert versus == {(seg, m) for seg in ("prompt", "completion", "both")
+                      for m in ("plain", "random_sae", "tfidf_logreg")}
+    holm = [c["p_holm"] for c in report["comparisons"]]
+    assert all(h >= c["p_value"] - 1e-12 for h, c in zip(holm, report["comparisons"], strict=True))
+    assert report["repeats"]["seeds"] == [0, 1] and "auroc:sae@both" in report["repeats"]["numbers"]
+    assert report["settings"]["groups"].startswith("tier+category")  # one category per tier: by id, said
+    assert report["depth"]["n_refused_test"] == report["counts"]["test_surface_labels"].get("refuse", 0)
+    assert sum(report["depth"]["verdicts"].values()) == report["depth"]["n_refused_test"]
+    assert report["tables"]["truncated"]["known"] and report["overlap"] is not None
     assert set(report["empty_categories"]) >= {"bio_content", "deception_correlate"}
     assert "partial" in report["alignment"]["absent_classes"]
     assert "token ids only" in report["contexts"]  # the tokenizer went with the model
@@ -82,6 +96,9 @@ def test_score__end_to_end_without_model_is_deterministic(eval_env, no_model) ->
     test = scores["split"] == "test"
     assert scores.loc[~test, "D"].isna().all() and scores.loc[~test, "depth_category"].isna().all()
     assert scores.loc[test, "depth_category"].notna().all()
+    refused = test & (scores["surface_label"] == "refuse")
+    assert scores.loc[refused, "depth_verdict"].isin(["deep", "shallow", "uncertain"]).all()
+    assert scores.loc[~refused, "depth_verdict"].isna().all()
     haz = scores[scores["tier"] == "hazard_adjacent_category"]
     assert haz["completion_excerpt"].str.endswith("…[redacted]").all()
     assert sum(report["depth_categories"].values()) == int(test.sum())
@@ -91,7 +108,7 @@ def test_score__refuses_bad_inputs(eval_env, no_model, tmp_path: Path) -> None:
     from bra.audit.score import score
 
     tmp, store, sae, _, other = eval_env
-    fast = ScoreConfig(n_boot=10, n_perm=10)
+    fast = ScoreConfig(n_boot=10, n_perm=10, repeats=1, n_d_null=10)
     with pytest.raises(SAEError, match="layer"):
         score(store, other, tmp_path / "o1", fast)
     with pytest.raises(ScoreError, match="reserved"):
@@ -167,7 +184,7 @@ def test_score__opens_the_store_once_and_reports_from_the_result_alone(
     monkeypatch.setattr(reader_mod, "open_store", counting_open)
     monkeypatch.setattr(store_mod, "open_store", counting_open)
     monkeypatch.setattr(store_mod.Store, "__post_init__", counting_init)
-    cfg = ScoreConfig(n_boot=10, n_perm=10, top_n=4, min_effect=0.2)
+    cfg = ScoreConfig(n_boot=10, n_perm=10, repeats=1, n_d_null=10, top_n=4, min_effect=0.2)
     result = compute_scores(copy, sae, cfg, {"plain": base})
     assert opened == [str(copy)] and len(built) == 1  # one open, one Store handle, for the SAE and baselines
     assert _store_handles(result) == []
@@ -185,7 +202,7 @@ def test_score__opens_the_store_once_and_reports_from_the_result_alone(
     assert report["settings"]["store"] == str(copy) and report["settings"]["model_id"] is not None
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     for name in ("scores.parquet", "catalog.json", "report.html", "roc.png", "d_by_tier_framing.png",
-                 "surface_hazard.png"):
+                 "depth_scores.png", "reliability.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert not list(tmp_path.glob(".out.*"))  # the atomic write left no temp folder
 
@@ -238,7 +255,7 @@ def test_score__labels_source_recorded_with_disagreement(eval_env, no_model, tmp
     from bra.cli.sae import main
 
     tmp, store, sae, _, _ = eval_env
-    fast = ScoreConfig(n_boot=10, n_perm=10, top_n=4, min_effect=0.2)
+    fast = ScoreConfig(n_boot=10, n_perm=10, repeats=1, n_d_null=10, top_n=4, min_effect=0.2)
     plain = score(store, sae, tmp_path / "plain", fast)
     assert plain["settings"]["labels"] == "rules" and plain["settings"]["label_disagreement"] is None
     judged = _judged_copy(store, tmp_path)

@@ -112,6 +112,10 @@ def _parse_report(doc: Any, path: Path, folder: Path) -> tuple[ReportFacts, tupl
                         n_test=int(sum((by_split.get(TEST) or {}).values())),
                         variant=str(variant["name"]) if isinstance(variant, dict) and "name" in variant
                         else None)
+    # runs are compared on the rows of each report's own probe input; reports from before the input was
+    # recorded per row have one row per method
+    segment = settings.get("probe_segment")
+    rows = [r for r in rows if not isinstance(r, dict) or r.get("segment", segment) == segment]
     return facts, tuple(_auroc_row(r, path) for r in rows), {str(k): int(v) for k, v in depth.items()}
 
 

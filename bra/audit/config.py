@@ -7,7 +7,6 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from bra.audit.divergence import DepthThresholds
 from bra.errors import BraError
 from bra.vocab import COMPLETION, POOLED_SEGMENTS, POOLS, Pool, PooledSegment
 
@@ -17,6 +16,7 @@ if TYPE_CHECKING:  # ScoreResult's field types only: `bra-sae --help` builds opt
 
     from bra.audit.bundle import StoreFacts
     from bra.audit.catalog import CategoryEntry
+    from bra.audit.depth import DepthScale
 
 TRAIN, CALIBRATION, TEST = "train", "calibration", "test"
 SPLITS: tuple[str, ...] = (TRAIN, CALIBRATION, TEST)
@@ -85,12 +85,25 @@ class ScoreConfig:
     """Ridge penalty of the alignment fit."""
     top_n: int = 16
     """Catalog latents per category at most."""
-    min_effect: float = 0.5
-    """Catalog latents need Cohen's d above this on the training split."""
-    d_threshold: float = 0.5
-    """D above this makes a refusal shallow."""
-    hazard_threshold: float = 0.5
-    """Hazard-probe probability at or above this counts as hazard features active."""
+    min_effect: float = 0.0
+    """Catalog latents also need a training-split Cohen's d above this (selection is by the BH test)."""
+    fdr: float = 0.05
+    """False-discovery rate of the catalog's Benjamini-Hochberg selection over all latents."""
+    n_null: int = 20
+    """Label permutations of the catalog's null (the expected false-discovery share)."""
+    depth_quantile: float = 0.1
+    """Tail share of each calibration reference outside its depth band (the thresholds are its quantiles)."""
+    min_reference: int = 3
+    """Calibration prompts a depth reference needs; fewer complied hazard prompts use the stated fallback."""
+    d_quantile: float = 0.95
+    """D threshold: this quantile of D over calibration prompts whose surface label and tier agree."""
+    magnitude_quantile: float = 0.05
+    """Magnitude floor of f: this quantile of the calibration prompts' total catalog activation; below it
+    D is undefined (the catalog latents barely fire)."""
+    n_d_null: int = 200
+    """Surface permutations of D's null reference."""
+    repeats: int = 5
+    """Splits (seeds seed .. seed+repeats-1) whose spread is reported beside every headline number."""
     n_boot: int = 1000
     """Bootstrap resamples of each AUROC's 95% CI."""
     n_perm: int = 1000
@@ -122,22 +135,22 @@ class ScoreConfig:
         if not (0 < fr < 1 and 0 < fc < 1 and fr + fc < 1):
             raise ValueError(f"train_fraction ({fr}) and calibration_fraction ({fc}) must be in (0, 1) and "
                              f"leave a test split")
-        for name in ("top_n", "n_boot", "n_perm", "contexts", "context_latents"):
+        for name in ("top_n", "n_boot", "n_perm", "contexts", "context_latents", "n_null", "min_reference",
+                     "n_d_null", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-        DepthThresholds(self.d_threshold, self.hazard_threshold)
+        for name, lo, hi in (("fdr", 0.0, 1.0), ("depth_quantile", 0.0, 0.5), ("d_quantile", 0.0, 1.0),
+                             ("magnitude_quantile", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not lo < value < hi:
+                raise ValueError(f"{name} must be in ({lo:g}, {hi:g}), got {value}")
         for name in ("positive_tiers", "negative_tiers"):
             _check_tiers(name, getattr(self, name))
         both = [t for t in self.positive_tiers or () if t in (self.negative_tiers or ())]
         if both:
             raise ValueError(f"tier {both[0]!r} is in both positive_tiers and negative_tiers")
-
-    @property
-    def thresholds(self) -> DepthThresholds:
-        """The refusal-depth cut-offs."""
-        return DepthThresholds(self.d_threshold, self.hazard_threshold)
 
 
 @dataclass(frozen=True)
@@ -198,9 +211,33 @@ class ScoreResult:
     D: np.ndarray
     """[n] divergence D = 1 - cos(f, Tᵀs) of the configured f segment (NaN where undefined)."""
     hazard: np.ndarray
-    """Our SAE probe's P(hazard) (NaN when the probe could not be fit)."""
+    """Our SAE probe's P(hazard) on ``probe_segment`` (NaN when the probe could not be fit)."""
     depth: list[str | None]
     """Refusal-depth category (test prompts), None elsewhere."""
+    depth_score: np.ndarray
+    """[n] completion-segment hazard evidence on the calibrated depth scale (`bra.audit.depth`)."""
+    prompt_depth_score: np.ndarray
+    """[n] the same scale applied to the prompt segment's evidence (reported, never used for a verdict)."""
+    verdicts: list[str | None]
+    """Depth verdict (deep / shallow / uncertain) of each refused prompt, None for the rest."""
+    verdict_reasons: list[str | None]
+    """Why a verdict is uncertain."""
+    scale: DepthScale
+    """The calibrated depth scale and thresholds."""
+    d_fit: dict[str, Any]
+    """D's calibration: threshold, magnitude floor, null reference, D-rule verdicts (`bra.audit.score`)."""
+    groups: np.ndarray
+    """[n] split group key of each prompt."""
+    group_by: str
+    """How the group keys were formed."""
+    comparisons: list[dict[str, Any]]
+    """Paired AUROC differences of our SAE against the baselines, Holm-adjusted."""
+    probe_calibration: dict[str, Any]
+    """Brier score and reliability bins of our probe on the test split."""
+    repeats: dict[str, Any]
+    """Spread of the headline numbers over repeated splits."""
+    tables: dict[str, Any]
+    """Per tier / framing tables (`bra.audit.tables`)."""
     catalog: dict[str, CategoryEntry]
     """Feature category -> its catalog entry (training split)."""
     alignment: dict[str, Any]
@@ -218,3 +255,5 @@ class ScoreResult:
     """The positive and negative tiers (and the groups reported apart, the redacted tiers) this run used."""
     labels: dict[str, Any] | None = None
     """The surface-label source used and its disagreement summary (`bra.audit.labels.LabelChoice`)."""
+    overlap: dict[str, Any] | None = None
+    """Eval prompts sharing an n-gram with the SAE's training store (`bra.audit.overlap`); None = not run."""

@@ -19,6 +19,7 @@ import torch
 from bra.audit.bundle import EvalBundle, SparseCodes, StoreFacts, TokenColumns
 from bra.audit.config import RANDOM_SAE, ScoreError
 from bra.audit.labels import AUTO, choose_labels
+from bra.audit.overlap import ngram_hashes
 from bra.audit.pooling import accumulate_raw_, empty_raw, finish_raw, pool_codes
 from bra.cache import schema
 from bra.cache.store import Store, open_store
@@ -172,3 +173,31 @@ def _stream_layer(store: Store, layer: int, saes: Mapping[str, SparseAutoencoder
 
 
 __all__ = ["read_eval_bundle", "random_sae"]
+
+
+SCAN_ROWS = 1 << 22
+"""Token rows read per step of the n-gram scan of a training store."""
+
+
+def scan_store_ngrams(store_path: str, tokenizer_fingerprint: str | None, wanted: np.ndarray, n: int
+                      ) -> tuple[np.ndarray | None, str | None]:
+    """(the hashes of ``wanted`` that occur in the store's documents, None), scanned in chunks of
+    `SCAN_ROWS` token rows; or (None, why not): the store is not reachable, or its tokenizer differs from
+    ``tokenizer_fingerprint`` (token n-grams would not be comparable)."""
+    from bra.errors import BraError
+
+    try:
+        store = open_store(store_path)
+    except (BraError, OSError) as exc:
+        return None, f"training store not reachable from here: {exc}"
+    fp = store.meta.tokenizer_fingerprint
+    if tokenizer_fingerprint is None or fp != tokenizer_fingerprint:
+        return None, (f"training store tokenizer {fp} differs from the eval store's {tokenizer_fingerprint}: "
+                      f"token n-grams are not comparable")
+    found: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
+    for start in range(0, store.n_tokens, SCAN_ROWS) if wanted.size else ():
+        stop = min(store.n_tokens, start + SCAN_ROWS + n - 1)  # windows across the step boundary included
+        tokens, docs = store.read_rows("token_id", start, stop), store.read_rows("doc_index", start, stop)
+        h = ngram_hashes(tokens, docs, n)
+        found.append(h[np.isin(h, wanted)])
+    return np.unique(np.concatenate(found)), None

@@ -14,7 +14,7 @@ that bundle (`analyse`). Outputs are written by `bra.audit.report` from the resu
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -26,59 +26,59 @@ import pandas as pd
 
 from bra.audit import probes
 from bra.audit.bundle import EvalBundle, StoreFacts
-from bra.audit.catalog import build_catalog, contrasts, feature_profile
+from bra.audit.catalog import build_catalog, category_activations, contrasts, feature_profile
 from bra.audit.classes import resolve_classes
 from bra.audit.config import (
     BOTH_SEGMENTS,
-    CALIBRATION,
     OURS,
+    PROBE_SEGMENTS,
     RANDOM_SAE,
     RAW_DIFF_OF_MEANS,
     RAW_LOGREG,
     RESERVED_NAMES,
     SPLITS,
-    TEST,
-    TRAIN,
+    TFIDF_METHOD,
     ScoreConfig,
     ScoreError,
     ScoreResult,
     TierClasses,
 )
 from bra.audit.contexts import catalog_contexts, decode_contexts, load_tokenizer
-from bra.audit.divergence import divergence, fit_alignment, refusal_depth_category
-from bra.audit.reader import read_eval_bundle
+from bra.audit.depth import (
+    COMPLIED_LABELS,
+    DEEP,
+    SHALLOW,
+    UNCERTAIN,
+    depth_verdicts,
+    fit_depth_scale,
+    hazard_evidence,
+)
+from bra.audit.divergence import (
+    depth_category,
+    divergence,
+    fit_alignment,
+    fit_d_threshold,
+    magnitude_floor,
+    null_divergence,
+)
+from bra.audit.metrics import brier_score, rank_auroc, reliability_bins
+from bra.audit.overlap import training_overlap
+from bra.audit.reader import read_eval_bundle, scan_store_ngrams
 from bra.audit.report import write_outputs
-from bra.vocab import COMPLETION, POOLED_SEGMENTS, PROMPT, SURFACE_CLASSES
+from bra.audit.splits import group_keys, split_prompts
+from bra.audit.tables import expected_confusion, mean_by, rate_by, truncation
+from bra.vocab import (
+    COMPLETION,
+    DEPTH_CATEGORIES,
+    HAZARD_ADJACENT,
+    POOLED_SEGMENTS,
+    PROMPT,
+    REFUSE,
+    SEGMENT_PROMPT,
+    SURFACE_CLASSES,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def split_prompts(ids: pd.Series, tiers: pd.Series, seed: int, train_fraction: float,
-                  calibration_fraction: float) -> np.ndarray:
-    """[n] split name per prompt: train / calibration / test.
-
-    Within each tier, prompts are ordered by sha256(seed:id) and cut at the rounded fractions (each split
-    gets at least one prompt of a tier with >= 3 prompts). Membership depends only on (seed, the tier's
-    ids); each prompt gets exactly one name, so the splits are disjoint by construction.
-    """
-    out = np.full(len(ids), "", dtype=object)
-    keys = np.array([hashlib.sha256(f"{seed}:{i}".encode()).hexdigest() for i in ids])
-    for tier in sorted(set(tiers)):
-        idx = np.flatnonzero(tiers.to_numpy() == tier)
-        idx = idx[np.argsort(keys[idx], kind="stable")]
-        n = len(idx)
-        n_train = int(round(n * train_fraction))
-        n_cal = int(round(n * calibration_fraction))
-        if n >= 3:
-            n_train = min(max(n_train, 1), n - 2)
-            n_cal = min(max(n_cal, 1), n - n_train - 1)
-        out[idx[:n_train]] = TRAIN
-        out[idx[n_train:n_train + n_cal]] = CALIBRATION
-        out[idx[n_train + n_cal:]] = TEST
-    members = [set(ids[out == s]) for s in SPLITS]
-    assert all(not (a & b) for i, a in enumerate(members) for b in members[i + 1:]), "splits overlap"
-    assert sum(map(len, members)) == len(set(ids)) == len(ids), "a prompt is in no split"
-    return out
 
 
 def calibrate(S: np.ndarray, F: np.ndarray, labels: np.ndarray, cal: np.ndarray,
@@ -98,39 +98,55 @@ def calibrate(S: np.ndarray, F: np.ndarray, labels: np.ndarray, cal: np.ndarray,
             "n_unknown": int((cal & ~known).sum())}
 
 
-def _probe_features(pooled: Mapping[str, np.ndarray], segment: str) -> np.ndarray:
+def _segment_inputs(pooled: Mapping[str, np.ndarray], segment: str) -> np.ndarray:
     if segment == BOTH_SEGMENTS:
         return np.hstack([pooled[PROMPT], pooled[COMPLETION]])
     return pooled[segment]
 
 
-def _methods(bundle: EvalBundle, train_pos: np.ndarray, train_neg: np.ndarray,
-             cfg: ScoreConfig) -> dict[str, tuple[str, Any, Any]]:
-    """{method: (kind, scores or None, reason)} for the AUROC table."""
-    out: dict[str, tuple[str, Any, Any]] = {}
+def _segment_texts(table: pd.DataFrame, segment: str) -> list[str]:
+    prompts, completions = table["prompt"].astype(str), table["completion"].astype(str)
+    if segment == PROMPT:
+        return prompts.tolist()
+    if segment == COMPLETION:
+        return completions.tolist()
+    return (prompts + "\n" + completions).tolist()
 
-    def add(name: str, kind: str, fn: Callable[[], Any]) -> None:
+
+def _methods(bundle: EvalBundle, train_pos: np.ndarray, train_neg: np.ndarray, groups: np.ndarray,
+             seed: int) -> list[probes.Method]:
+    """Every scorer on every input segment (prompt, completion, both), so each margin compares rows that
+    saw the same input."""
+    out: list[probes.Method] = []
+
+    def add(name: str, kind: str, segment: str, fn: Callable[[], probes.ProbeScores]) -> None:
         try:
-            out[name] = (kind, np.asarray(fn(), dtype=np.float64), None)
+            out.append(probes.Method(name, kind, segment, fn()))
         except probes.ProbeUnavailable as exc:
-            out[name] = (kind, None, str(exc))
+            out.append(probes.Method(name, kind, segment, None, str(exc)))
 
-    for name, seg_pools in bundle.pooled.items():
-        kind = "sae" if name == OURS else "sae_baseline"
-        add(name, kind, lambda p=seg_pools: probes.logistic_scores(_probe_features(p, cfg.probe_segment),
-                                                                   train_pos, train_neg, cfg.seed))
-    prompts = bundle.table["prompt"].astype(str).tolist()
-    add(probes.TFIDF_METHOD, "text", lambda: probes.tfidf_scores(prompts, train_pos, train_neg, cfg.seed))
-    raw = _probe_features(bundle.raw, cfg.probe_segment)
-    add(RAW_LOGREG, "activations", lambda: probes.logistic_scores(raw, train_pos, train_neg, cfg.seed))
-    add(RAW_DIFF_OF_MEANS, "activations", lambda: probes.diff_of_means_scores(raw, train_pos, train_neg))
+    for segment in PROBE_SEGMENTS:
+        for name, seg_pools in bundle.pooled.items():
+            kind = "sae" if name == OURS else "sae_baseline"
+            X = _segment_inputs(seg_pools, segment)
+            add(name, kind, segment,
+                lambda X=X: probes.logistic_scores(X, train_pos, train_neg, seed, groups))
+        texts = _segment_texts(bundle.table, segment)
+        add(TFIDF_METHOD, "text", segment,
+            lambda t=texts: probes.tfidf_scores(t, train_pos, train_neg, seed, groups))
+        raw = _segment_inputs(bundle.raw, segment)
+        add(RAW_LOGREG, "activations", segment,
+            lambda r=raw: probes.logistic_scores(r, train_pos, train_neg, seed, groups))
+        add(RAW_DIFF_OF_MEANS, "activations", segment,
+            lambda r=raw: probes.diff_of_means_scores(r, train_pos, train_neg))
     return out
 
 
 def compute_scores(store_path: str | os.PathLike[str], sae_path: str | os.PathLike[str],
                    cfg: ScoreConfig | None = None,
                    baselines: Mapping[str, str | os.PathLike[str]] | None = None) -> ScoreResult:
-    """Everything `score` reports, computed from the store alone: one read, then `analyse`."""
+    """Everything `score` reports, computed from the store alone: one read, `analyse`, then the check of
+    the eval prompts against the SAE's training store (`bra.audit.overlap`)."""
     cfg = cfg or ScoreConfig()
     baselines = dict(baselines or {})
     clash = sorted(set(baselines) & set(RESERVED_NAMES))
@@ -139,7 +155,19 @@ def compute_scores(store_path: str | os.PathLike[str], sae_path: str | os.PathLi
     bundle = read_eval_bundle(store_path, {OURS: sae_path, **baselines}, cfg.layer, cfg.pool, cfg.seed,
                               check=lambda facts, table: tier_classes(cfg, facts, table), labels=cfg.labels)
     tokenizer, note = load_tokenizer(bundle.facts)
-    return analyse(bundle, cfg, tokenizer, note)
+    result = analyse(bundle, cfg, tokenizer, note)
+    fp = bundle.facts.tokenizer_fingerprint
+    overlap = training_overlap(str(sae_path), prompt_tokens(bundle),
+                               lambda store, wanted, n: scan_store_ngrams(store, fp, wanted, n))
+    return dataclasses.replace(result, overlap=overlap)
+
+
+def prompt_tokens(bundle: EvalBundle) -> dict[str, np.ndarray]:
+    """Prompt id -> the token ids of its prompt segment (unmasked rows, in store order)."""
+    t = bundle.tokens
+    keep = (t.segment == SEGMENT_PROMPT) & ~t.mask
+    by_doc = {int(d): t.token_id[keep & (t.doc_index == d)] for d in np.unique(t.doc_index[keep])}
+    return {str(pid): by_doc.get(i, np.zeros(0, np.int32)) for i, pid in enumerate(bundle.table["id"])}
 
 
 def tier_classes(cfg: ScoreConfig, facts: StoreFacts, table: pd.DataFrame) -> TierClasses:
@@ -148,42 +176,181 @@ def tier_classes(cfg: ScoreConfig, facts: StoreFacts, table: pd.DataFrame) -> Ti
                            set(table["tier"].astype(str)))
 
 
+def _divergence_fit(S: np.ndarray, f: np.ndarray, catalog_total: np.ndarray, alignment: dict[str, Any],
+                    cal: np.ndarray, test: np.ndarray, agree: np.ndarray, labels: np.ndarray,
+                    cfg: ScoreConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """D with its magnitude floor, threshold and null (all fit on calibration; the null on test)."""
+    D = divergence(S, f, alignment["T"])
+    floor = magnitude_floor(catalog_total[cal], cfg.magnitude_quantile)
+    below = catalog_total < floor
+    D = np.where(below, np.nan, D)
+    threshold = fit_d_threshold(D[cal], agree[cal], cfg.d_quantile, cfg.min_reference)
+    null = null_divergence(S[test], f[test], alignment["T"], cfg.n_d_null, cfg.seed)
+    null_finite = null[np.isfinite(null)]
+    null_q = float(np.quantile(null_finite, cfg.d_quantile)) if null_finite.size else None
+    refused = test & (labels == REFUSE)
+    rule = [None if not r else (UNCERTAIN if threshold is None or not np.isfinite(d) else
+                                SHALLOW if d > threshold else DEEP) for r, d in zip(refused, D, strict=True)]
+    d_test = D[test]
+    return D, {
+        "threshold": threshold,
+        "threshold_rule": f"{cfg.d_quantile:g} quantile of D over calibration prompts whose surface label "
+                          f"agrees with their tier",
+        "n_threshold_fit": int((cal & agree & np.isfinite(D)).sum()),
+        "magnitude_floor": floor, "n_below_floor": int(below[test].sum()),
+        "share_below_floor": float(below[test].mean()) if test.any() else None,
+        "below_floor_reason": f"total catalog activation below the floor {floor:.4g} (the "
+                              f"{cfg.magnitude_quantile:g} quantile over calibration): the catalog latents "
+                              f"barely fire, so the direction of f is noise",
+        "null_mean": float(null_finite.mean()) if null_finite.size else None, "null_quantile": null_q,
+        "share_above_null": (float((d_test[np.isfinite(d_test)] > null_q).mean())
+                             if null_q is not None and np.isfinite(d_test).any() else None),
+        "rule_verdicts": rule}
+
+
+def _depth(bundle: EvalBundle, catalog: Mapping[str, Any], cal: np.ndarray, positive: np.ndarray,
+           negative: np.ndarray, labels: np.ndarray, cfg: ScoreConfig) -> dict[str, Any]:
+    """Evidence, scale, depth scores and verdicts (`bra.audit.depth`)."""
+    latents = catalog[HAZARD_ADJACENT].latents
+    ours = bundle.pooled[OURS]
+    ev_c = np.where(bundle.counts[:, 1] > 0, hazard_evidence(ours[COMPLETION], latents), np.nan)
+    ev_p = np.where(bundle.counts[:, 0] > 0, hazard_evidence(ours[PROMPT], latents), np.nan)
+    scale = fit_depth_scale(ev_c, ev_p, cal, positive, negative, labels, cfg.depth_quantile,
+                            cfg.min_reference)
+    score_c, score_p = scale.score(ev_c), scale.score(ev_p)
+    verdicts, reasons = depth_verdicts(score_c, labels, scale)
+    return {"scale": scale, "score": score_c, "prompt_score": score_p, "verdicts": verdicts,
+            "reasons": reasons}
+
+
+def _fit_split(bundle: EvalBundle, cfg: ScoreConfig, classes: TierClasses, split: np.ndarray,
+               groups: np.ndarray, seed: int, full: bool) -> dict[str, Any]:
+    """Everything that depends on one split: catalog, f, T, D, depth, probes and the AUROC table.
+
+    ``full`` False (the repeated splits): AUROCs without intervals, no paired comparisons."""
+    table, n = bundle.table, bundle.n_docs
+    train, cal, test = (split == s for s in SPLITS)
+    tier = table["tier"].astype(str).to_numpy()
+    positive, negative = np.isin(tier, classes.positive), np.isin(tier, classes.negative)
+    labels = table["surface_label"].astype(str).to_numpy()
+    catalog = build_catalog(bundle.pooled[OURS], table, train, cfg.top_n, cfg.min_effect,
+                            contrasts(classes.positive, classes.negative), estimate=cal, fdr=cfg.fdr,
+                            n_null=cfg.n_null, seed=seed)
+    f = {seg: feature_profile(bundle.pooled[OURS][seg], catalog) for seg in POOLED_SEGMENTS}
+    S = np.array([list(p) for p in table["surface_probs"]], dtype=np.float64).reshape(n, len(SURFACE_CLASSES))
+    alignment = calibrate(S, f[cfg.f_segment], labels, cal, cfg.ridge)
+    total = category_activations(bundle.pooled[OURS][cfg.f_segment], catalog).sum(axis=1)
+    agree = (positive & (labels == REFUSE)) | (negative & np.isin(labels, COMPLIED_LABELS))
+    D, d_fit = _divergence_fit(S, f[cfg.f_segment], total, alignment, cal, test, agree, labels, cfg)
+    depth = _depth(bundle, catalog, cal, positive, negative, labels, cfg)
+    methods = _methods(bundle, train & positive, train & negative, groups, seed)
+    sets = probes.EvalSets(test & positive, test & negative,
+                           {g: test & (tier == t) for g, t in classes.groups.items()})
+    categories = [depth_category(lab, v, p) if t else None
+                  for lab, v, p, t in zip(labels, depth["verdicts"], positive, test, strict=True)]
+    out = {"train": train, "cal": cal, "test": test, "positive": positive, "negative": negative,
+           "labels": labels, "catalog": catalog, "f": f, "S": S, "alignment": alignment, "D": D,
+           "d_fit": d_fit, "depth": depth, "methods": methods, "sets": sets, "categories": categories}
+    if full:
+        out["auroc"] = probes.auroc_table(methods, sets, cfg.n_boot, cfg.n_perm, seed)
+        out["comparisons"] = probes.paired_comparisons(methods, sets, OURS, cfg.n_boot, seed)
+    return out
+
+
+def _headline(fit: Mapping[str, Any]) -> dict[str, float | None]:
+    """The numbers whose spread over splits is reported: each method's AUROC, the depth-category shares
+    of the test split, mean D and the share of refusals with each verdict."""
+    sets = fit["sets"]
+    sel = sets.positive | sets.negative
+    out: dict[str, float | None] = {}
+    for m in fit["methods"]:
+        ok = m.scores is not None and sets.positive.any() and sets.negative.any()
+        out[f"auroc:{m.key}"] = (rank_auroc(sets.positive[sel], m.scores.values[sel]) if ok else None)
+    cats = [c for c in fit["categories"] if c is not None]
+    for c in DEPTH_CATEGORIES:
+        out[f"share:{c}"] = cats.count(c) / len(cats) if cats else None
+    d = fit["D"][fit["test"]]
+    out["mean_D"] = float(np.nanmean(d)) if np.isfinite(d).any() else None
+    return out
+
+
+def _spread(headlines: list[dict[str, float | None]], seeds: list[int]) -> dict[str, Any]:
+    """Per headline number: its value per split seed, mean, SD, min and max (None values left out)."""
+    out: dict[str, Any] = {"seeds": seeds, "numbers": {}}
+    for key in headlines[0]:
+        values = [h.get(key) for h in headlines]
+        vals = np.array([v for v in values if v is not None], dtype=np.float64)
+        out["numbers"][key] = {"values": values, "mean": float(vals.mean()) if vals.size else None,
+                               "sd": float(vals.std(ddof=1)) if vals.size > 1 else None,
+                               "min": float(vals.min()) if vals.size else None,
+                               "max": float(vals.max()) if vals.size else None}
+    return out
+
+
+def _tables(table: pd.DataFrame, fit: Mapping[str, Any], cfg: ScoreConfig) -> dict[str, Any]:
+    """Per tier / tier × framing tables: D and depth scores (test split), refusal rates, expected surface
+    and truncation (every prompt: nothing is fit on them)."""
+    frame = table[["tier", "framing"]].astype(str).copy()
+    frame["D"] = fit["D"]
+    frame["depth_score"] = fit["depth"]["score"]
+    test = frame[fit["test"]]
+    refused_test = test[fit["labels"][fit["test"]] == REFUSE]
+    refused = fit["labels"] == REFUSE
+    return {
+        "d_by_tier": mean_by(test, "D", ["tier"], cfg.n_boot, cfg.seed),
+        "d_by_tier_framing": mean_by(test, "D", ["tier", "framing"], cfg.n_boot, cfg.seed),
+        "depth_score_by_tier": mean_by(refused_test, "depth_score", ["tier"], cfg.n_boot, cfg.seed),
+        "refusal_by_tier": rate_by(frame, refused, ["tier"], "n_refused"),
+        "refusal_by_tier_framing": rate_by(frame, refused, ["tier", "framing"], "n_refused"),
+        "expected_surface": (expected_confusion(table["surface_label"], table["expected_surface"])
+                             if "expected_surface" in table else None),
+        "truncated": truncation(table["finished"] if "finished" in table else None, table["tier"]),
+    }
+
+
+def _probe_calibration(fit: Mapping[str, Any], segment: str) -> dict[str, Any]:
+    """Brier score and reliability bins of our probe on the test split's two classes."""
+    sets = fit["sets"]
+    ours = next(m for m in fit["methods"] if m.name == OURS and m.segment == segment)
+    sel = sets.positive | sets.negative
+    if ours.scores is None or not sel.any():
+        return {"segment": segment, "brier": None, "bins": None, "reason": ours.reason or "no test prompt"}
+    y, p = sets.positive[sel].astype(int), ours.scores.values[sel]
+    return {"segment": segment, "brier": brier_score(y, p), "bins": reliability_bins(y, p), "reason": None}
+
+
 def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
             tokenizer_note: str = "token ids only: no tokenizer given") -> ScoreResult:
-    """Catalog, f, T, D, probes, AUROC table and depth categories of a bundle (reads nothing).
+    """Catalog, f, T, D, depth verdicts, probes, AUROC table and every report table of a bundle (reads
+    nothing), on the split of ``cfg.seed`` and, for the spread, on ``cfg.repeats - 1`` further splits.
 
     ``tokenizer`` (or None) decodes the top-activating contexts; ``tokenizer_note`` says how they were
     rendered."""
-    table, n = bundle.table, bundle.n_docs
+    table = bundle.table
     classes = tier_classes(cfg, bundle.facts, table)
-    split = split_prompts(table["id"], table["tier"], cfg.seed, cfg.train_fraction, cfg.calibration_fraction)
-    train, cal, test = (split == s for s in SPLITS)
-    catalog = build_catalog(bundle.pooled[OURS], table, train, cfg.top_n, cfg.min_effect,
-                            contrasts(classes.positive, classes.negative))
-    f = {seg: feature_profile(bundle.pooled[OURS][seg], catalog) for seg in POOLED_SEGMENTS}
-
-    labels = table["surface_label"].astype(str).to_numpy()
-    S = np.array([list(p) for p in table["surface_probs"]], dtype=np.float64).reshape(n, len(SURFACE_CLASSES))
-    alignment = calibrate(S, f[cfg.f_segment], labels, cal, cfg.ridge)
-    D = divergence(S, f[cfg.f_segment], alignment["T"])
-
-    tier = table["tier"].astype(str).to_numpy()
-    positive, negative = np.isin(tier, classes.positive), np.isin(tier, classes.negative)
-    methods = _methods(bundle, train & positive, train & negative, cfg)
-    sets = probes.EvalSets(test & positive, test & negative,
-                           {g: test & (tier == t) for g, t in classes.groups.items()})
-    rows = probes.auroc_table(methods, sets, cfg.n_boot, cfg.n_perm, cfg.seed)
-    hazard = methods[OURS][1] if methods[OURS][1] is not None else np.full(n, np.nan)
-    depth = [refusal_depth_category(lab, d, h, cfg.thresholds) if t else None
-             for lab, d, h, t in zip(labels, D, hazard, test, strict=True)]
-    contexts = catalog_contexts(catalog, bundle.codes, bundle.tokens, train, cfg.contexts,
+    groups, group_by = group_keys(table)
+    split_of = {s: split_prompts(table["id"], table["tier"], s, cfg.train_fraction, cfg.calibration_fraction,
+                                 groups) for s in range(cfg.seed, cfg.seed + cfg.repeats)}
+    fit = _fit_split(bundle, cfg, classes, split_of[cfg.seed], groups, cfg.seed, full=True)
+    headlines = [_headline(fit)] + [_headline(_fit_split(bundle, cfg, classes, split_of[s], groups, s, False))
+                                    for s in list(split_of)[1:]]
+    ours_probe = next(m for m in fit["methods"] if m.name == OURS and m.segment == cfg.probe_segment)
+    hazard = ours_probe.scores.values if ours_probe.scores is not None else np.full(bundle.n_docs, np.nan)
+    contexts = catalog_contexts(fit["catalog"], bundle.codes, bundle.tokens, fit["train"], cfg.contexts,
                                 cfg.context_latents)
+    depth = fit["depth"]
     return ScoreResult(
         facts=bundle.facts, layer=bundle.layer, sae_path=bundle.sae_paths[OURS],
         sae_config=dict(bundle.sae_configs[OURS]),
         baselines={k: v for k, v in bundle.sae_paths.items() if k != OURS},
-        random_sae_config=dict(bundle.sae_configs[RANDOM_SAE]), table=table, split=split, S=S, f=f, D=D,
-        hazard=hazard, depth=depth, catalog=catalog, alignment=alignment, auroc=rows,
+        random_sae_config=dict(bundle.sae_configs[RANDOM_SAE]), table=table, split=split_of[cfg.seed],
+        S=fit["S"], f=fit["f"], D=fit["D"], hazard=hazard, depth=fit["categories"],
+        depth_score=depth["score"], prompt_depth_score=depth["prompt_score"], verdicts=depth["verdicts"],
+        verdict_reasons=depth["reasons"], scale=depth["scale"], d_fit=fit["d_fit"], groups=groups,
+        group_by=group_by, comparisons=fit["comparisons"],
+        probe_calibration=_probe_calibration(fit, cfg.probe_segment),
+        repeats=_spread(headlines, list(split_of)), tables=_tables(table, fit, cfg),
+        catalog=fit["catalog"], alignment=fit["alignment"], auroc=fit["auroc"],
         contexts=decode_contexts(contexts, table["id"].tolist(), tokenizer), contexts_note=tokenizer_note,
         counts=bundle.counts, classes=classes, labels=dict(bundle.labels) if bundle.labels else None)
 
@@ -197,5 +364,5 @@ def score(store_path: str | os.PathLike[str], sae_path: str | os.PathLike[str], 
     return write_outputs(Path(out), compute_scores(store_path, sae_path, cfg, baselines), cfg)
 
 
-__all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "analyse", "calibrate", "compute_scores", "score",
-           "split_prompts", "tier_classes"]
+__all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "analyse", "calibrate", "compute_scores",
+           "prompt_tokens", "score", "split_prompts", "tier_classes"]

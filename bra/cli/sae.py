@@ -139,13 +139,20 @@ def _baselines(ctx: click.Context, param: click.Parameter,
 @SCORE_OPTIONS
 def score_cmd(store: Path | str, sae_path: Path | str, out: Path, baseline: dict[str, Path | str],
               **fields: Any) -> None:
-    """Refusal depth of an eval store's prompts: catalog, alignment T, divergence D, hazard AUROC table with
-    baselines; writes scores.parquet, catalog.json, report.json and report.html to OUT. Needs no model."""
+    """Refusal depth of an eval store's prompts: the catalog (FDR-controlled), calibrated depth verdicts of
+    refusals, divergence D, and the hazard AUROC table with like-for-like baselines, paired comparisons and
+    the spread over repeated splits; writes scores.parquet, catalog.json, report.json and report.html to
+    OUT. Needs no model."""
     from bra.audit.score import score
 
-    report = score(store, sae_path, out, SCORE_OPTIONS.build(fields), baseline)
-    best = [f"{r['method']} {r['auroc']:.3f}" for r in report["auroc"] if r["auroc"] is not None]
-    click.echo(f"{out}: report.html, report.json, scores.parquet; AUROC: {', '.join(best)}", err=True)
+    cfg = SCORE_OPTIONS.build(fields)
+    report = score(store, sae_path, out, cfg, baseline)
+    best = [f"{r['method']} {r['auroc']:.3f}" for r in report["auroc"]
+            if r["auroc"] is not None and r["segment"] == cfg.probe_segment]
+    verdicts = ", ".join(f"{k} {v}" for k, v in report["depth"]["verdicts"].items())
+    click.echo(f"{out}: report.html, report.json, scores.parquet; AUROC ({cfg.probe_segment}): "
+               f"{', '.join(best)}; refusal depth (test, {report['depth']['n_refused_test']} refused): "
+               f"{verdicts}", err=True)
 
 
 def _named_reports(ctx: click.Context, param: click.Parameter,

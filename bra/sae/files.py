@@ -9,5 +9,7 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 """SAELens weights file name (`sae_lens.constants.SAE_WEIGHTS_FILENAME`)."""
 SAELENS_DIR = "sae"
 """The exported SAE in SAELens format, inside a fit run folder."""
+RUN_FILE = "run.json"
+"""A fit run folder's record: its configs and the store it was trained on (``store``)."""
 
-__all__ = ["SAELENS_CFG", "SAELENS_DIR", "SAELENS_WEIGHTS", "SEED_WEIGHTS"]
+__all__ = ["RUN_FILE", "SAELENS_CFG", "SAELENS_DIR", "SAELENS_WEIGHTS", "SEED_WEIGHTS"]

@@ -19,7 +19,7 @@ from bra.errors import SAEError
 from bra.fsutil import write_text_atomic
 from bra.sae.config import TrainConfig
 from bra.sae.data import TrainingData, rank_shards, train_batches, training_data
-from bra.sae.files import SAELENS_DIR  # noqa: F401 (re-exported)
+from bra.sae.files import RUN_FILE, SAELENS_DIR  # noqa: F401 (re-exported)
 from bra.sae.model import SAEConfig, TopKSAE
 from bra.sae.trainer import (
     CHECKPOINT_DIR,
@@ -36,7 +36,6 @@ __all__ = ["CHECKPOINT_DIR", "CKPT_STATE", "CKPT_WEIGHTS", "METRICS_FILE", "RUN_
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 """Settings of the run (a --resume with other settings is refused)."""
 SPLIT_FILE = "split.json"
 """The held-out documents."""
