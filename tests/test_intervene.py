@@ -107,6 +107,17 @@ def generation(store: Path) -> pd.DataFrame:
     return pd.read_parquet(store / schema.GENERATION_TABLE).sort_values("doc_index")
 
 
+def test_store_attrs__edit_recorded_only_when_given() -> None:
+    from helpers import build_like_attrs
+
+    raw = build_like_attrs()
+    assert schema.StoreAttrs.from_attrs(raw).edit is None
+    record = {"spec": "ablate:latents=3", "layer": 1, "latents": [3]}
+    meta = schema.StoreAttrs.from_attrs({**raw, schema.ATTR_EDIT: record})
+    assert meta.edit == record and meta.to_attrs()[schema.ATTR_EDIT] == record
+    assert schema.ATTR_EDIT not in schema.StoreAttrs.from_attrs(raw).to_attrs()
+
+
 # ------------------------------------------------------------------------------------------ grammar
 
 
@@ -292,10 +303,13 @@ def test_intervene__category_edit_and_its_random_control_record_their_latents(en
 def test_intervene__stores_verify_score_and_are_left_alone(env: dict, edited: dict, tmp_path: Path) -> None:
     from bra.audit.score import ScoreConfig, compute_scores
     from bra.cache.verify import verify_store
+    from bra.pipeline.relabel import relabel_store
 
     for path in edited.values():
         assert verify_store(path) == [], path
     copy = Path(shutil.copytree(edited["category"], tmp_path / "scored.zarr"))
+    relabel_store(copy)
+    assert verify_store(copy) == []
     label_by_tier(copy)  # the random model's completions are gibberish: labels by tier, as eval_env does
     result = compute_scores(copy, env["sae"], ScoreConfig(n_boot=20, n_perm=20, top_n=4, min_effect=0.2))
     known = result.table["surface_label"].to_numpy() != "unknown"  # D is NaN without a label
