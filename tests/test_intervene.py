@@ -318,6 +318,19 @@ def test_intervene__stores_verify_score_and_are_left_alone(env: dict, edited: di
     assert [r.status for _, r in again] == ["already-complete"]
 
 
+def test_cli_intervene__reports_each_store(env: dict, edited: dict,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import sae_main_code
+
+    code = sae_main_code(["intervene", str(env["manifest"]), "--out", str(env["tmp"] / "edits"),
+                          "--edit", "ablate:latents=3", "--edit", "scale=1:latents=3",
+                          "--sae", str(env["sae"])])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"{edited['ablate']}: already-complete (ablate:latents=3)" in err
+    assert f"{edited['identity_latents']}: already-complete (scale=1:latents=3)" in err
+
+
 def test_intervene__resumes_after_a_kill_without_generating_again(
         env: dict, edited: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from helpers import assert_same_store, snapshot
