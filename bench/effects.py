@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
@@ -79,6 +80,7 @@ def _row(run: dict[str, Any], tier: str) -> str:
             f"{r['labels_changed']} |")
 
 
+LABELS = ("refuse", "comply", "partial", "hedge", "evade", "unknown")
 HEADER = ["| edit | kind | tier | n | refusal before % | after % | Δ pp (95% CI) | → refuse | refuse → | "
           "labels changed |", "|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -118,9 +120,47 @@ def render(doc: dict[str, Any], studies: dict[str, list[str]], facts: dict[str, 
     lines += [_row(runs[s], t) for s in studies["b"] for t in facts["tiers"]]
     lines += ["", "## (c) Ablating the hazard_adjacent catalog latents", "", *HEADER]
     lines += [_row(runs[s], t) for s in studies["c"] for t in facts["tiers"]]
+    lines += ["", "## Surface labels after each edit (all 60 prompts)", "",
+              "`unknown`: no phrase rule matched the completion (degenerate text lands there too; the "
+              "completions are in each edited store's prompts.parquet).", "",
+              "| edit | kind | " + " | ".join(LABELS) + " |", "|---|---|" + "---|" * len(LABELS),
+              "| base | - | " + " | ".join(str(sum(p["before"] == c for p in doc["prompts"])) for c in LABELS)
+              + " |"]
+    for run in doc["runs"]:
+        after = [p["after"][run["name"]] for p in doc["prompts"]]
+        lines.append(f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | "
+                     + " | ".join(str(after.count(c)) for c in LABELS) + " |")
+    lines += ["", f"Edited SAE latents firing (share of the base store's layer-{facts['layer']} rows where "
+              f"any of them is active): hazard_adjacent catalog {facts['firing_edit']:.1%}, its random "
+              f"control {facts['firing_control']:.1%}.", ""]
     lines += ["", "Full table, per-prompt labels and the dose-response plot: `effects.md`, `effects.json`, "
               "`effects.png` in the work folder's `effects/`.", ""]
     return "\n".join(lines)
+
+
+def _minutes(work: Path, t0: float, built_now: bool) -> float:
+    """Wall minutes of the run that built the stores (kept in the work folder, so a rerun that reuses them
+    reports the run that made them)."""
+    record = work / "timing.json"
+    if built_now or not record.is_file():
+        record.write_text(json.dumps({"minutes": (time.perf_counter() - t0) / 60}), encoding="utf-8")
+    return float(json.loads(record.read_text(encoding="utf-8"))["minutes"])
+
+
+def _firing(store_path: Any, sae_path: str, latents: list[int]) -> float:
+    """Share of the store's unmasked rows (the SAE's layer) where any of ``latents`` is active."""
+    import torch
+
+    from bra.cache.store import open_store
+    from bra.sae.registry import load_sae_source
+
+    sae = load_sae_source(sae_path)
+    store = open_store(store_path)
+    keep = ~store.read_rows("mask", 0, store.n_tokens)
+    x = torch.from_numpy(store.read_acts(sae.cfg.layer, 0, store.n_tokens)[keep])
+    with torch.no_grad():
+        z = sae.encode(x)[:, latents]
+    return float((z > 0).any(dim=1).float().mean())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,6 +200,7 @@ def main(work: Path, sae: str, max_new_tokens: int, batch_size: int, threads: in
     cfg = InterveneConfig(edits=tuple(specs), sae=sae, catalog=str(report), base_store=str(base))
     built = intervene(manifest, work / "edits", cfg)
     doc = effects(base, [r.path for _, r in built], work / "effects")
+    minutes = _minutes(work, t0, any(r.status != "already-complete" for _, r in built))
     records = {item.spec.text: item.edit.record for item, _ in built}
     table = open_store(base).read_table("prompts.parquet")
     tiers = [r["tier"] for r in doc["runs"][0]["rows"]]
@@ -167,7 +208,7 @@ def main(work: Path, sae: str, max_new_tokens: int, batch_size: int, threads: in
     refusal = records["ablate:direction=refusal"]["direction"]
     hazard = records["add=4:direction=hazard"]["direction"]
     facts = {"command": " ".join(["python -m bench.effects", *map(shlex.quote, sys.argv[1:])]),
-             "minutes": (time.perf_counter() - t0) / 60, "threads": threads, "n_prompts": len(table),
+             "minutes": minutes, "threads": threads, "n_prompts": len(table),
              "max_new_tokens": max_new_tokens, "batch_size": batch_size, "model": manifest.model.id,
              "layer": manifest.layers[0],
              "sae": sae, "tiers": tiers,
@@ -176,10 +217,13 @@ def main(work: Path, sae: str, max_new_tokens: int, batch_size: int, threads: in
              "refusal_norm": refusal["norm"], "hazard_norm": hazard["norm"],
              "residual_norm": refusal["mean_residual_norm"],
              "n_hazard_latents": records["ablate:category=hazard_adjacent"]["n_latents"],
+             "firing_edit": _firing(base, sae, records["ablate:category=hazard_adjacent"]["latents"]),
+             "firing_control": _firing(base, sae,
+                                       records["ablate:category=hazard_adjacent:random=0"]["latents"]),
              "base_rates": ", ".join(f"{r['tier']} {100 * r['refusal_before']:.1f}% ({r['n']})"
                                      for r in rates)}
     write_text_atomic(out, render(doc, studies, facts))
-    logger.info("wrote %s in %.1f min", out, facts["minutes"])
+    logger.info("wrote %s (the stores took %.1f min)", out, minutes)
 
 
 if __name__ == "__main__":
