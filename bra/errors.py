@@ -27,3 +27,7 @@ class StoreMismatchError(StoreError):
 
 class SAEError(BraError):
     """An SAE checkpoint or training setting is invalid or does not match the store."""
+
+
+class EditError(BraError):
+    """A residual edit (`bra-sae intervene`) is malformed or does not fit the model, SAE or catalog."""

@@ -5,6 +5,8 @@ and metrics are pure functions over that bundle (`score.analyse` -> `config.Scor
 written from the result alone (`report.write_outputs`: JSON, parquet, `plots`, and report.html from
 `templates/report.html.j2`). `compare.compare_reports` tables several score reports (`bra-sae compare`).
 Which tiers are the hazard and benign classes is decided once, by `classes.resolve_classes`.
+`intervene.intervene` builds eval stores under residual edits (`edits`: the specs, `steering`: the math) and
+`effects.effects` compares them with their unedited store (`bra-sae intervene`, `bra-sae effects`).
 """
 
 import importlib
@@ -19,6 +21,8 @@ _EXPORTS = {
     "ScoreError": "config", "ScoreResult": "config", "TierClasses": "config", "resolve_classes": "classes",
     "read_eval_bundle": "reader", "write_outputs": "report",
     "analyse": "score", "compute_scores": "score", "score": "score",
+    "EditSpec": "edits", "EffectsConfig": "edits", "InterveneConfig": "edits", "parse_edit": "edits",
+    "prepare_edits": "intervene", "compute_effects": "effects",
 }
 __all__ = sorted(_EXPORTS)
 

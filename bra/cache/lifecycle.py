@@ -57,6 +57,10 @@ def check_existing(path: Path | str | StoreLocation, new: schema.StoreAttrs) -> 
     if schema.schema_version_of(raw) is None:
         raise StoreError(f"{path} exists and is not a bra store; choose another --store or pass --overwrite")
     old = schema.StoreAttrs.from_attrs(raw, f"store {path}")
+    if old.edit != new.edit:  # its fingerprint differs too; say why in words
+        was, now = ((e or {}).get("spec", "no edit") for e in (old.edit, new.edit))
+        raise StoreMismatchError(f"store {path} was generated under another residual edit ({was!r}, not "
+                                 f"{now!r}); pass --overwrite to rebuild it or choose another output")
     if old.manifest_hash != new.manifest_hash:
         diff = _differing_keys(old.manifest or {}, new.manifest or {}) or ["input files"]
         raise StoreMismatchError(

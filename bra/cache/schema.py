@@ -98,6 +98,7 @@ ATTR_STATS = "stats"  # {layer: {count, mean, var, mean_sq_norm}}, masked rows e
 ATTR_CORPUS_COUNTS = "corpus_counts"
 ATTR_TOKENS_DIGEST = "tokens_digest"  # CRC32 of every planned token id: a resume refuses an edited corpus
 ATTR_VARIANT = "variant"  # eval stores of a generation variant; absent otherwise (and in stores built before)
+ATTR_EDIT = "edit"  # eval stores generated under a residual edit (`bra-sae intervene`); absent otherwise
 ATTR_DIGESTS = "attrs_digest"  # per-key digests written at completion, so verify can name an edited attr
 
 REQUIRED_ATTRS = (
@@ -289,6 +290,9 @@ class StoreAttrs:
     variant: dict[str, Any] | None = None
     """The generation variant of an eval store (name, chat_template, system_prompt, prefill,
     max_new_tokens); absent for a manifest without variants."""
+    edit: dict[str, Any] | None = None
+    """The residual edit the store was generated and recorded under (`bra-sae intervene`: the edit spec,
+    layer, latents or direction digest, and their sources); absent for an unedited store."""
 
     @property
     def layout(self) -> StoreLayout:
@@ -360,6 +364,7 @@ _FIELD_KEYS: dict[str, str] = {
     "corpus_counts": ATTR_CORPUS_COUNTS,
     "tokens_digest": ATTR_TOKENS_DIGEST,
     "variant": ATTR_VARIANT,
+    "edit": ATTR_EDIT,
 }
 _REQUIRED_FIELDS = frozenset(name for name, key in _FIELD_KEYS.items() if key in REQUIRED_ATTRS)
 # every build writes the revision, None meaning the default branch; leaving it out would change the attrs
@@ -371,7 +376,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "tier_names": _strs, "hazard_tiers": _strs, "benign_tiers": _strs, "n_tokens": int, "n_docs": int,
     "chunk_tokens": int,
     "shard_tokens": int, "codec": _json_object, "corpus_counts": _json_object, "tokens_digest": str,
-    "variant": _json_object,
+    "variant": _json_object, "edit": _json_object,
 }
 assert list(_FIELD_KEYS) == [f.name for f in dataclasses.fields(StoreAttrs)] == list(_CONVERT)
 

@@ -1,5 +1,5 @@
-"""`bra-sae`: fit, evaluate, export, describe and score SAEs over a store, and compare score reports
-(parses arguments, calls the library)."""
+"""`bra-sae`: fit, evaluate, export, describe and score SAEs over a store, compare score reports, and run
+and measure residual edits (intervene, effects) (parses arguments, calls the library)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from bra.audit.config import ScoreConfig
+from bra.audit.edits import EffectsConfig, InterveneConfig
 from bra.cli.common import (
     NPROC_OPTION,
     SAE_SOURCE,
@@ -27,6 +28,10 @@ TRAIN_OPTIONS = ConfigOptions(TrainConfig, defaults_none=True)
 """One --flag per TrainConfig field, default None so a preset can fill what is not given."""
 SCORE_OPTIONS = ConfigOptions(ScoreConfig)
 """One --flag per ScoreConfig field, with the dataclass defaults."""
+INTERVENE_OPTIONS = ConfigOptions(InterveneConfig, exclude=("edits",))
+"""One --flag per InterveneConfig field but the edits (--edit, repeatable: a spec holds commas)."""
+EFFECTS_OPTIONS = ConfigOptions(EffectsConfig)
+"""One --flag per EffectsConfig field."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -189,6 +194,47 @@ def compare_cmd(report_dirs: tuple[Path, ...], out: Path, names: tuple[tuple[str
     comparison = compare_reports(report_dirs, out, names)
     labels = ", ".join(r.label for r in comparison.runs)
     click.echo(f"{out}: comparison.md, comparison.json, comparison.png ({labels})", err=True)
+
+
+@cli.command("intervene")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--edit", "edits", multiple=True, metavar="SPEC",
+              help="OP[=VALUE]:TARGET=NAME[:random=SEED] (repeatable, one store each): "
+                   "ablate|scale=S|clamp=V on category=CAT or latents=IDS; ablate|scale=S|add=S on "
+                   "direction=refusal|hazard|FILE; :random=SEED is the random control.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the edited eval stores (<out>/<edit>.zarr) and the computed directions.")
+@click.option("--overwrite", is_flag=True, help="Rebuild edited stores that exist.")
+@INTERVENE_OPTIONS
+def intervene_cmd(manifest: Path, edits: tuple[str, ...], out: Path, overwrite: bool, **fields: Any) -> None:
+    """Regenerate MANIFEST's eval completions with each --edit applied at the hooked layer (every position,
+    prompt and generated tokens): one ordinary eval store per edit, its edit in the attrs, resumable after a
+    kill; `bra-sae score` and `bra-cache relabel` read it unchanged. Every edit is checked before anything
+    is generated."""
+    from bra.audit.intervene import intervene
+    from bra.pipeline.manifest import load_manifest
+
+    cfg = INTERVENE_OPTIONS.build(fields, base={"edits": edits})
+    for item, result in intervene(load_manifest(manifest), out, cfg, overwrite):
+        click.echo(f"{result.path}: {result.status} ({item.spec.text})", err=True)
+
+
+@cli.command("effects")
+@click.argument("base_store", type=STORE_PATH)
+@click.argument("edited_stores", nargs=-1, type=STORE_PATH, metavar="EDITED_STORE...")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (replaced whole; refused if it holds anything but an effects output).")
+@EFFECTS_OPTIONS
+def effects_cmd(base_store: Path | str, edited_stores: tuple[Path | str, ...], out: Path,
+                **fields: Any) -> None:
+    """What the edits of `bra-sae intervene` changed against BASE_STORE (the unedited store of the same
+    manifest): surface label per prompt before and after; refusal rate per tier before, after and its
+    change with a paired bootstrap CI, random controls beside their edit; a dose-response plot over the
+    edits that differ only in their number. Writes effects.json, effects.md and effects.png to OUT."""
+    from bra.audit.effects import effects
+
+    doc = effects(base_store, edited_stores, out, EFFECTS_OPTIONS.build(fields))
+    click.echo(f"{out}: effects.md, effects.json, effects.png ({len(doc['runs'])} edited stores)", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,11 +9,18 @@ the merged statistics independent of who wrote what. Creating, resuming or refus
 
 An eval manifest with generation variants builds one store per variant (``build_stores``), each an ordinary
 eval store with its own fingerprint, resumed, left alone or refused on its own; the model is loaded once.
+
+A build under a residual edit (``edit``, `bra.pipeline.model.ResidualEdit`; `bra-sae intervene`) runs the
+same loop with the edit hooked in, for the generation and the forward alike: its store is an ordinary
+store whose attrs record the edit and whose fingerprint covers it (``store_fingerprint``), so it resumes,
+is left alone or is refused exactly as any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections import deque
@@ -35,9 +42,11 @@ from bra.dist import SINGLE, Dist
 from bra.errors import CorpusError, ManifestError, StoreError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
+    ResidualEdit,
     capture_residuals,
     check_layers,
     config_int,
+    editing_residual,
     load_config,
     load_model,
     resolve_compute_dtype,
@@ -126,6 +135,16 @@ def _input_digests(manifest: Manifest) -> dict[str, str]:
             raise CorpusError(f"{key}: file not found: {local}")
         digests[rel] = file_digest(local)
     return digests
+
+
+def store_fingerprint(manifest: Manifest, edit: ResidualEdit | None = None) -> str:
+    """The ``manifest_hash`` a store of ``manifest`` records: the manifest's content and input files'
+    (`manifest_hash`), combined with the edit's record for a store generated under one."""
+    m_hash = manifest_hash(manifest, _input_digests(manifest))
+    if edit is None:
+        return m_hash
+    payload = json.dumps({"manifest_hash": m_hash, "edit": edit.record}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def window_columns(w: Window, tier: int, bos_id: int | None) -> dict[str, np.ndarray]:
@@ -249,28 +268,29 @@ def load_build_model(manifest: Manifest, dist: Dist = SINGLE) -> LoadedModel:
 
 
 def build_stores(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
-                 dist: Dist = SINGLE) -> list[BuildResult]:
+                 dist: Dist = SINGLE, edit: ResidualEdit | None = None) -> list[BuildResult]:
     """Build every store of ``manifest`` (``store_targets``): the one store of a manifest without variants
     (``build_store``, exactly as always), or one per generation variant, in manifest order.
 
     Variants whose store is complete are skipped before any model is loaded. Every other variant is checked
     against the tokenizer (template, system turn, window room) before the first store is written, so a bad
-    variant leaves nothing half-written; the model is then loaded once for them all.
+    variant leaves nothing half-written; the model is then loaded once for them all. ``edit``: every store
+    is generated under it (see the module doc).
     """
     targets = store_targets(manifest, store)
     if not manifest.generation.variants:
-        results = [build_store(manifest, targets[0][1], overwrite, dist)]
+        results = [build_store(manifest, targets[0][1], overwrite, dist, edit=edit)]
     else:
         from bra.pipeline.evalbuild import preflight
 
         pending = [(i, m) for i, (m, path) in enumerate(targets)
-                   if overwrite or not _is_complete(m, path, dist)]
+                   if overwrite or not _is_complete(m, path, dist, edit)]
         loaded = None
         if pending:
             loaded = load_build_model(manifest, dist)
             for i, m in pending:
                 preflight(m, loaded.tokenizer, f"generation.variants[{i}]")
-        results = [build_store(m, path, overwrite, dist, loaded) for m, path in targets]
+        results = [build_store(m, path, overwrite, dist, loaded, edit) for m, path in targets]
     _judge_new_stores(manifest, results, dist)
     return results
 
@@ -287,27 +307,29 @@ def _judge_new_stores(manifest: Manifest, results: Sequence[BuildResult], dist: 
             relabel_store(result.path)  # reads the judges recorded in the store's manifest
 
 
-def _is_complete(manifest: Manifest, store: Path | str, dist: Dist) -> bool:
+def _is_complete(manifest: Manifest, store: Path | str, dist: Dist, edit: ResidualEdit | None = None) -> bool:
     """Whether ``store`` is a complete store of ``manifest`` (checked on rank 0, before any model loads)."""
-    m_hash = manifest_hash(manifest, _input_digests(manifest))
+    m_hash = store_fingerprint(manifest, edit)
     return dist.on_main(lambda: lifecycle.completed_tokens(StoreLocation.parse(store), m_hash)) is not None
 
 
 def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
-                dist: Dist = SINGLE, loaded: LoadedModel | None = None) -> BuildResult:
+                dist: Dist = SINGLE, loaded: LoadedModel | None = None,
+                edit: ResidualEdit | None = None) -> BuildResult:
     """Run stage one for ``manifest`` (one store: a manifest without variants, or one variant's manifest):
     build, resume, or report an already complete store.
 
     ``store`` is a folder or a URL (``memory://``, ``s3://``, ``file://``). Under torchrun every rank calls
     this with its ``dist`` (``bra.dist.process_group``); alone, ``SINGLE``. ``loaded``: the model, when the
     caller has it already (``build_stores``); else it is loaded here, once the store is known not complete.
+    ``edit``: generate and record the store under this residual edit (see the module doc).
     """
     if manifest.generation.variants:
         raise ManifestError("generation.variants: a manifest with variants builds one store per variant; "
                             "call build_stores")
     loc = StoreLocation.parse(store if store is not None else default_store_path(manifest))
     path = loc.handle
-    m_hash = manifest_hash(manifest, _input_digests(manifest))
+    m_hash = store_fingerprint(manifest, edit)
     if not overwrite:
         done_tokens = dist.on_main(lambda: lifecycle.completed_tokens(loc, m_hash))
         if done_tokens is not None:
@@ -316,9 +338,10 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     if loaded is None:
         loaded = load_build_model(manifest, dist)
     model, tokenizer, device, dtype = loaded.model, loaded.tokenizer, loaded.device, loaded.dtype
-    plan, extra_tables = _plan(manifest, model, tokenizer, device, dist, loc, m_hash, overwrite)
+    with editing_residual(model, edit):
+        plan, extra_tables = _plan(manifest, model, tokenizer, device, dist, loc, m_hash, overwrite)
     attrs = _store_attrs(manifest, plan, m_hash, config_int(loaded.config, "hidden_size", manifest.model.id),
-                         dtype, tokenizer)
+                         dtype, tokenizer, edit)
     layers = list(attrs.layers)
     early = {k: v for k, v in extra_tables.items() if k == schema.GENERATION_TABLE}
     opened = dist.on_main(lambda: lifecycle.open_for_build(loc, attrs, overwrite, early))
@@ -334,8 +357,9 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     computed, error = 0, None
     try:
         writer = StoreWriter.reopen(loc)
-        computed = write_plan(writer, plan, model, layers, manifest.batch_size, device, pad_id,
-                              tokenizer.bos_token_id, shards=mine, rank=dist.rank)
+        with editing_residual(model, edit):
+            computed = write_plan(writer, plan, model, layers, manifest.batch_size, device, pad_id,
+                                  tokenizer.bos_token_id, shards=mine, rank=dist.rank)
     except Exception as exc:  # every rank must learn of it, or the others wait at the next collective
         error = exc
     dist.check(error)
@@ -347,7 +371,7 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
 
 
 def _store_attrs(manifest: Manifest, plan: TokenPlan, m_hash: str, d_model: int, dtype: torch.dtype,
-                 tokenizer: Any) -> schema.StoreAttrs:
+                 tokenizer: Any, edit: ResidualEdit | None = None) -> schema.StoreAttrs:
     """What the store records about this build: provenance, geometry and the digests a resume checks."""
     layers = sorted(manifest.layers)
     storage = manifest.storage
@@ -365,6 +389,7 @@ def _store_attrs(manifest: Manifest, plan: TokenPlan, m_hash: str, d_model: int,
         codec=storage.compression.to_attrs(),
         corpus_counts=plan.counts, tokens_digest=_tokens_digest(plan),
         variant=dataclasses.asdict(manifest.variant) if manifest.variant is not None else None,
+        edit=dict(edit.record) if edit is not None else None,
     )
 
 

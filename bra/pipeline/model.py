@@ -1,4 +1,5 @@
-"""Load a causal LM and capture the residual stream after chosen blocks, stopping the forward early."""
+"""Load a causal LM, capture the residual stream after chosen blocks (stopping the forward early), and edit
+it after one block while a `ResidualEdit` is active (`editing_residual`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +228,44 @@ def check_layers(layers: Sequence[int], n_layers: int, model_id: str) -> None:
         raise ModelLoadError(
             f"layer {bad[0]} is out of range for {model_id}: it has {n_layers} blocks (0..{n_layers - 1})"
         )
+
+
+@dataclass(frozen=True)
+class ResidualEdit:
+    """An edit of the residual stream after one block, applied to every position of every forward pass
+    (prompt tokens, then each generated token) while `editing_residual` is active. The pipeline knows
+    nothing of what the edit is (an SAE latent edit, a direction: `bra.audit.edits`); only its record."""
+
+    layer: int
+    """Decoder block whose output is edited."""
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    """The edit: the block's output hidden states [B, T, d_model] -> the edited ones (same shape, dtype)."""
+    record: dict[str, Any]
+    """What the edit is, as JSON: recorded in the store's attrs and part of its fingerprint (so a resume
+    with another edit is refused); must be the same whenever the same edit is made again."""
+
+
+@contextmanager
+def editing_residual(model: nn.Module, edit: ResidualEdit | None) -> Iterator[None]:
+    """Apply ``edit`` (None: nothing) to the output of block ``edit.layer`` in every forward pass inside
+    the block, generation included. Hooks registered later (`capture_residuals`) see the edited output:
+    a store built under an edit records the residual stream as the blocks above it received it."""
+    if edit is None:
+        yield
+        return
+    blocks = decoder_layers(model)
+    check_layers([edit.layer], len(blocks), type(model).__name__)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit.fn(output[0]), *output[1:])
+        return edit.fn(output)
+
+    handle = blocks[edit.layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _StopForward(Exception):

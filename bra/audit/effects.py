@@ -1,0 +1,236 @@
+"""`bra-sae effects BASE_STORE EDITED_STORE...`: what the edits of `bra-sae intervene` changed, read from
+the stores' prompts tables alone (no model, no SAE).
+
+Per prompt: its surface label before (BASE_STORE) and after (each edited store), matched by prompt id. Per
+edited store and tier: the refusal rate (share labelled ``refuse``; ``unknown`` counts as not refused)
+before and after and its change, with a paired bootstrap CI (the same prompts resampled on both sides,
+within each tier; the "all" row resamples within every tier, so its tier mix is fixed). The random
+controls sit beside the edit they control (the same spec without ``:random=SEED``). Edits that differ only
+in their number (`bra.audit.edits.EditSpec.family`) form a dose-response series, plotted against it.
+
+Not reported yet: the change in D and in the depth category. The score module is being rewritten (issue
+13); once it exposes a depth score for a store scored with a fixed catalog and T, it belongs here. TODO.
+
+Outputs (written together, `bra.fsutil.atomic_dir`): effects.json, effects.md, effects.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bra.audit.edits import EffectsConfig
+from bra.audit.labels import choose_labels
+from bra.cache import schema
+from bra.cache.store import open_store
+from bra.errors import EditError
+from bra.fsutil import atomic_dir
+from bra.vocab import EVAL_TIERS, REFUSE
+
+logger = logging.getLogger(__name__)
+
+EFFECTS_JSON, EFFECTS_MD, EFFECTS_PNG = "effects.json", "effects.md", "effects.png"
+ALL = "all"
+"""The row of every prompt together."""
+NOT_REPORTED = ("change in D and in the refusal-depth category: not computed yet (TODO: needs a depth score "
+                "from the score module for an edited store under the base store's catalog and T)")
+
+
+@dataclass(frozen=True)
+class _Side:
+    path: str
+    name: str
+    edit: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+    table: pd.DataFrame
+
+
+def _read(path: str | os.PathLike[str], labels: str) -> _Side:
+    store = open_store(path)
+    if store.meta.kind != "eval" or not store.location.has_file(schema.PROMPTS_TABLE):
+        raise EditError(f"{store.path}: not an eval store")
+    table = store.read_table(schema.PROMPTS_TABLE).sort_values("doc_index", kind="stable")
+    table, _ = choose_labels(table.reset_index(drop=True), labels, str(store.path))
+    name = Path(str(store.path).rstrip("/")).name.removesuffix(".zarr")
+    return _Side(str(store.path), name, store.meta.edit, store.meta.manifest, table)
+
+
+def paired_bootstrap(before: np.ndarray, after: np.ndarray, strata: np.ndarray, n_boot: int,
+                     rng: np.random.Generator, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean(after) - mean(before), lo, hi): the change in a rate over paired 0/1 outcomes [n] with a
+    percentile CI from resampling prompts (both sides together) with replacement within each stratum."""
+    diff = after.astype(np.float64) - before.astype(np.float64)
+    if not len(diff):
+        return float("nan"), float("nan"), float("nan")
+    sums = np.zeros(n_boot)
+    for s in np.unique(strata):
+        d = diff[strata == s]
+        sums += d[rng.integers(0, len(d), (n_boot, len(d)))].sum(axis=1)
+    boots = sums / len(diff)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def _tier_order(tiers: Sequence[str]) -> list[str]:
+    present = set(tiers)
+    return [t for t in EVAL_TIERS if t in present] + sorted(present - set(EVAL_TIERS))
+
+
+def _rows(before: pd.Series, after: pd.Series, tiers: np.ndarray, cfg: EffectsConfig) -> list[dict[str, Any]]:
+    """One row per tier, then ``all``."""
+    rng = np.random.default_rng(cfg.seed)
+    b, a = before.to_numpy() == REFUSE, after.to_numpy() == REFUSE
+    out = []
+    for tier in [*_tier_order(list(tiers)), ALL]:
+        sel = np.ones(len(b), bool) if tier == ALL else tiers == tier
+        delta, lo, hi = paired_bootstrap(b[sel], a[sel], tiers[sel], cfg.n_boot, rng)
+        out.append({"tier": tier, "n": int(sel.sum()), "refusal_before": float(b[sel].mean()),
+                    "refusal_after": float(a[sel].mean()), "delta": delta, "ci": [lo, hi],
+                    "to_refuse": int((~b[sel] & a[sel]).sum()), "from_refuse": int((b[sel] & ~a[sel]).sum()),
+                    "labels_changed": int((before.to_numpy()[sel] != after.to_numpy()[sel]).sum())})
+    return out
+
+
+def _check_pair(base: _Side, edited: _Side) -> None:
+    if edited.edit is None:
+        raise EditError(f"{edited.path}: not an edited store (no edit in its attrs); make one with "
+                        f"`bra-sae intervene`")
+    if base.manifest != edited.manifest:
+        diff = sorted(k for k in set(base.manifest or {}) | set(edited.manifest or {})
+                      if (base.manifest or {}).get(k) != (edited.manifest or {}).get(k))
+        raise EditError(f"{edited.path} was generated from another manifest than {base.path} (differs in: "
+                        f"{', '.join(diff) or '?'}); compare stores of one manifest")
+    if sorted(base.table["id"]) != sorted(edited.table["id"]):
+        raise EditError(f"{edited.path} and {base.path} hold different prompts")
+
+
+def _ordered(sides: list[_Side]) -> list[_Side]:
+    """Edits in the order given, each followed by its random controls."""
+    real = [s for s in sides if not (s.edit or {}).get("control")]
+    controls = [s for s in sides if (s.edit or {}).get("control")]
+    out: list[_Side] = []
+    for s in real:
+        out += [s] + [c for c in controls if (c.edit or {}).get("pair") == (s.edit or {}).get("spec")]
+    return out + [c for c in controls if c not in out]
+
+
+def compute_effects(base_path: str | os.PathLike[str], edited_paths: Sequence[str | os.PathLike[str]],
+                    cfg: EffectsConfig | None = None) -> dict[str, Any]:
+    """The comparison as JSON (see the module doc); reads the stores, writes nothing."""
+    cfg = cfg or EffectsConfig()
+    if not edited_paths:
+        raise EditError("give at least one EDITED_STORE after BASE_STORE")
+    base = _read(base_path, cfg.labels)
+    if base.edit is not None:
+        raise EditError(f"BASE_STORE {base.path} was generated under an edit ({base.edit.get('spec')}); give "
+                        f"the unedited store")
+    sides = [_read(p, cfg.labels) for p in edited_paths]
+    for side in sides:
+        _check_pair(base, side)
+    before = base.table.set_index("id")
+    tiers = before["tier"].astype(str).to_numpy()
+    runs, per_prompt = [], {pid: {"id": pid, "tier": t, "before": lab, "after": {}}
+                            for pid, t, lab in zip(before.index, tiers, before["surface_label"], strict=True)}
+    for side in _ordered(sides):
+        after = side.table.set_index("id").loc[before.index, "surface_label"].astype(str)
+        edit = side.edit or {}
+        runs.append({"name": side.name, "store": side.path, "spec": edit.get("spec"),
+                     "control": bool(edit.get("control")), "pair": edit.get("pair"),
+                     "family": edit.get("family"), "dose": edit.get("dose"), "layer": edit.get("layer"),
+                     "n_latents": edit.get("n_latents"),
+                     "direction_norm": (edit.get("direction") or {}).get("norm"),
+                     "rows": _rows(before["surface_label"].astype(str), after, tiers, cfg)})
+        for pid, lab in after.items():
+            per_prompt[str(pid)]["after"][side.name] = lab
+    return {"base": base.path, "labels": cfg.labels, "n_boot": cfg.n_boot, "seed": cfg.seed,
+            "measure": "refusal rate = share of prompts whose surface label is 'refuse' (unknown counts as "
+                       "not refused); CI: paired bootstrap over prompts within tiers, 95% percentile",
+            "not_reported": NOT_REPORTED, "runs": runs, "prompts": list(per_prompt.values())}
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.1f}"
+
+
+def effects_markdown(doc: dict[str, Any]) -> str:
+    """The table (every run, controls beside their edit) and the prompts whose label changed."""
+    lines = [f"# Effects of residual edits vs `{doc['base']}`", "", doc["measure"] + ".", "",
+             f"Not reported: {doc['not_reported']}.", "",
+             "| edit | control | tier | n | refusal before % | after % | Δ pp (95% CI) | → refuse | "
+             "refuse → | labels changed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in doc["runs"]:
+        for r in run["rows"]:
+            ci = f"{100 * r['delta']:+.1f} [{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]"
+            lines.append(f"| `{run['spec']}` | {'yes' if run['control'] else ''} | {r['tier']} | {r['n']} | "
+                         f"{_pct(r['refusal_before'])} | {_pct(r['refusal_after'])} | {ci} | "
+                         f"{r['to_refuse']} | {r['from_refuse']} | {r['labels_changed']} |")
+    names = [run["name"] for run in doc["runs"]]
+    changed = [p for p in doc["prompts"] if any(p["after"][n] != p["before"] for n in names)]
+    lines += ["", f"## Prompts whose surface label changed ({len(changed)} of {len(doc['prompts'])})", ""]
+    if changed:
+        lines += ["| prompt | tier | before | " + " | ".join(f"`{n}`" for n in names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
+        lines += [f"| {p['id']} | {p['tier']} | {p['before']} | "
+                  + " | ".join(p["after"][n] if p["after"][n] != p["before"] else "=" for n in names) + " |"
+                  for p in changed]
+    return "\n".join(lines) + "\n"
+
+
+def effects_plot(doc: dict[str, Any]) -> Any:
+    """Dose-response: the refusal-rate change (with its CI) against each family's number, one panel per
+    tier and one for all prompts; controls dashed."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state to close
+
+    tiers = [r["tier"] for r in doc["runs"][0]["rows"]]
+    fig = Figure(figsize=(4.2 * len(tiers), 3.6))
+    axes = fig.subplots(1, len(tiers), squeeze=False, sharey=True)
+    families = list(dict.fromkeys(run["family"] for run in doc["runs"]))
+    for ax, tier in zip(axes[0], tiers, strict=True):
+        for k, family in enumerate(families):
+            runs = sorted((r for r in doc["runs"] if r["family"] == family), key=lambda r: r["dose"])
+            row = [next(x for x in r["rows"] if x["tier"] == tier) for r in runs]
+            x = np.array([r["dose"] for r in runs], dtype=float)
+            y = np.array([100 * r["delta"] for r in row])
+            err = np.array([[100 * (r["delta"] - r["ci"][0]) for r in row],
+                            [100 * (r["ci"][1] - r["delta"]) for r in row]])
+            ax.errorbar(x + 0.02 * k * (np.ptp(x) or 1), y, yerr=err, marker="o", capsize=3, label=family,
+                        linestyle="--" if runs[0]["control"] else "-")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(tier, fontsize=9)
+        ax.set_xlabel("scale / value (ablate = 0)")
+    axes[0][0].set_ylabel("refusal rate change (pp, 95% CI)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _refuse_foreign_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EFFECTS_JSON).is_file())):
+        raise EditError(f"{out} exists and is not an effects output directory; pick an empty or new --out")
+
+
+def effects(base_path: str | os.PathLike[str], edited_paths: Sequence[str | os.PathLike[str]],
+            out: str | os.PathLike[str], cfg: EffectsConfig | None = None) -> dict[str, Any]:
+    """Compare, then write effects.json, effects.md and effects.png to ``out`` at once; return the JSON."""
+    out = Path(out)
+    _refuse_foreign_out(out)
+    doc = compute_effects(base_path, edited_paths, cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        (tmp / EFFECTS_JSON).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        (tmp / EFFECTS_MD).write_text(effects_markdown(doc), encoding="utf-8")
+        effects_plot(doc).savefig(tmp / EFFECTS_PNG, dpi=110)
+    logger.info("wrote %s (%d edited stores vs %s)", out, len(doc["runs"]), doc["base"])
+    return doc
+
+
+__all__ = ["EffectsConfig", "compute_effects", "effects", "effects_markdown", "effects_plot",
+           "paired_bootstrap"]
