@@ -37,7 +37,7 @@ from bra.audit.edits import (
 )
 from bra.audit.labels import AUTO, choose_labels
 from bra.audit.report import CATALOG_FILE
-from bra.audit.score import split_prompts
+from bra.audit.splits import group_keys, split_prompts
 from bra.audit.steering import (
     DirectionEdit,
     LatentEdit,
@@ -261,8 +261,9 @@ def contrast_direction(base: str | os.PathLike[str], name: str, layer: int, mode
     table = store.read_table(schema.PROMPTS_TABLE).sort_values("doc_index", kind="stable")
     table = table.reset_index(drop=True)
     table, labels_used = choose_labels(table, AUTO, str(store.path))
-    train = split_prompts(table["id"], table["tier"], cfg.seed, cfg.train_fraction,
-                          cfg.calibration_fraction) == "train"
+    # the split score uses (by group), so the direction never saw score's test prompts
+    train = split_prompts(table["id"], table["tier"], cfg.seed, cfg.train_fraction, cfg.calibration_fraction,
+                          group_keys(table)[0]) == "train"
     if name == REFUSAL_DIRECTION:
         values, sides = table["surface_label"].astype(str).to_numpy(), ((REFUSE,), (COMPLY,))
         words = ("refused", "complied")
