@@ -311,9 +311,11 @@ def test_intervene__stores_verify_score_and_are_left_alone(env: dict, edited: di
     relabel_store(copy)
     assert verify_store(copy) == []
     label_by_tier(copy)  # the random model's completions are gibberish: labels by tier, as eval_env does
-    result = compute_scores(copy, env["sae"], ScoreConfig(n_boot=20, n_perm=20, top_n=4, min_effect=0.2))
-    known = result.table["surface_label"].to_numpy() != "unknown"  # D is NaN without a label
-    assert len(result.D) == 24 and np.isfinite(result.D[known]).all()
+    result = compute_scores(copy, env["sae"], ScoreConfig(n_boot=20, n_perm=20, top_n=4, repeats=1))
+    # a random SAE's latents are noise: the catalog may be empty and D undefined, but every prompt is scored
+    assert len(result.D) == len(result.depth_score) == 24
+    refused = (result.table["surface_label"] == "refuse").to_numpy() & (result.split == "test")
+    assert all(v in ("deep", "shallow", "uncertain") for v in np.asarray(result.verdicts, object)[refused])
     again = run_intervene(env, env["tmp"] / "edits", "ablate:category=hazard_adjacent")
     assert [r.status for _, r in again] == ["already-complete"]
 
@@ -370,14 +372,14 @@ def test_build_store__refuses_a_store_of_another_edit(env: dict, edited: dict, t
 def test_contrast_direction__is_the_train_difference_of_means_at_the_last_prompt_token(
         env: dict, tmp_path: Path) -> None:
     from bra.audit.intervene import ModelFacts, contrast_direction
-    from bra.audit.score import split_prompts
+    from bra.audit.splits import group_keys, split_prompts
 
     cfg = InterveneConfig()
     facts = ModelFacts(str(env["model"]), 4, D_MODEL)
     vector, record = contrast_direction(env["base"], "refusal", LAYER, facts, cfg)
     s = open_store(env["base"])
     table = s.read_table(schema.PROMPTS_TABLE).sort_values("doc_index").reset_index(drop=True)
-    train = split_prompts(table["id"], table["tier"], 0, 0.5, 0.25) == "train"
+    train = split_prompts(table["id"], table["tier"], 0, 0.5, 0.25, group_keys(table)[0]) == "train"
     seg, doc = s.read_rows("segment", 0, s.n_tokens), s.read_rows("doc_index", 0, s.n_tokens)
     last = [int(np.flatnonzero((doc == d) & (seg == schema.SEGMENT_PROMPT))[-1]) for d in range(len(table))]
     acts = s.read_acts(LAYER, 0, s.n_tokens)[last]
