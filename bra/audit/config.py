@@ -224,6 +224,11 @@ class ScoreResult:
     """Why a verdict is uncertain."""
     scale: DepthScale
     """The calibrated depth scale and thresholds."""
+    raw_depth_score: np.ndarray
+    """[n] the raw-residual baseline's depth score: completion projection on the training split's hazard -
+    benign prompt direction, on its own calibration scale."""
+    raw_scale: DepthScale
+    """The raw baseline's calibrated scale."""
     d_fit: dict[str, Any]
     """D's calibration: threshold, magnitude floor, null reference, D-rule verdicts (`bra.audit.score`)."""
     groups: np.ndarray

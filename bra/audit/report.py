@@ -85,6 +85,7 @@ def scores_table(r: ScoreResult, cfg: ScoreConfig) -> pd.DataFrame:
                  "hazard_score": np.where(test, r.hazard, np.nan),
                  "depth_score": np.where(test, r.depth_score, np.nan),
                  "prompt_depth_score": np.where(test, r.prompt_depth_score, np.nan),
+                 "raw_depth_score": np.where(test, r.raw_depth_score, np.nan),
                  "depth_verdict": [v if t else None for v, t in zip(r.verdicts, test, strict=True)],
                  "verdict_reason": [v if t else None for v, t in zip(r.verdict_reasons, test, strict=True)],
                  "depth_category": r.depth,
@@ -143,6 +144,7 @@ def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame) -> dict
         "probe_calibration": r.probe_calibration,
         "repeats": r.repeats,
         "depth": {"definition": DEPTH_DEFINITION, "scale": r.scale.to_json(),
+                  "raw_baseline_scale": r.raw_scale.to_json(),
                   "verdicts": {v: verdicts.count(v) for v in VERDICTS}, "n_refused_test": len(verdicts),
                   "uncertain_reasons": dict(Counter(x for x, v, t in zip(r.verdict_reasons, r.verdicts,
                                                                          r.split == TEST, strict=True)

@@ -208,9 +208,11 @@ def _divergence_fit(S: np.ndarray, f: np.ndarray, catalog_total: np.ndarray, ali
         "rule_verdicts": rule}
 
 
-def _depth(bundle: EvalBundle, catalog: Mapping[str, Any], cal: np.ndarray, positive: np.ndarray,
-           negative: np.ndarray, labels: np.ndarray, cfg: ScoreConfig) -> dict[str, Any]:
-    """Evidence, scale, depth scores and verdicts (`bra.audit.depth`)."""
+def _depth(bundle: EvalBundle, catalog: Mapping[str, Any], train: np.ndarray, cal: np.ndarray,
+           positive: np.ndarray, negative: np.ndarray, labels: np.ndarray, cfg: ScoreConfig
+           ) -> dict[str, Any]:
+    """Evidence, scale, depth scores and verdicts (`bra.audit.depth`), and the raw-residual baseline's
+    depth score."""
     latents = catalog[HAZARD_ADJACENT].latents
     ours = bundle.pooled[OURS]
     ev_c = np.where(bundle.counts[:, 1] > 0, hazard_evidence(ours[COMPLETION], latents), np.nan)
@@ -219,8 +221,19 @@ def _depth(bundle: EvalBundle, catalog: Mapping[str, Any], cal: np.ndarray, posi
                             cfg.min_reference)
     score_c, score_p = scale.score(ev_c), scale.score(ev_p)
     verdicts, reasons = depth_verdicts(score_c, labels, scale)
+    # the same procedure on the raw residual: evidence = projection on the training split's hazard - benign
+    # prompt direction, so what the SAE adds to a verdict is measured, not assumed
+    raw = bundle.raw
+    if (train & positive).any() and (train & negative).any():
+        w = raw[PROMPT][train & positive].mean(0) - raw[PROMPT][train & negative].mean(0)
+        raw_c = np.where(bundle.counts[:, 1] > 0, raw[COMPLETION] @ w, np.nan)
+        raw_p = np.where(bundle.counts[:, 0] > 0, raw[PROMPT] @ w, np.nan)
+    else:
+        raw_c = raw_p = np.full(bundle.n_docs, np.nan)
+    raw_scale = fit_depth_scale(raw_c, raw_p, cal, positive, negative, labels, cfg.depth_quantile,
+                                cfg.min_reference)
     return {"scale": scale, "score": score_c, "prompt_score": score_p, "verdicts": verdicts,
-            "reasons": reasons}
+            "reasons": reasons, "raw_scale": raw_scale, "raw_score": raw_scale.score(raw_c)}
 
 
 def _fit_split(bundle: EvalBundle, cfg: ScoreConfig, classes: TierClasses, split: np.ndarray,
@@ -242,7 +255,7 @@ def _fit_split(bundle: EvalBundle, cfg: ScoreConfig, classes: TierClasses, split
     total = category_activations(bundle.pooled[OURS][cfg.f_segment], catalog).sum(axis=1)
     agree = (positive & (labels == REFUSE)) | (negative & np.isin(labels, COMPLIED_LABELS))
     D, d_fit = _divergence_fit(S, f[cfg.f_segment], total, alignment, cal, test, agree, labels, cfg)
-    depth = _depth(bundle, catalog, cal, positive, negative, labels, cfg)
+    depth = _depth(bundle, catalog, train, cal, positive, negative, labels, cfg)
     methods = _methods(bundle, train & positive, train & negative, groups, seed)
     sets = probes.EvalSets(test & positive, test & negative,
                            {g: test & (tier == t) for g, t in classes.groups.items()})
@@ -346,7 +359,8 @@ def analyse(bundle: EvalBundle, cfg: ScoreConfig, tokenizer: Any | None = None,
         random_sae_config=dict(bundle.sae_configs[RANDOM_SAE]), table=table, split=split_of[cfg.seed],
         S=fit["S"], f=fit["f"], D=fit["D"], hazard=hazard, depth=fit["categories"],
         depth_score=depth["score"], prompt_depth_score=depth["prompt_score"], verdicts=depth["verdicts"],
-        verdict_reasons=depth["reasons"], scale=depth["scale"], d_fit=fit["d_fit"], groups=groups,
+        verdict_reasons=depth["reasons"], scale=depth["scale"], raw_depth_score=depth["raw_score"],
+        raw_scale=depth["raw_scale"], d_fit=fit["d_fit"], groups=groups,
         group_by=group_by, comparisons=fit["comparisons"],
         probe_calibration=_probe_calibration(fit, cfg.probe_segment),
         repeats=_spread(headlines, list(split_of)), tables=_tables(table, fit, cfg),
