@@ -196,6 +196,56 @@ def compare_cmd(report_dirs: tuple[Path, ...], out: Path, names: tuple[tuple[str
     click.echo(f"{out}: comparison.md, comparison.json, comparison.png ({labels})", err=True)
 
 
+def _validation_runs(ctx: click.Context, param: click.Parameter,
+                     values: tuple[str, ...]) -> dict[str, tuple[str, str | None]]:
+    """--run NAME=PLAIN_STORE[,PREFILL_STORE] (repeatable) -> {NAME: (PLAIN, PREFILL or None)}."""
+    runs: dict[str, tuple[str, str | None]] = {}
+    for value in values:
+        name, sep, stores = value.partition("=")
+        parts = [p for p in stores.split(",") if p]
+        if not sep or not name.strip() or not 1 <= len(parts) <= 2 or len(stores.split(",")) != len(parts):
+            raise click.BadParameter(f"expected NAME=PLAIN_STORE[,PREFILL_STORE], got {value!r}",
+                                     param_hint="--run")
+        if name in runs:
+            raise click.BadParameter(f"run {name!r} named twice", param_hint="--run")
+        runs[name] = (parts[0], parts[1] if len(parts) == 2 else None)
+    if not runs:
+        raise click.BadParameter("name at least one run", param_hint="--run")
+    return runs
+
+
+@cli.command("validate")
+@click.option("--run", "runs", multiple=True, metavar="NAME=PLAIN_STORE[,PREFILL_STORE]",
+              callback=_validation_runs,
+              help="An eval store of one model (repeatable), and optionally its prefilled variant's store. "
+                   "The names 'shallow' and 'deep' mark the known-depth organism pair; others (the base "
+                   "model) are reported beside them.")
+@click.option("--sae", "sae_path", required=True, type=SAE_SOURCE, help=SAE_SOURCE_HELP)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory: report.json, report.md and plots (replaced whole).")
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Bootstrap resamples of every AUROC's interval.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the splits and resamples.")
+def validate_cmd(runs: dict[str, tuple[str, str | None]], sae_path: Path | str, out: Path, n_boot: int,
+                 seed: int) -> None:
+    """Known-depth validation: score each run's stores as `score` would, then report refusal rates (plain
+    and prefilled), depth verdicts per organism, the AUROC of the depth score, D and a raw-residual baseline
+    separating the shallow organism's refusals from the deep one's, and prefill success with the AUROC of
+    each score predicting which refusals a prefill breaks. An organism trained on an audited prompt is
+    refused."""
+    import shlex
+
+    from bra.audit.config import ScoreConfig
+    from bra.audit.validate import run_validation
+
+    args = [a for name, (plain, pre) in runs.items()
+            for a in ("--run", f"{name}={plain}" + (f",{pre}" if pre else ""))]
+    args += ["--sae", str(sae_path), "--out", str(out), "--n-boot", str(n_boot), "--seed", str(seed)]
+    command = "bra-sae validate " + " ".join(shlex.quote(a) for a in args)
+    run_validation(runs, str(sae_path), out, ScoreConfig(seed=seed, n_boot=n_boot, repeats=1), command)
+    click.echo(f"{out}: report.md, report.json, plots", err=True)
+
+
 @cli.command("intervene")
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--edit", "edits", multiple=True, metavar="SPEC",

@@ -1,0 +1,131 @@
+"""`bra-sae validate`: score the eval stores of the base model and the model organisms (plain and prefilled)
+with one SAE and write validation/report.{json,md} and its plots (`bra.audit.validation` computes the
+tables). Every store is scored exactly as `bra-sae score` would (its own split, catalog and calibration);
+an organism trained on any of the audited prompts is refused, naming them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from bra.audit.config import ScoreConfig, ScoreResult
+from bra.audit.report import _clean
+from bra.audit.score import compute_scores
+from bra.audit.validation import SCORES, refused_positive, render_markdown, score_columns, validation_report
+from bra.errors import BraError
+from bra.fsutil import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+PLOTS = {"refusal": "refusal_rates.png", "depth": "depth_scores.png"}
+
+
+def machine() -> str:
+    """CPU model, core count, Python and platform, for the report header."""
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def check_organism(result: ScoreResult) -> None:
+    """Refuse an organism folder that lacks its provenance or was trained on a prompt of this store."""
+    model = result.facts.model_id
+    if model is None or not Path(model).is_dir():
+        return
+    from bra.organism.provenance import check_audit_prompts, is_organism
+
+    if is_organism(model):
+        check_audit_prompts(model, result.table["id"].astype(str).tolist())
+
+
+def run_validation(runs: Mapping[str, tuple[str, str | None]], sae: str, out: str | os.PathLike[str],
+                   cfg: ScoreConfig | None = None, command: str = "bra-sae validate") -> dict[str, Any]:
+    """``runs``: name -> (plain store, prefill store or None). Returns report.json's contents."""
+    cfg = cfg or ScoreConfig(repeats=1)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).is_file())):
+        raise BraError(f"{out} exists and is not a validation report; pick an empty or new --out")
+    results: dict[str, dict[str, ScoreResult | None]] = {}
+    for name, (plain, prefill) in runs.items():
+        logger.info("scoring %s: %s%s", name, plain, f" and {prefill}" if prefill else "")
+        r = compute_scores(plain, sae, cfg)
+        check_organism(r)
+        results[name] = {"plain": r, "prefill": compute_scores(prefill, sae, cfg) if prefill else None}
+    report = validation_report(results, cfg.n_boot, cfg.seed)
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report["meta"] = {"command": command, "machine": machine(), "date": when, "sae": sae,
+                      "stores": {k: list(v) for k, v in runs.items()}, "settings": _clean(cfg.__dict__)}
+    header = (f"# Known-depth validation\n\nCommand: `{command}`  \nMachine: {report['meta']['machine']}  \n"
+              f"Date: {when}  \nSAE: `{sae}`; each store scored as `bra-sae score` does (its own group "
+              f"split, FDR catalog and calibration; repeats {cfg.repeats}). AUROCs on the test split's "
+              f"refused hazard-tier prompts.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        (tmp / REPORT_JSON).write_text(json.dumps(_clean(report), indent=2) + "\n")
+        figures = f"\n![refusal rates]({PLOTS['refusal']})\n![depth scores]({PLOTS['depth']})\n"
+        (tmp / REPORT_MD).write_text(render_markdown(_clean(report), header) + figures)
+        _plot_refusal(report).savefig(tmp / PLOTS["refusal"], dpi=110)
+        _plot_depth(results).savefig(tmp / PLOTS["depth"], dpi=110)
+    return _clean(report)
+
+
+def _plot_refusal(report: Mapping[str, Any]) -> Figure:
+    """Refusal rate per organism, tier and variant with Wilson intervals."""
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    ax = fig.subplots()
+    bars = [(f"{o}\n{v}", t, c) for o, e in report["organisms"].items() for v, by in e["refusal"].items()
+            for t, c in by.items()]
+    tiers = sorted({t for _, t, _ in bars})
+    groups = list(dict.fromkeys(g for g, _, _ in bars))
+    width = 0.8 / max(len(tiers), 1)
+    for j, t in enumerate(tiers):
+        cells = {g: c for g, tt, c in bars if tt == t}
+        x = np.arange(len(groups)) + j * width
+        y = np.array([cells[g]["rate"] if g in cells else np.nan for g in groups], dtype=float)
+        lo = np.array([cells[g]["ci_low"] if g in cells else np.nan for g in groups], dtype=float)
+        hi = np.array([cells[g]["ci_high"] if g in cells else np.nan for g in groups], dtype=float)
+        ax.bar(x, y, width, label=t, yerr=[y - lo, hi - y], capsize=2)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(tiers) - 1) / 2, groups, fontsize=8)
+    ax.set_ylabel("refusal rate (95% Wilson)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_depth(results: Mapping[str, Mapping[str, ScoreResult | None]]) -> Figure:
+    """Each score of the refused hazard-tier test prompts, per organism (plain runs)."""
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, len(SCORES))
+    rng = np.random.default_rng(0)
+    for ax, (key, title) in zip(axes, SCORES.items(), strict=True):
+        for i, r in enumerate(results.values()):
+            plain = r["plain"]
+            assert plain is not None
+            v = score_columns(plain)[key][refused_positive(plain)]
+            v = v[np.isfinite(v)]
+            ax.scatter(i + rng.uniform(-0.15, 0.15, v.size), v, s=16, alpha=0.8)
+        ax.set_xticks(range(len(results)), list(results), fontsize=8)
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+__all__ = ["machine", "run_validation"]
