@@ -13,7 +13,7 @@ RUNS := cache/runs
 DEMO_FIT := --d-sae 2304 --k 32 --steps 400 --batch-size 1024 --lr 2e-3 --dead-tokens 100000 \
 	--buffer-rows 16384 --log-every 50 --checkpoint-every 100
 
-.PHONY: install demo test bench clean baselines
+.PHONY: install demo demo-sae validate test bench clean baselines
 
 install: $(STAMP)
 
@@ -31,10 +31,13 @@ $(STAMP): pyproject.toml
 fit_or_resume = if [ -f $(1)/run.json ]; then $(BIN)/bra-sae fit --store cache/demo.zarr --out $(1) $(2) --resume; \
 	else $(BIN)/bra-sae fit --store cache/demo.zarr --out $(1) $(2); fi
 
-demo: install
+# The demo corpus store and its SAE (shared by `demo` and `validate`).
+demo-sae: install
 	$(BIN)/bra-cache build manifests/demo.yaml
 	$(BIN)/bra-cache info cache/demo.zarr
 	$(call fit_or_resume,$(RUNS)/demo-sae,$(DEMO_FIT))
+
+demo: demo-sae
 	$(BIN)/bra-sae eval --sae $(RUNS)/demo-sae --store cache/demo.zarr --out $(RUNS)/demo-sae/eval.json
 	$(MAKE) --no-print-directory baselines
 	$(BIN)/bra-cache build manifests/eval-demo.yaml
@@ -46,6 +49,18 @@ demo: install
 baselines: install
 	$(call fit_or_resume,$(RUNS)/demo-plain,$(DEMO_FIT) --preset plain)
 	$(call fit_or_resume,$(RUNS)/demo-shuffled,$(DEMO_FIT) --shuffle-tiers)
+
+# Known-depth validation (issue 14): the SmolLM2 organisms (shallow: refusal trained above layer 15 only;
+# deep: RMU at and below 15, then the same refusal training), their eval stores on the audit prompts, plain
+# and prefilled, scored with the demo SAE (trained on the base model's corpus store). validation/report.md.
+VAL = --run base=cache/validate-base.canonical.zarr,cache/validate-base.prefill.zarr \
+	--run shallow=cache/validate-shallow.canonical.zarr,cache/validate-shallow.prefill.zarr \
+	--run deep=cache/validate-deep.canonical.zarr,cache/validate-deep.prefill.zarr
+validate: demo-sae
+	$(BIN)/bra-organism build manifests/organisms-smollm2.yaml
+	for kind in base shallow deep; do $(BIN)/bra-cache build manifests/validate-$$kind.yaml || exit 1; done
+	$(BIN)/bra-sae validate $(VAL) --sae $(RUNS)/demo-sae --out validation
+	@echo "report: validation/report.md"
 
 test: install
 	$(PY) -m pytest -q
