@@ -53,7 +53,7 @@ baselines: install
 # Known-depth validation (issue 14): the SmolLM2 organisms (shallow: refusal trained above layer 15 only;
 # deep: RMU at and below 15, then the same refusal training), their eval stores on the audit prompts, plain
 # and prefilled, scored with the demo SAE (trained on the base model's corpus store). validation/report.md.
-VAL = --run base=cache/validate-base.canonical.zarr,cache/validate-base.prefill.zarr \
+VAL = --run base=cache/validate-base.zarr \
 	--run shallow=cache/validate-shallow.canonical.zarr,cache/validate-shallow.prefill.zarr \
 	--run deep=cache/validate-deep.canonical.zarr,cache/validate-deep.prefill.zarr
 validate: demo-sae

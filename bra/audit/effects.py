@@ -29,8 +29,7 @@ import pandas as pd
 
 from bra.audit.edits import EffectsConfig
 from bra.audit.labels import choose_labels
-from bra.cache import schema
-from bra.cache.store import open_store
+from bra.audit.reader import read_prompts
 from bra.errors import EditError
 from bra.fsutil import atomic_dir
 from bra.vocab import EVAL_TIERS, REFUSE
@@ -54,13 +53,10 @@ class _Side:
 
 
 def _read(path: str | os.PathLike[str], labels: str) -> _Side:
-    store = open_store(path)
-    if store.meta.kind != "eval" or not store.location.has_file(schema.PROMPTS_TABLE):
-        raise EditError(f"{store.path}: not an eval store")
-    table = store.read_table(schema.PROMPTS_TABLE).sort_values("doc_index", kind="stable")
-    table, _ = choose_labels(table.reset_index(drop=True), labels, str(store.path))
-    name = Path(str(store.path).rstrip("/")).name.removesuffix(".zarr")
-    return _Side(str(store.path), name, store.meta.edit, store.meta.manifest, table)
+    where, edit, manifest, table = read_prompts(path)
+    table, _ = choose_labels(table, labels, where)
+    name = Path(where.rstrip("/")).name.removesuffix(".zarr")
+    return _Side(where, name, edit, manifest, table)
 
 
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, strata: np.ndarray, n_boot: int,

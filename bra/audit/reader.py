@@ -201,3 +201,15 @@ def scan_store_ngrams(store_path: str, tokenizer_fingerprint: str | None, wanted
         h = ngram_hashes(tokens, docs, n)
         found.append(h[np.isin(h, wanted)])
     return np.unique(np.concatenate(found)), None
+
+
+def read_prompts(path: str | os.PathLike[str]) -> tuple[str, Any, Any, pd.DataFrame]:
+    """(store path, its ``edit`` attr, its manifest, prompts.parquet sorted by doc_index) of an eval store;
+    anything else is an `EditError` (`bra-sae effects` reads only this)."""
+    from bra.errors import EditError
+
+    store = open_store(path)
+    if store.meta.kind != "eval" or not store.location.has_file(schema.PROMPTS_TABLE):
+        raise EditError(f"{store.path}: not an eval store")
+    table = store.read_table(schema.PROMPTS_TABLE).sort_values("doc_index", kind="stable")
+    return str(store.path), store.meta.edit, store.meta.manifest, table.reset_index(drop=True)
