@@ -20,10 +20,11 @@ import torch
 
 from bench._common import Row, StudyResult, dir_bytes, fmt, interleaved, median
 from bench._context import Activations, BenchContext
-from bra.pipeline.build import BuildResult, build_store, forward_batch, window_columns
+from bra.pipeline.build import BuildResult, build_store, window_columns
 from bra.pipeline.manifest import Manifest
 from bra.pipeline.model import load_model, resolve_compute_dtype, resolve_device
 from bra.pipeline.plan import TokenPlan, plan_corpora
+from bra.pipeline.staging import forward_batch
 
 logger = logging.getLogger(__name__)
 
