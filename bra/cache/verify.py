@@ -61,8 +61,7 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
             scale = read.get(schema.scales_path(layer)) if scaled else None
             if raw is None or (scaled and scale is None):
                 continue
-            rows = schema.decode_rows(raw[~mask], store.dtype, None if scale is None else scale[~mask])
-            moments[layer] = moments[layer].merge(Moments.of(rows))
+            moments[layer] = moments[layer].merge(Moments.of_stored(raw, ~mask, store.dtype, scale))
     return problems, moments
 
 

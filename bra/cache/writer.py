@@ -175,8 +175,7 @@ class StoreWriter:
                     scale = np.ascontiguousarray(scales[layer], dtype=np.float32)
                     assert scale.shape == (n,), (layer, scale.shape, n)
                     self._set(schema.scales_path(layer), start, stop, scale)
-                kept_scale = None if scale is None else scale[keep]
-                m = Moments.of(schema.decode_rows(data[keep], self.dtype, kept_scale))
+                m = Moments.of_stored(data, keep, self.dtype, scale)
                 self._set(schema.stats_path(layer, "count"), shard, shard + 1, np.asarray([m.count]))
                 self._set(schema.stats_path(layer, "sumsq"), shard, shard + 1, np.asarray([m.sumsq]))
                 self._set(schema.stats_path(layer, "mean"), shard, shard + 1, m.mean[None])
