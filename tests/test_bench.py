@@ -96,6 +96,41 @@ def test_bench__tiny_writer_and_fp8_studies_report_every_row(tmp_path: Path, tin
     assert "## 3." in text and "## 10." in text
 
 
+def test_gpu_sh__without_cuda_one_line_and_exit_2(tmp_path: Path) -> None:
+    """bench/gpu.sh with no CUDA device (hidden from torch, also on a GPU machine): exactly one error line,
+    exit 2, no result file."""
+    import os
+    import subprocess
+
+    out = tmp_path / "results-gpu.md"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: bench/gpu.sh needs a CUDA device"), proc.stderr
+    assert not out.exists() and proc.stdout == ""
+
+
+def test_gpu_sh__smoke_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
+    """--smoke runs every phase of bench/gpu.py on the CPU at tiny widths (the script itself is tested)."""
+    from bench.gpu import main
+
+    out = tmp_path / "gpu.md"
+    assert main(["--smoke", "--tokens", "1024", "--seq", "64", "--batch", "8", "--chunk", "64", "--shard",
+                 "256", "--writer-shards", "2", "--d-sae", "64", "--k", "4", "--train-batch", "32",
+                 "--warmup", "1", "--steps", "1", "--reps", "1", "--out", str(out),
+                 "--work", str(tmp_path / "work")]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["finished"] and data["smoke"] and data["n_tokens"] == 1024
+    assert data["build"]["build_tok_s"] > 0 and data["training"]["store_steps_s"] > 0
+    assert set(data["writer"]["threads"]) >= {"1"}
+    has_saelens = importlib.util.find_spec("sae_lens") is not None
+    assert ("skipped" in data["saelens"]) != has_saelens
+    text = out.read_text()
+    assert "these numbers mean nothing" in text and "not reached" not in text
+
+
 def test_bench__tiny_labels_study_scores_rules_on_both_halves(tmp_path: Path) -> None:
     from bench.__main__ import main
 
