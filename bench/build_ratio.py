@@ -165,7 +165,7 @@ def run(ctx: BenchContext) -> StudyResult:
         f"`build_store` on {n:,} tokens of the bundled demo corpus ({cfg.docs_per_tier} paragraphs per tier) "
         f"took {fmt(build_s)} s (best of {cfg.reps}) in its forward/write loop; the bare loop over the same "
         f"batches took "
-        f"{fmt(bare_s)} s. The build converts each batch to bf16, hands whole shards to one writer thread "
+        f"{fmt(bare_s)} s. The build converts each batch to bf16, hands whole shards to the writer threads "
         f"(compression, CRC32, Welford partials) and continues with the next forward pass, so writing "
         "overlaps compute; "
         + (

@@ -58,15 +58,28 @@ class Moments:
     def of_stored(cls, raw: np.ndarray, keep: np.ndarray, dtype: str,
                   scale: np.ndarray | None = None) -> Moments:
         """Moments of the rows ``keep`` selects from on-disk rows ``raw`` [n, d] of logical ``dtype`` (with
-        their per-row ``scale`` for a scaled dtype), decoded ``STORED_BLOCK`` rows at a time."""
+        their per-row ``scale`` for a scaled dtype), decoded ``STORED_BLOCK`` rows at a time.
+
+        Each block's moments come from float64 sums of x and x² over its float32 rows (M2 = Σx² - n·mean²,
+        then Chan's merge across blocks): 3x less CPU than centring a float64 copy (`of`), which the writer
+        threads pay for every shard (bench study 10). The cancellation costs ~1e-16 x mean²/var relative in
+        M2: 1e-10 for a dimension whose mean is 1,000 standard deviations, far inside verify's tolerance."""
         out = cls.empty(raw.shape[1])
         for start in range(0, raw.shape[0], STORED_BLOCK):
             block = slice(start, min(start + STORED_BLOCK, raw.shape[0]))
             sel = keep[block]
             if sel.any():
                 kept_scale = None if scale is None else scale[block][sel]
-                out = out.merge(cls.of(schema.decode_rows(raw[block][sel], dtype, kept_scale)))
+                out = out.merge(cls._of_sums(schema.decode_rows(raw[block][sel], dtype, kept_scale)))
         return out
+
+    @classmethod
+    def _of_sums(cls, x: np.ndarray) -> Moments:
+        """Moments of float32 rows ``x`` [n, d] (n > 0) from their float64 sums and sums of squares."""
+        n = x.shape[0]
+        mean = x.sum(axis=0, dtype=np.float64) / n
+        sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        return cls(n, mean, np.maximum(sq - n * mean * mean, 0.0), float(sq.sum()))
 
     def merge(self, other: Moments) -> Moments:
         """Combine two disjoint sets (Chan, Golub & LeVeque 1979 parallel variance)."""
