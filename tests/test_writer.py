@@ -21,6 +21,7 @@ from bra.cache.parallel import ShardWriterPool, default_writer_threads, thread_l
 from bra.cache.reader import ReaderConfig, RowStream
 from bra.cache.store import open_store
 from bra.cache.verify import verify_store
+from bra.dist import cpu_cores
 from bra.errors import ManifestError, StoreMismatchError
 from bra.pipeline.build import build_store
 from bra.pipeline.manifest import load_manifest, manifest_hash
@@ -70,6 +71,7 @@ def test_manifest__writer_threads_is_a_speed_knob_not_part_of_the_fingerprint(tm
     with pytest.raises(ManifestError, match=r"storage\.writer_threads: must be at least 1, got 0"):
         load_manifest(tiny_manifest(tmp_path, tiny_gemma_dir, storage={"writer_threads": 0}))
     assert 1 <= default_writer_threads() <= 4 and default_writer_threads(10**6) == 1
+    assert default_writer_threads(accelerator=True) == max(1, cpu_cores() - 1)
 
 
 def test_shard_writer_pool__runs_on_own_loops_and_reraises_the_first_error() -> None:

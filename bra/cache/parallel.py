@@ -26,8 +26,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_THREADS = 4
-"""The default writer thread count is the cores of this rank, at most this many (bench study 10 gives the
-rate per thread, to size a GPU host)."""
+"""When the forward pass runs on the CPU, the default writer thread count is this rank's cores, at most this
+many: the forward needs the cores, and a CPU forward produces rows far slower than one thread writes them
+(study 1: ~1,200 tok/s on 2 cores; study 10: ~14,000 tokens per CPU-second of one writer thread)."""
 
 _LOCAL = threading.local()
 _STOP = object()
@@ -38,11 +39,15 @@ def thread_loop() -> asyncio.AbstractEventLoop | None:
     return getattr(_LOCAL, "loop", None)
 
 
-def default_writer_threads(local_world: int = 1) -> int:
-    """Writer threads of one build process when ``local_world`` processes share this machine's cores."""
+def default_writer_threads(local_world: int = 1, accelerator: bool = False) -> int:
+    """Writer threads of one build process when ``local_world`` processes share this machine's cores: on an
+    ``accelerator`` (the forward runs on a GPU) every core of this rank but one (which feeds the GPU and
+    encodes rows), since a GPU produces rows faster than several cores compress them (study 10); on a CPU
+    at most ``MAX_DEFAULT_THREADS``."""
     from bra.dist import threads_per_rank  # bra.dist imports torch; `bra-cache info` never needs it
 
-    return max(1, min(MAX_DEFAULT_THREADS, threads_per_rank(local_world)))
+    cores = threads_per_rank(local_world)
+    return max(1, cores - 1) if accelerator else max(1, min(MAX_DEFAULT_THREADS, cores))
 
 
 class ShardWriterPool:

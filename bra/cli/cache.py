@@ -32,7 +32,8 @@ def cli(verbose: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --store and rebuild it.")
 @click.option("--writer-threads", type=click.IntRange(min=1), default=None,
               help="Threads compressing and writing whole shards at once, per process (default: the "
-                   "manifest's storage.writer_threads, else the process's cores, at most 4). Speed only: "
+                   "manifest's storage.writer_threads, else the process's cores but one on a GPU, at most 4 "
+                   "on a CPU). Speed only: "
                    "the store is the same for any count.")
 @NPROC_OPTION
 @click.pass_context

@@ -168,7 +168,7 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
                      for sh in range(s // layout.shard_tokens, (e - 1) // layout.shard_tokens + 1))]
     total = sum(len(w.ids) for ws, _ in needed for w in ws)
     stager = RowStager(device)
-    threads = writer_threads or default_writer_threads()
+    threads = writer_threads or default_writer_threads(accelerator=device.type != "cpu")
     with ShardSink(writer, todo, threads, rank) as sink, \
             tqdm(total=total, unit="tok", unit_scale=True,
                  desc="build" if rank == 0 else f"build[rank {rank}]", dynamic_ncols=True) as bar:
@@ -294,7 +294,7 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     try:
         writer = StoreWriter.reopen(loc)
         threads = (writer_threads or manifest.storage.writer_threads
-                   or default_writer_threads(dist.local_world))
+                   or default_writer_threads(dist.local_world, accelerator=device.type != "cpu"))
         computed = write_plan(writer, plan, model, layers, manifest.batch_size, device, pad_id,
                               tokenizer.bos_token_id, shards=mine, rank=dist.rank, writer_threads=threads)
     except Exception as exc:  # every rank must learn of it, or the others wait at the next collective

@@ -102,9 +102,10 @@ class StorageSpec:
     shard_tokens: int = 16384
     """Rows per shard (a multiple of chunk_tokens)."""
     writer_threads: int | None = None
-    """Threads compressing and writing whole shards at once, per build process (default: its cores, at most
-    4; `bra-cache build --writer-threads` overrides it). Changes speed only, never the store: it is not part
-    of the store's fingerprint. Bench study 10 gives the tokens/s one thread sustains, to size a GPU host."""
+    """Threads compressing and writing whole shards at once, per build process (default: its cores but one
+    when the model runs on a GPU, else its cores, at most 4; `bra-cache build --writer-threads` overrides
+    it). Changes speed only, never the store: it is not part of the store's fingerprint. Bench study 10
+    gives the tokens per CPU-second one thread sustains, to size a GPU host."""
 
     def to_dict(self) -> dict[str, Any]:
         """The flat mapping the manifest's ``storage`` key holds (codec keys beside the others), as
