@@ -30,7 +30,7 @@ class Row:
 
     study: str
     """Study key (``build``, ``codecs``, ``fp8``, ``train``, ``rescore``, ``saelens``, ``scaleout``,
-    ``resume``, ``labels``)."""
+    ``resume``, ``labels``, ``writer``)."""
     name: str
     """What was measured."""
     value: float | str | None

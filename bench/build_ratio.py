@@ -20,10 +20,11 @@ import torch
 
 from bench._common import Row, StudyResult, dir_bytes, fmt, interleaved, median
 from bench._context import Activations, BenchContext
-from bra.pipeline.build import BuildResult, build_store, forward_batch, window_columns
+from bra.pipeline.build import BuildResult, build_store, window_columns
 from bra.pipeline.manifest import Manifest
 from bra.pipeline.model import load_model, resolve_compute_dtype, resolve_device
 from bra.pipeline.plan import TokenPlan, plan_corpora
+from bra.pipeline.staging import forward_batch
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def run(ctx: BenchContext) -> StudyResult:
         f"`build_store` on {n:,} tokens of the bundled demo corpus ({cfg.docs_per_tier} paragraphs per tier) "
         f"took {fmt(build_s)} s (best of {cfg.reps}) in its forward/write loop; the bare loop over the same "
         f"batches took "
-        f"{fmt(bare_s)} s. The build converts each batch to bf16, hands whole shards to one writer thread "
+        f"{fmt(bare_s)} s. The build converts each batch to bf16, hands whole shards to the writer threads "
         f"(compression, CRC32, Welford partials) and continues with the next forward pass, so writing "
         "overlaps compute; "
         + (

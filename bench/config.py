@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 MODELS = ("smollm2", "tiny-gemma")
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume", "labels")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume", "labels", "writer")
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,19 @@ class BenchConfig:
     """First-byte delay the study-7 S3 server then adds to every GET (S3 itself: tens of ms), to read every
     geometry again, and the default reader against one with 2 threads."""
 
+    writer_chunk_tokens: int = 1024
+    """Rows per chunk of study 10's stores (the product default)."""
+    writer_shard_tokens: int = 16384
+    """Rows per shard of study 10's stores (the product default: 75 MB of bf16 at d_model 2304)."""
+    writer_shards: int = 6
+    """Shards each side of study 10 writes (several per thread)."""
+    writer_batch_rows: int = 2048
+    """Rows handed to the write path at a time (a forward batch of 16 windows x 128 tokens)."""
+    writer_block_rows: int = 16384
+    """Distinct precomputed rows (repeated to fill the store; each chunk compresses on its own)."""
+    writer_reps: int = 3
+    """Interleaved repetitions of every study-10 side (best of each reported)."""
+
     def __post_init__(self) -> None:
         if self.model not in MODELS or any(m not in MODELS for m in self.saelens_models):
             raise ValueError(f"models must be among {MODELS}")
@@ -162,6 +175,12 @@ SIZES: dict[str, BenchConfig] = {
         resume_reps=1,
         labels_n_boot=50,
         labels_judges=False,
+        writer_chunk_tokens=64,
+        writer_shard_tokens=256,
+        writer_shards=4,
+        writer_batch_rows=96,
+        writer_block_rows=512,
+        writer_reps=1,
     ),
     # a few minutes on 2 CPU cores
     # 5 build/bare reps: 3 left the ratio at the mercy of one burst

@@ -32,6 +32,7 @@ MODULES = {
     "scaleout": "bench.scaleout",
     "resume": "bench.resume_ratio",
     "labels": "bench.labels",
+    "writer": "bench.writer",
 }
 TITLES = {
     "build": "1. Build ÷ bare forward",
@@ -43,6 +44,7 @@ TITLES = {
     "scaleout": "7. Scale-out: processes and object-store shard size",
     "resume": "8. Resume ÷ fresh start (first step)",
     "labels": "9. Surface labels vs hand labels",
+    "writer": "10. Writer alone: threads vs raw disk",
 }
 REPO = Path(__file__).resolve().parent.parent
 

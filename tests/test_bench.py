@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume", "labels")
+STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume", "labels", "writer")
 
 
 def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
@@ -55,16 +55,80 @@ def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: 
     assert all(isinstance(r["value"], (int, float)) for r in by_study["scaleout"] if r["value"] is not None)
     targets = {r["study"]: r["target"] for r in data["rows"] if r["target"]}
     assert targets == {"build": "≤ 1.05", "train": "≥ 0.9", "rescore": "≤ 0.05", "resume": "≤ 1.5",
-                       "labels": "≥ 0.7"}
+                       "labels": "≥ 0.7", "writer": "≥ 1.7"}
     resume = [r for r in by_study["resume"] if r["target"]]
     assert [r["name"].split(" stopped at step ")[1].split(":")[0] for r in resume] == ["3", "12"]
 
     text = md.read_text()
     assert "| study | measurement | value |" in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8.", "## 9."):
+    for heading in (*(f"## {i}." for i in range(1, 10)), "## 10."):
         assert heading in text
     for row in data["rows"]:
         assert row["name"].replace("|", "\\|") in text
+
+
+def test_bench__tiny_writer_and_fp8_studies_report_every_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
+    """Study 10 (writer alone, d_model 2304) and study 3 (fp8 through the store path) at --size tiny."""
+    from bench.__main__ import main
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "tiny-gemma").symlink_to(tiny_gemma_dir)
+    md, js = tmp_path / "results.md", tmp_path / "results.json"
+    main(["--size", "tiny", "--studies", "writer,fp8", "--out", str(md), "--json-out", str(js), "--work",
+          str(tmp_path / "work"), "--threads", "1"], standalone_mode=False)
+
+    data = json.loads(js.read_text())
+    assert {k: v["error"] for k, v in data["studies"].items()} == {"writer": None, "fp8": None}
+    rows = {r["name"]: r for r in data["rows"]}
+    assert all(r["value"] is not None for r in rows.values()), rows
+    assert rows["writer 2 ÷ 1 threads, tokens/s"]["target"] == "≥ 1.7"
+    writer = data["studies"]["writer"]["details"]
+    assert writer["d_model"] == 2304 and writer["identical_across_threads"] is True
+    assert {"threads=1", "threads=2", "raw file writes"} <= set(writer["best_seconds"])
+    assert all(v > 0 for v in writer["tokens_per_cpu_second"].values())
+    stores = data["studies"]["fp8"]["details"]["stores"]
+    assert stores["float8_e4m3"]["lossy"] is True and stores["bfloat16"]["lossy"] is False
+    assert stores["float32"]["fvu_vs_exact"] == 0.0 < stores["bfloat16"]["fvu_vs_exact"]
+    assert stores["bfloat16"]["fvu_vs_exact"] < stores["float8_e4m3"]["fvu_vs_exact"] < 0.05
+    assert stores["float8_e4m3"]["disk_bytes_per_token"] < stores["bfloat16"]["disk_bytes_per_token"]
+    assert set(data["studies"]["fp8"]["details"]["sae"]["fvu"]) == {"bfloat16", "float8_e4m3"}
+    text = md.read_text()
+    assert "## 3." in text and "## 10." in text
+
+
+def test_gpu_sh__without_cuda_one_line_and_exit_2(tmp_path: Path) -> None:
+    """bench/gpu.sh with no CUDA device (hidden from torch, also on a GPU machine): exactly one error line,
+    exit 2, no result file."""
+    import os
+    import subprocess
+
+    out = tmp_path / "results-gpu.md"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: bench/gpu.sh needs a CUDA device"), proc.stderr
+    assert not out.exists() and proc.stdout == ""
+
+
+def test_gpu_sh__smoke_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
+    """--smoke runs every phase of bench/gpu.py on the CPU at tiny widths (the script itself is tested)."""
+    from bench.gpu import main
+
+    out = tmp_path / "gpu.md"
+    assert main(["--smoke", "--tokens", "1024", "--seq", "64", "--batch", "8", "--chunk", "64", "--shard",
+                 "256", "--writer-shards", "2", "--d-sae", "64", "--k", "4", "--train-batch", "32",
+                 "--warmup", "1", "--steps", "1", "--reps", "1", "--out", str(out),
+                 "--work", str(tmp_path / "work")]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["finished"] and data["smoke"] and data["n_tokens"] == 1024
+    assert data["build"]["build_tok_s"] > 0 and data["training"]["store_steps_s"] > 0
+    assert set(data["writer"]["threads"]) >= {"1"}
+    has_saelens = importlib.util.find_spec("sae_lens") is not None
+    assert ("skipped" in data["saelens"]) != has_saelens
+    text = out.read_text()
+    assert "these numbers mean nothing" in text and "not reached" not in text
 
 
 def test_bench__tiny_labels_study_scores_rules_on_both_halves(tmp_path: Path) -> None:

@@ -77,7 +77,8 @@ def test_load_manifest__model_shorthand_and_name_default(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("dtype, expected", [("bf16", "bfloat16"), ("fp16", "float16"),
-                                             ("float32", "float32"), ("FP32", "float32")])
+                                             ("float32", "float32"), ("FP32", "float32"),
+                                             ("fp8", "float8_e4m3"), ("float8_e4m3", "float8_e4m3")])
 def test_load_manifest__dtype_aliases(tmp_path: Path, dtype: str, expected: str) -> None:
     m = load_manifest(_write(tmp_path, _with(storage={**BASE["storage"], "dtype": dtype})))
     assert m.storage.dtype == expected
@@ -144,13 +145,15 @@ def test_load_manifest__wrong_type(tmp_path: Path, data: dict, key: str) -> None
 
 
 @pytest.mark.parametrize("data, key, words", [
-    (_with(storage={"dtype": "fp8"}), "storage.dtype", "unknown dtype"),
+    (_with(storage={"dtype": "fp4"}), "storage.dtype", "unknown dtype"),
     (_with(storage={"dtype": 16}), "storage.dtype", "unknown dtype"),
     (_with(storage={"chunk_tokens": 16, "shard_tokens": 40}), "storage.shard_tokens", "multiple of chunk"),
     (_with(storage={"chunk_tokens": 64, "shard_tokens": 16}), "storage.shard_tokens", "multiple of chunk"),
     (_with(storage={"codec": "gzip"}), "storage.codec", "unknown codec"),
     (_with(storage={"shuffle": "bytes"}), "storage.shuffle", "unknown shuffle"),
     (_with(model={"id": "a", "compute_dtype": "int8"}), "model.compute_dtype", "unknown dtype"),
+    (_with(model={"id": "a", "compute_dtype": "fp8"}), "model.compute_dtype", "unknown dtype"),  # storage
+    (_with(storage={"writer_threads": 0}), "storage.writer_threads", "at least 1"),
     (_with(layers=[1, 1]), "layers", "distinct"),
     (_with(layers=[-1]), "layers", "non-negative"),
     (_with(max_seq_len=1), "max_seq_len", "at least 2"),
@@ -231,7 +234,7 @@ def test_load_manifest__codec_keys_nest_in_storage_compression(tmp_path: Path) -
 def test_load_manifest__storage_keys_stay_flat(tmp_path: Path) -> None:
     msg = _error(tmp_path, _with(storage={"compression": {"codec": "zstd"}}))
     assert ": storage.compression: unknown key (expected one of chunk_tokens, clevel, codec, dtype, " \
-           "shard_tokens, shuffle)" in msg
+           "shard_tokens, shuffle, writer_threads)" in msg
     assert ": storage.clevel: expected an integer" in _error(tmp_path, _with(storage={"clevel": "3"}))
 
 

@@ -21,10 +21,15 @@ def store_info(path: str | Path) -> dict[str, Any]:
     done = store.array(schema.DONE_ARRAY)[:].astype(bool)
     # An unfinished store holds only its done shards: sizes and ratios count the rows actually written.
     rows_written = sum(hi - lo for lo, hi in map(store.layout.shard_bounds, np.flatnonzero(done).tolist()))
-    acts_raw = rows_written * d * itemsize * len(store.layers)
+    scaled = schema.is_scaled(store.dtype)
+    # a scaled (fp8) dtype's rows are codes plus a float32 scale each: both count as activation bytes
+    acts_raw = rows_written * (d * itemsize + (4 if scaled else 0)) * len(store.layers)
     loc = store.location
     acts_disk = sum(loc.nbytes(schema.acts_path(layer)) for layer in store.layers)
+    if scaled:
+        acts_disk += sum(loc.nbytes(schema.scales_path(layer)) for layer in store.layers)
     total_disk = loc.nbytes()
+    bf16_raw = rows_written * d * 2 * len(store.layers)
     info: dict[str, Any] = {
         "path": str(store.path),
         "status": store.status,
@@ -35,7 +40,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "hook_names": list(meta.hook_names),
         "d_model": d,
         "dtype": store.dtype,
-        "lossy": False,
+        "lossy": scaled,
         "compute_dtype": meta.compute_dtype,
         "codec": meta.codec,
         "n_tokens": n,
@@ -48,6 +53,10 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "activation_bytes_on_disk": acts_disk,
         "compression_ratio": round(acts_raw / acts_disk, 3) if acts_disk else None,
         "bytes_per_token": round(total_disk / rows_written, 1) if rows_written else None,
+        # what the activations take beside raw (uncompressed) bf16 rows, the default dtype's size before its
+        # codec (bf16 itself compresses ~1.3x: bench study 3 compares the two stores on disk)
+        "activation_bytes_bf16_raw": bf16_raw,
+        "bytes_saved_vs_bf16_raw": round(1 - acts_disk / bf16_raw, 4) if bf16_raw and acts_disk else None,
         "tokenizer_fingerprint": meta.tokenizer_fingerprint,
         "manifest_hash": meta.manifest_hash,
         "dataset_revisions": meta.dataset_revisions,
@@ -80,6 +89,10 @@ def format_info(info: dict[str, Any]) -> str:
              f"disk         {info['bytes_on_disk']:,} bytes ({info['bytes_per_token']} B/token); activations "
              f"{info['activation_bytes_on_disk']:,} of {info['activation_bytes_raw']:,} raw "
              f"(ratio {info['compression_ratio']}, codec {info['codec']})"]
+    if info["lossy"] and info["bytes_saved_vs_bf16_raw"] is not None:
+        lines.append(f"lossy        {info['dtype']}: rows are codes x a per-row scale; activations take "
+                     f"{info['bytes_saved_vs_bf16_raw']:.1%} fewer bytes than raw bf16 "
+                     f"({info['activation_bytes_bf16_raw']:,} bytes)")
     for tier, t in info.get("tiers", {}).items():
         hz = " (hazard class)" if tier in (info.get("hazard_tiers") or []) else ""
         lines.append(f"tier         {tier}{hz}: {t['docs']} docs, {t['tokens']:,} tokens")

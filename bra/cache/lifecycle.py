@@ -63,8 +63,11 @@ def check_existing(path: Path | str | StoreLocation, new: schema.StoreAttrs) -> 
                                  f"{now!r}); pass --overwrite to rebuild it or choose another output")
     if old.manifest_hash != new.manifest_hash:
         diff = _differing_keys(old.manifest or {}, new.manifest or {}) or ["input files"]
+        # a dtype change is named outright: resuming would mix rows of two dtypes (fp8 codes with bf16 bits)
+        dtypes = f"; it holds {old.dtype} rows, the manifest asks for {new.dtype}" if old.dtype != new.dtype \
+            else ""
         raise StoreMismatchError(
-            f"store {path} was built from a different manifest (differs in: {', '.join(diff[:6])}); "
+            f"store {path} was built from a different manifest (differs in: {', '.join(diff[:6])}){dtypes}; "
             f"pass --overwrite to rebuild it or choose another --store"
         )
     for what, was, now in (("tokenizer fingerprint", old.tokenizer_fingerprint, new.tokenizer_fingerprint),

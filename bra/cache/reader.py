@@ -153,9 +153,13 @@ class RowStream:
                 self._loading.pop(shard).set()
 
     def _read_labels(self, shard: int) -> tuple[np.ndarray, ...]:
+        """``LABEL_COLUMNS`` of a shard, and for a scaled (fp8) store the layer's per-row scales (4 bytes a
+        token, cached with the labels: a chunk's rows then need one read)."""
         lo, hi = self.layout.shard_bounds(shard)
         # read_rows turns a corrupt chunk into a StoreError naming it
-        return tuple(self.store.read_rows(name, lo, hi) for name in LABEL_COLUMNS)
+        cols = tuple(self.store.read_rows(name, lo, hi) for name in LABEL_COLUMNS)
+        scales = self.store.read_scales(self.cfg.layer, lo, hi)
+        return cols if scales is None else (*cols, scales)
 
     def _read_chunk(self, chunk: int,
                     with_acts: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
@@ -163,7 +167,7 @@ class RowStream:
         stop = min(start + self.layout.chunk_tokens, self.layout.n_tokens)
         shard = start // self.layout.shard_tokens
         offset = start - self.layout.shard_bounds(shard)[0]
-        mask, doc, tier = (c[offset:offset + stop - start] for c in self._shard_labels(shard))
+        mask, doc, tier, *scale = (c[offset:offset + stop - start] for c in self._shard_labels(shard))
         keep = ~mask
         g = self.store
         if self.doc_selected is not None:
@@ -173,8 +177,8 @@ class RowStream:
         rows = np.flatnonzero(keep)
         acts = None
         if with_acts and len(rows):
-            acts = schema.from_storage(g.read_rows(schema.acts_path(self.cfg.layer), start, stop)[rows],
-                                       self.store.dtype)
+            raw = g.read_rows(schema.acts_path(self.cfg.layer), start, stop)[rows]
+            acts = schema.decode_rows(raw, self.store.dtype, scale[0][rows] if scale else None)
         return rows + start, acts, tier[rows], doc[rows]
 
     def count_rows(self) -> int:

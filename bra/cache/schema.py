@@ -5,6 +5,8 @@ Layout of a store (a Zarr v3 group; every reader and writer goes through this mo
     STORE/
       zarr.json                  group attrs: provenance (StoreAttrs), status, statistics, digests
       acts/layer_<L>             [n_tokens, d_model] residual stream after block L, storage dtype
+      scales/layer_<L>           [n_tokens] float32 per-row scale of a scaled dtype (fp8 stores only):
+                                 a row reads back as its codes x its scale
       token_id, doc_index, position, tier, segment, mask     [n_tokens] per-token columns
       shards/done                [n_shards] uint8, 1 once the shard's rows are all written
       shards/crc32               [n_shards, n_columns] CRC32 of each column's raw bytes in the shard
@@ -39,6 +41,7 @@ from bra.vocab import SEGMENT_COMPLETION, SEGMENT_DOCUMENT, SEGMENT_NAMES, SEGME
 SCHEMA_VERSION = 1
 
 ACTS_GROUP = "acts"
+SCALES_GROUP = "scales"  # stores of a scaled (lossy) dtype only: one float32 scale per row and layer
 SHARDS_GROUP = "shards"
 DONE_ARRAY = "shards/done"
 CRC_ARRAY = "shards/crc32"
@@ -79,7 +82,7 @@ ATTR_MODEL_REVISION = "model_revision"
 ATTR_LAYERS = "layers"
 ATTR_HOOK_NAMES = "hook_names"
 ATTR_D_MODEL = "d_model"
-ATTR_DTYPE = "dtype"  # logical storage dtype: float32, float16, bfloat16
+ATTR_DTYPE = "dtype"  # logical storage dtype: float32, float16, bfloat16, float8_e4m3
 ATTR_COMPUTE_DTYPE = "compute_dtype"
 ATTR_TOKENIZER_FP = "tokenizer_fingerprint"
 ATTR_MANIFEST_HASH = "manifest_hash"
@@ -107,10 +110,19 @@ REQUIRED_ATTRS = (
     ATTR_SHARD_TOKENS, ATTR_CHUNK_TOKENS,
 )
 
-# logical storage dtype -> numpy dtype on disk. Zarr has no bfloat16: it is stored as its bit pattern.
-STORAGE_DTYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+# logical storage dtype -> numpy dtype on disk. Zarr has no bfloat16 and no fp8: they are stored as their bit
+# patterns (uint16, uint8).
+STORAGE_DTYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "uint16",
+                                  "float8_e4m3": "uint8"}
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+"""The dtypes a forward pass may run in (``model.compute_dtype``); fp8 is a storage dtype only."""
+SCALED_DTYPES = frozenset({"float8_e4m3"})
+"""Storage dtypes kept as codes plus one float32 scale per row (``scales/layer_<L>``): lossy, opt-in."""
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
-                 "bf16": "bfloat16"}
+                 "bf16": "bfloat16", "fp8": "float8_e4m3", "e4m3": "float8_e4m3", "fp8_e4m3": "float8_e4m3",
+                 "float8_e4m3fn": "float8_e4m3"}
+E4M3_MAX = 448.0
+"""Largest finite float8 e4m3fn value (``ml_dtypes.finfo(float8_e4m3fn).max``): a row's absmax maps to it."""
 
 DOC_COLUMNS = ("doc_index", "doc_id", "tier", "tier_code", "corpus", "source", "n_tokens", "token_offset",
                "n_windows", "n_text_tokens")
@@ -132,16 +144,40 @@ JUDGE_COLUMNS = (JUDGE_VOTES, CONSENSUS_LABEL, CONSENSUS_PROBS, DISAGREEMENT, NE
 
 
 def canonical_dtype(name: str) -> str:
-    """Map a user spelling (bf16, fp16, float32, ...) to the logical dtype name, or raise ValueError."""
+    """Map a user spelling (bf16, fp16, float32, ...) of a compute dtype to its name, or raise ValueError."""
+    name = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (expected one of {', '.join(COMPUTE_DTYPES)})")
+    return name
+
+
+def canonical_storage_dtype(name: str) -> str:
+    """Map a user spelling (bf16, fp8, float32, ...) of a storage dtype to its logical name, or raise
+    ValueError."""
     name = DTYPE_ALIASES.get(name.lower(), name.lower())
     if name not in STORAGE_DTYPES:
         raise ValueError(f"unknown dtype {name!r} (expected one of {', '.join(STORAGE_DTYPES)})")
     return name
 
 
+def is_scaled(dtype: str) -> bool:
+    """Whether rows of logical ``dtype`` are stored as codes with a per-row scale (and are lossy)."""
+    return dtype in SCALED_DTYPES
+
+
 def acts_path(layer: int) -> str:
     """Array path of the activations of one hooked layer."""
     return f"{ACTS_GROUP}/layer_{layer}"
+
+
+def scales_path(layer: int) -> str:
+    """Array path of the per-row scales of one hooked layer (stores of a scaled dtype only)."""
+    return f"{SCALES_GROUP}/layer_{layer}"
+
+
+def layer_of(path: str) -> int:
+    """The layer of an ``acts/layer_<L>`` or ``scales/layer_<L>`` path."""
+    return int(path.rsplit("_", 1)[1])
 
 
 def stats_path(layer: int, field: str) -> str:
@@ -154,9 +190,11 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def column_names(layers: list[int]) -> list[str]:
-    """Names whose per-shard CRC32 is stored, in CRC_ARRAY's column order."""
-    return list(TOKEN_COLUMNS) + [acts_path(layer) for layer in layers]
+def column_names(layers: list[int], dtype: str | None = None) -> list[str]:
+    """Names whose per-shard CRC32 is stored, in CRC_ARRAY's column order (a scaled ``dtype``'s scale arrays
+    come last, so stores of the other dtypes keep the columns they always had)."""
+    scales = [scales_path(layer) for layer in layers] if dtype is not None and is_scaled(dtype) else []
+    return list(TOKEN_COLUMNS) + [acts_path(layer) for layer in layers] + scales
 
 
 def crc32(array: np.ndarray) -> int:
@@ -165,7 +203,10 @@ def crc32(array: np.ndarray) -> int:
 
 
 def to_storage(acts_f32: np.ndarray, dtype: str) -> np.ndarray:
-    """Convert float32 activations to the on-disk representation of logical ``dtype``."""
+    """Convert float32 activations to the on-disk representation of logical ``dtype`` (not a scaled dtype:
+    use ``encode_rows``)."""
+    if is_scaled(dtype):
+        raise ValueError(f"{dtype} rows need their scales: use encode_rows")
     if dtype == "float32":
         return np.ascontiguousarray(acts_f32, dtype=np.float32)
     if dtype == "float16":
@@ -177,10 +218,46 @@ def to_storage(acts_f32: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Decode on-disk activations of logical ``dtype`` to float32."""
+    """Decode on-disk activations of logical ``dtype`` to float32 (a scaled dtype: ``decode_rows``)."""
+    if is_scaled(dtype):
+        raise ValueError(f"{dtype} rows need their scales: use decode_rows")
     if dtype == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32, copy=False)
+
+
+def encode_rows(acts_f32: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(on-disk rows, per-row float32 scales or None) of float32 activations [n, d] in logical ``dtype``.
+
+    fp8 e4m3: each row is divided by its scale ``absmax / 448`` (1 for an all-zero row) and rounded to
+    nearest even (``ml_dtypes.float8_e4m3fn``), so its largest value lands on fp8's largest. One scale per
+    row, not per chunk: bench study 3 measured a per-chunk scale at 7x the per-row FVU, because a chunk's
+    absmax is set by its attention-sink rows. A row holding NaN/inf gets a non-finite scale, which verify
+    names.
+    """
+    if not is_scaled(dtype):
+        return to_storage(acts_f32, dtype), None
+    import ml_dtypes
+
+    x = np.asarray(acts_f32, dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        absmax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
+        scale = np.where(absmax > 0, absmax / np.float32(E4M3_MAX), np.float32(1)).astype(np.float32)
+        scale[~np.isfinite(absmax)] = absmax[~np.isfinite(absmax)]
+        q = np.clip(x / scale[:, None], -E4M3_MAX, E4M3_MAX)  # x / (absmax / 448) may round just above 448
+    return q.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), scale
+
+
+def decode_rows(raw: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
+    """Float32 rows from on-disk ``raw`` rows of logical ``dtype`` (and their scales, for a scaled dtype):
+    for fp8, codes x scale."""
+    if not is_scaled(dtype):
+        return from_storage(raw, dtype)
+    if scale is None or len(scale) != len(raw):
+        raise ValueError(f"{dtype} rows need one scale each")
+    import ml_dtypes
+
+    return raw.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale.astype(np.float32)[:, None]
 
 
 @dataclass(frozen=True)
@@ -254,7 +331,8 @@ class StoreAttrs:
     d_model: int
     """Width of the residual stream."""
     dtype: str
-    """Logical storage dtype of the activations: float32, float16 or bfloat16."""
+    """Logical storage dtype of the activations: float32, float16, bfloat16 or float8_e4m3 (lossy: codes plus
+    a per-row scale in ``scales/layer_<L>``)."""
     compute_dtype: str | None = None
     """Dtype the forward pass ran in (float32, bfloat16, ...)."""
     tokenizer_fingerprint: str

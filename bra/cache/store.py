@@ -102,9 +102,16 @@ class Store:
         return self.array(schema.acts_path(layer))
 
     def read_acts(self, layer: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a layer's activations, decoded to float32."""
+        """Rows [start, stop) of a layer's activations as float32 (fp8 rows: codes x their scales)."""
         self.acts(layer)  # refuses a layer the store lacks
-        return schema.from_storage(self.read_rows(schema.acts_path(layer), start, stop), self.dtype)
+        raw = self.read_rows(schema.acts_path(layer), start, stop)
+        return schema.decode_rows(raw, self.dtype, self.read_scales(layer, start, stop))
+
+    def read_scales(self, layer: int, start: int, stop: int) -> np.ndarray | None:
+        """Per-row scales [start, stop) of a layer of a scaled (fp8) store; None for the other dtypes."""
+        if not schema.is_scaled(self.dtype):
+            return None
+        return self.read_rows(schema.scales_path(layer), start, stop)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one token-axis array, raw. A chunk that fails its CRC32C (or that no
@@ -120,9 +127,11 @@ class Store:
             lo, hi = bad
             raise StoreError(f"corrupt chunk in {name} rows {lo}..{hi - 1} ({self._shard_of(lo)}) of "
                              f"{self.path}; run `bra-cache verify {self.path}`") from None
-        if name.startswith(f"{schema.ACTS_GROUP}/") and self.location.is_local and arr.shards is not None:
+        if name.startswith((f"{schema.ACTS_GROUP}/", f"{schema.SCALES_GROUP}/")) and self.location.is_local \
+                and arr.shards is not None:
             # A missing shard file reads back as fill values (zeros) without any error; activations are never
-            # all zero, so the file's absence is damage. Token columns can legitimately be all zero.
+            # all zero (nor is a scale), so the file's absence is damage. Token columns can legitimately be
+            # all zero.
             rows = arr.shards[0]
             for shard in range(start // rows, -(-stop // rows)):
                 key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))

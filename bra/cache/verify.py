@@ -35,9 +35,10 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
         problems.append(f"shard {s}: not written")
     crcs = store.array(schema.CRC_ARRAY)[:]
     moments = {layer: Moments.empty(store.d_model) for layer in store.layers}
+    scaled = schema.is_scaled(store.dtype)
     for shard in tqdm(range(layout.n_shards), desc="verify", unit="shard", leave=False):
         start, stop = layout.shard_bounds(shard)
-        mask = None
+        read: dict[str, np.ndarray] = {}
         for j, name in enumerate(columns):
             try:
                 data = store.array(name)[start:stop]
@@ -49,13 +50,30 @@ def _check_shards(store: Store, columns: list[str], deep: bool) -> tuple[list[st
             if schema.crc32(data) != int(crcs[shard, j]):
                 gone = _missing_file(store, name, shard)
                 problems.append(f"shard {shard}: {name}: checksum mismatch{gone} (rows {start}..{stop - 1})")
-            if name == "mask":
-                mask = data
-            elif deep and name.startswith(schema.ACTS_GROUP) and mask is not None:
-                layer = int(name.rsplit("_", 1)[1])
-                moments[layer] = moments[layer].merge(
-                    Moments.of(schema.from_storage(data[~mask], store.dtype)))
+            if name.startswith(f"{schema.SCALES_GROUP}/"):
+                problems += _check_scales(name, data, shard, start)
+            read[name] = data
+        mask = read.get("mask")
+        if not deep or mask is None:
+            continue
+        for layer in store.layers:
+            raw = read.get(schema.acts_path(layer))
+            scale = read.get(schema.scales_path(layer)) if scaled else None
+            if raw is None or (scaled and scale is None):
+                continue
+            moments[layer] = moments[layer].merge(Moments.of_stored(raw, ~mask, store.dtype, scale))
     return problems, moments
+
+
+def _check_scales(name: str, scale: np.ndarray, shard: int, start: int) -> list[str]:
+    """A per-row scale must be finite and positive (an all-zero row is stored with scale 1): name the first
+    row that is not, and how many are not."""
+    bad = ~(np.isfinite(scale) & (scale > 0))
+    if not bad.any():
+        return []
+    first = int(np.flatnonzero(bad)[0])
+    return [f"shard {shard}: {name}: row {start + first} has scale {float(scale[first])!r} (zero or not "
+            f"finite; {int(bad.sum())} such row(s) in the shard)"]
 
 
 def _missing_file(store: Store, name: str, shard: int) -> str:
@@ -144,7 +162,7 @@ def verify_store(path: str | Path, deep: bool = True) -> list[str]:
     if schema.missing_attrs(store.attrs):
         return problems
     try:  # edited attrs can make the geometry meaningless; report instead of crashing
-        columns, layout = schema.column_names(store.layers), store.layout
+        columns, layout = schema.column_names(store.layers, store.dtype), store.layout
     except (StoreError, ValueError) as exc:
         return problems + [f"attrs: layers/sizes unusable ({exc})"]
     expected_rows = {name: store.n_tokens for name in columns}

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from bra.cache import schema
+from bra.cache import parallel, schema
 from bra.cache.location import StoreLocation
 from bra.cache.stats import Moments
 from bra.errors import StoreError
@@ -90,7 +91,8 @@ class StoreWriter:
         self.layers: list[int] = list(self.meta.layers)
         self.dtype: str = self.meta.dtype
         self.layout = self.meta.layout
-        self.columns = schema.column_names(self.layers)
+        self.columns = schema.column_names(self.layers, self.dtype)
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, path: Path | str | StoreLocation, attrs: schema.StoreAttrs) -> StoreWriter:
@@ -143,34 +145,61 @@ class StoreWriter:
         return self._array(schema.DONE_ARRAY)[:].astype(bool)
 
     def write_shard(self, shard: int, columns: dict[str, np.ndarray], acts: dict[int, np.ndarray],
-                    rank: int = 0) -> None:
-        """Write one whole shard: data, then checksums, statistics and writer rank, then its done flag."""
+                    rank: int = 0, scales: dict[int, np.ndarray] | None = None) -> None:
+        """Write one whole shard: data, then checksums, statistics and writer rank, then its done flag.
+
+        ``acts`` holds each layer's rows in the on-disk dtype (``schema.encode_rows``); a scaled dtype (fp8)
+        also needs each layer's per-row ``scales``. Threads may write different shards at once
+        (`bra.cache.parallel.ShardWriterPool`): nothing here is shared between two shards.
+        """
         start, stop = self.layout.shard_bounds(shard)
         n = stop - start
+        scaled = schema.is_scaled(self.dtype)
+        if scaled and (scales is None or set(scales) != set(self.layers)):
+            raise ValueError(f"a {self.dtype} store needs the per-row scales of every layer")
         try:
             crcs = []
             for name in schema.TOKEN_COLUMNS:
                 data = columns[name]
                 assert data.shape[0] == n, (name, data.shape, n)
-                self._array(name)[start:stop] = data
+                self._set(name, start, stop, data)
                 crcs.append(schema.crc32(data))
             keep = ~columns["mask"]
             for layer in self.layers:
                 data = acts[layer]
                 assert data.shape == (n, self.layout.d_model)
-                self._array(schema.acts_path(layer))[start:stop] = data
+                self._set(schema.acts_path(layer), start, stop, data)
                 crcs.append(schema.crc32(data))
-                m = Moments.of(schema.from_storage(data[keep], self.dtype))
-                self._array(schema.stats_path(layer, "count"))[shard] = m.count
-                self._array(schema.stats_path(layer, "sumsq"))[shard] = m.sumsq
-                self._array(schema.stats_path(layer, "mean"))[shard] = m.mean
-                self._array(schema.stats_path(layer, "m2"))[shard] = m.m2
-            self._array(schema.CRC_ARRAY)[shard] = np.asarray(crcs, dtype=np.uint32)
+                scale = None
+                if scales is not None and scaled:
+                    scale = np.ascontiguousarray(scales[layer], dtype=np.float32)
+                    assert scale.shape == (n,), (layer, scale.shape, n)
+                    self._set(schema.scales_path(layer), start, stop, scale)
+                m = Moments.of_stored(data, keep, self.dtype, scale)
+                self._set(schema.stats_path(layer, "count"), shard, shard + 1, np.asarray([m.count]))
+                self._set(schema.stats_path(layer, "sumsq"), shard, shard + 1, np.asarray([m.sumsq]))
+                self._set(schema.stats_path(layer, "mean"), shard, shard + 1, m.mean[None])
+                self._set(schema.stats_path(layer, "m2"), shard, shard + 1, m.m2[None])
+            if scaled and scales is not None:
+                crcs += [schema.crc32(np.ascontiguousarray(scales[layer], dtype=np.float32))
+                         for layer in self.layers]
+            self._set(schema.CRC_ARRAY, shard, shard + 1, np.asarray([crcs], dtype=np.uint32))
             if self._has_rank_array:
-                self._array(schema.RANK_ARRAY)[shard] = rank
-            self._array(schema.DONE_ARRAY)[shard] = 1
+                self._set(schema.RANK_ARRAY, shard, shard + 1, np.asarray([rank], dtype=np.int16))
+            self._set(schema.DONE_ARRAY, shard, shard + 1, np.ones(1, dtype=np.uint8))
         except OSError as exc:
             raise _wrap_os_error(self.path, exc) from None
+
+    def _set(self, name: str, start: int, stop: int, data: np.ndarray) -> None:
+        """Rows [start, stop) of one array. On a thread of a `ShardWriterPool` writing a local store, through
+        that thread's own event loop (``bra.cache.parallel``), so several shards compress at once; else
+        through zarr's synchronous API (one event loop for the process)."""
+        arr = self._array(name)
+        loop = parallel.thread_loop() if self.location.is_local else None
+        if loop is None:
+            arr[start:stop] = data
+        else:
+            loop.run_until_complete(arr.async_array.setitem(slice(start, stop), data))
 
     @property
     def _has_rank_array(self) -> bool:
@@ -181,11 +210,15 @@ class StoreWriter:
     def _array(self, name: str) -> zarr.Array:
         """An array of the store, opened once (opening reads its metadata: a request on object stores)."""
         cache: dict[str, zarr.Array] = self.__dict__.setdefault("_arrays", {})
-        if name not in cache:
-            node = self.group[name]
-            assert isinstance(node, zarr.Array)
-            cache[name] = node
-        return cache[name]
+        node = cache.get(name)
+        if node is None:
+            with self._lock:  # writer threads share the cache
+                node = cache.get(name)
+                if node is None:
+                    node = self.group[name]
+                    assert isinstance(node, zarr.Array)
+                    cache[name] = node
+        return node
 
     def merged_moments(self, layer: int) -> Moments:
         """Merge the per-shard partials in shard order."""
@@ -259,10 +292,16 @@ def _create_arrays(group: zarr.Group, attrs: schema.StoreAttrs) -> None:
                            compressors=codec.compressors(np.dtype(disk).itemsize), fill_value=0,
                            dimension_names=("token", "d_model"),
                            attributes={"logical_dtype": dtype, "hook_name": schema.hook_name(layer)})
+    if schema.is_scaled(dtype):
+        for layer in layers:
+            group.create_array(schema.scales_path(layer), shape=(n,), dtype="float32", chunks=(c,),
+                               shards=(s,), compressors=codec.compressors(4), fill_value=0,
+                               dimension_names=("token",))
     k = layout.n_shards
     group.create_array(schema.DONE_ARRAY, shape=(k,), dtype="uint8", chunks=(1,), fill_value=0)
-    group.create_array(schema.CRC_ARRAY, shape=(k, len(schema.column_names(layers))), dtype="uint32",
-                       chunks=(1, len(schema.column_names(layers))), fill_value=0)
+    n_columns = len(schema.column_names(layers, dtype))
+    group.create_array(schema.CRC_ARRAY, shape=(k, n_columns), dtype="uint32", chunks=(1, n_columns),
+                       fill_value=0)
     group.create_array(schema.RANK_ARRAY, shape=(k,), dtype="int16", chunks=(1,), fill_value=-1)
     for layer in layers:
         for field, shape in (("count", (k,)), ("sumsq", (k,)), ("mean", (k, layout.d_model)),

@@ -30,9 +30,15 @@ def cli(verbose: int) -> None:
                    "VARIANT builds its own store, with the .zarr suffix replaced by .VARIANT.zarr "
                    "(default cache/<manifest name>.VARIANT.zarr).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --store and rebuild it.")
+@click.option("--writer-threads", type=click.IntRange(min=1), default=None,
+              help="Threads compressing and writing whole shards at once, per process (default: the "
+                   "manifest's storage.writer_threads, else the process's cores but one on a GPU, at most 4 "
+                   "on a CPU). Speed only: "
+                   "the store is the same for any count.")
 @NPROC_OPTION
 @click.pass_context
-def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrite: bool, nproc: int) -> None:
+def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrite: bool,
+          writer_threads: int | None, nproc: int) -> None:
     """Build (or resume) the store described by MANIFEST. Re-running on a finished store does nothing.
     Under torchrun every process builds its share of the shards.
 
@@ -46,7 +52,8 @@ def build(ctx: click.Context, manifest: Path, store: Path | str | None, overwrit
 
     relaunch_under_torchrun(ctx, "bra.cli.cache", nproc)
     with process_group() as dist:
-        results = build_stores(load_manifest(manifest), store, overwrite=overwrite, dist=dist)
+        results = build_stores(load_manifest(manifest), store, overwrite=overwrite, dist=dist,
+                               writer_threads=writer_threads)
     if not dist.is_main:
         return
     for result in results:

@@ -23,9 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +35,13 @@ from tqdm.auto import tqdm
 from bra import __version__
 from bra.cache import lifecycle, schema
 from bra.cache.location import StoreLocation
+from bra.cache.parallel import default_writer_threads
 from bra.cache.writer import StoreWriter
 from bra.dist import SINGLE, Dist
 from bra.errors import CorpusError, ManifestError, StoreError
 from bra.pipeline.manifest import Manifest, file_digest, manifest_hash
 from bra.pipeline.model import (
     ResidualEdit,
-    capture_residuals,
     check_layers,
     config_int,
     editing_residual,
@@ -54,10 +52,10 @@ from bra.pipeline.model import (
     tokenizer_fingerprint,
 )
 from bra.pipeline.plan import TokenPlan, Window, plan_corpora
+from bra.pipeline.sink import ShardSink
+from bra.pipeline.staging import RowStager, StagedRows
 
 logger = logging.getLogger(__name__)
-
-_MAX_PENDING_SHARDS = 2  # shards queued for the writer thread before the forward loop waits
 
 
 @dataclass(frozen=True)
@@ -162,67 +160,21 @@ def window_columns(w: Window, tier: int, bos_id: int | None) -> dict[str, np.nda
     }
 
 
-class ShardAssembler:
-    """Collects rows arriving in store order into whole shards; drops rows of shards already done."""
-
-    def __init__(self, layout: schema.StoreLayout, layers: list[int], disk_dtype: str, todo: set[int]):
-        self.layout, self.layers, self.disk_dtype, self.todo = layout, layers, disk_dtype, todo
-        self._buf: dict[int, tuple[dict[str, np.ndarray], dict[int, np.ndarray], list[int]]] = {}
-
-    def add(self, start: int, cols: dict[str, np.ndarray], acts: dict[int, np.ndarray]):
-        """Place rows [start, start+n) and return the shards this completed."""
-        n = len(cols["token_id"])
-        out = []
-        pos = start
-        while pos < start + n:
-            shard = pos // self.layout.shard_tokens
-            s0, s1 = self.layout.shard_bounds(shard)
-            take = min(s1, start + n) - pos
-            if shard in self.todo:
-                c, a, filled = self._buf.setdefault(shard, self._alloc(s1 - s0))
-                lo, hi = pos - s0, pos - s0 + take
-                for k, v in cols.items():
-                    c[k][lo:hi] = v[pos - start:pos - start + take]
-                for layer in self.layers:
-                    a[layer][lo:hi] = acts[layer][pos - start:pos - start + take]
-                filled[0] += take
-                if filled[0] == s1 - s0:
-                    out.append((shard, c, a))
-                    del self._buf[shard]
-            pos += take
-        return out
-
-    def _alloc(self, n: int):
-        cols = {k: np.zeros(n, dtype=dt) for k, dt in schema.TOKEN_COLUMNS.items()}
-        acts = {layer: np.zeros((n, self.layout.d_model), dtype=self.disk_dtype) for layer in self.layers}
-        return cols, acts, [0]
-
-
 def _batches(plan: TokenPlan, batch_size: int, offsets: np.ndarray):
     for b in range(0, len(plan.windows), batch_size):
         yield (b, plan.windows[b:b + batch_size], int(offsets[b]),
                int(offsets[min(b + batch_size, len(plan.windows))]))
 
 
-def forward_batch(model: Any, windows: list[Window], layers: list[int], device: torch.device,
-                   pad_id: int) -> dict[int, np.ndarray]:
-    """Right-padded forward; returns per layer the valid rows [sum T_i, d] in window order (float32)."""
-    t_max = max(len(w.ids) for w in windows)
-    ids = torch.full((len(windows), t_max), pad_id, dtype=torch.long)
-    att = torch.zeros((len(windows), t_max), dtype=torch.long)
-    for i, w in enumerate(windows):
-        ids[i, :len(w.ids)] = torch.from_numpy(w.ids.astype(np.int64))
-        att[i, :len(w.ids)] = 1
-    hidden = capture_residuals(model, ids.to(device), att.to(device), layers)
-    valid = att.bool().to(device)
-    return {layer: hidden[layer][valid].cpu().numpy() for layer in layers}
-
-
 def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[int], batch_size: int,
                device: torch.device, pad_id: int, bos_id: int | None, shards: Sequence[int] | None = None,
-               rank: int = 0) -> int:
+               rank: int = 0, writer_threads: int | None = None) -> int:
     """Compute and write every not-done shard of ``plan`` (of ``shards`` only, when given: the shards this
-    process owns); return the number of rows computed. ``rank`` is recorded per written shard."""
+    process owns); return the number of rows computed. ``rank`` is recorded per written shard.
+
+    Batch i+1's forward is started before batch i's rows are taken from the device (`RowStager`), and whole
+    shards are written by ``writer_threads`` threads (default `default_writer_threads`) while the forward
+    loop goes on."""
     layout = writer.layout
     todo = set(np.flatnonzero(~writer.done_shards()).tolist())
     if shards is not None:
@@ -230,27 +182,30 @@ def write_plan(writer: StoreWriter, plan: TokenPlan, model: Any, layers: list[in
     if not todo:
         return 0
     offsets = plan.offsets()
-    assembler = ShardAssembler(layout, layers, schema.STORAGE_DTYPES[writer.dtype], todo)
-    needed = [(b, ws, s, e) for b, ws, s, e in _batches(plan, batch_size, offsets)
+    needed = [(ws, s) for _, ws, s, e in _batches(plan, batch_size, offsets)
               if any(sh in todo
                      for sh in range(s // layout.shard_tokens, (e - 1) // layout.shard_tokens + 1))]
-    total = sum(e - s for _, _, s, e in needed)
-    pending: deque[Future[None]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bra-writer") as pool, \
+    total = sum(len(w.ids) for ws, _ in needed for w in ws)
+    stager = RowStager(device)
+    threads = writer_threads or default_writer_threads(accelerator=device.type != "cpu")
+    with ShardSink(writer, todo, threads, rank) as sink, \
             tqdm(total=total, unit="tok", unit_scale=True,
                  desc="build" if rank == 0 else f"build[rank {rank}]", dynamic_ncols=True) as bar:
-        for _, ws, start, _end in needed:
-            acts32 = forward_batch(model, ws, layers, device, pad_id)
+
+        def store(staged: StagedRows, ws: list[Window], start: int) -> None:
             cols_list = [window_columns(w, plan.tier_codes[w.doc_index], bos_id) for w in ws]
             cols = {k: np.concatenate([c[k] for c in cols_list]) for k in schema.TOKEN_COLUMNS}
-            acts = {layer: schema.to_storage(acts32[layer], writer.dtype) for layer in layers}
-            for shard, c, a in assembler.add(start, cols, acts):
-                pending.append(pool.submit(writer.write_shard, shard, c, a, rank))
-            while len(pending) > _MAX_PENDING_SHARDS or (pending and pending[0].done()):
-                pending.popleft().result()
+            sink.add(start, cols, staged.numpy())
             bar.update(len(cols["token_id"]))
-        while pending:
-            pending.popleft().result()
+
+        previous = None
+        for ws, start in needed:
+            staged = stager.forward(model, ws, layers, pad_id)  # on a GPU: queued, not yet computed
+            if previous is not None:
+                store(*previous)  # batch i's rows, while the device computes batch i+1
+            previous = (staged, ws, start)
+        if previous is not None:
+            store(*previous)
     return total
 
 
@@ -268,18 +223,21 @@ def load_build_model(manifest: Manifest, dist: Dist = SINGLE) -> LoadedModel:
 
 
 def build_stores(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
-                 dist: Dist = SINGLE, edit: ResidualEdit | None = None) -> list[BuildResult]:
+                 dist: Dist = SINGLE, edit: ResidualEdit | None = None,
+                 writer_threads: int | None = None) -> list[BuildResult]:
     """Build every store of ``manifest`` (``store_targets``): the one store of a manifest without variants
     (``build_store``, exactly as always), or one per generation variant, in manifest order.
 
     Variants whose store is complete are skipped before any model is loaded. Every other variant is checked
     against the tokenizer (template, system turn, window room) before the first store is written, so a bad
     variant leaves nothing half-written; the model is then loaded once for them all. ``edit``: every store
-    is generated under it (see the module doc).
+    is generated under it (see the module doc). ``writer_threads`` overrides the manifest's
+    ``storage.writer_threads``.
     """
     targets = store_targets(manifest, store)
     if not manifest.generation.variants:
-        results = [build_store(manifest, targets[0][1], overwrite, dist, edit=edit)]
+        results = [build_store(manifest, targets[0][1], overwrite, dist, edit=edit,
+                               writer_threads=writer_threads)]
     else:
         from bra.pipeline.evalbuild import preflight
 
@@ -290,7 +248,7 @@ def build_stores(manifest: Manifest, store: str | Path | None = None, overwrite:
             loaded = load_build_model(manifest, dist)
             for i, m in pending:
                 preflight(m, loaded.tokenizer, f"generation.variants[{i}]")
-        results = [build_store(m, path, overwrite, dist, loaded, edit) for m, path in targets]
+        results = [build_store(m, path, overwrite, dist, loaded, edit, writer_threads) for m, path in targets]
     _judge_new_stores(manifest, results, dist)
     return results
 
@@ -315,7 +273,7 @@ def _is_complete(manifest: Manifest, store: Path | str, dist: Dist, edit: Residu
 
 def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: bool = False,
                 dist: Dist = SINGLE, loaded: LoadedModel | None = None,
-                edit: ResidualEdit | None = None) -> BuildResult:
+                edit: ResidualEdit | None = None, writer_threads: int | None = None) -> BuildResult:
     """Run stage one for ``manifest`` (one store: a manifest without variants, or one variant's manifest):
     build, resume, or report an already complete store.
 
@@ -323,6 +281,8 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     this with its ``dist`` (``bra.dist.process_group``); alone, ``SINGLE``. ``loaded``: the model, when the
     caller has it already (``build_stores``); else it is loaded here, once the store is known not complete.
     ``edit``: generate and record the store under this residual edit (see the module doc).
+    ``writer_threads`` (else the manifest's ``storage.writer_threads``, else `default_writer_threads`) only
+    changes the speed: the store is the same for any count.
     """
     if manifest.generation.variants:
         raise ManifestError("generation.variants: a manifest with variants builds one store per variant; "
@@ -357,9 +317,11 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     computed, error = 0, None
     try:
         writer = StoreWriter.reopen(loc)
+        threads = (writer_threads or manifest.storage.writer_threads
+                   or default_writer_threads(dist.local_world, accelerator=device.type != "cpu"))
         with editing_residual(model, edit):
             computed = write_plan(writer, plan, model, layers, manifest.batch_size, device, pad_id,
-                                  tokenizer.bos_token_id, shards=mine, rank=dist.rank)
+                                  tokenizer.bos_token_id, shards=mine, rank=dist.rank, writer_threads=threads)
     except Exception as exc:  # every rank must learn of it, or the others wait at the next collective
         error = exc
     dist.check(error)

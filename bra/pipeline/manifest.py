@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from bra.cache.schema import canonical_dtype
+from bra.cache.schema import canonical_dtype, canonical_storage_dtype
 from bra.cache.writer import CodecSpec
 from bra.errors import ManifestError
 from bra.pipeline.judges import JudgeError, JudgeSpec, judge_spec_from_config
@@ -89,7 +89,9 @@ class StorageSpec:
     """How activations are laid out and compressed on disk."""
 
     dtype: str = "bfloat16"
-    """Storage dtype: bfloat16 (as uint16 bits), float16 or float32. Independent of compute dtype."""
+    """Storage dtype: bfloat16 (as uint16 bits), float16, float32, or the opt-in lossy float8_e4m3 (alias
+    fp8: one byte a value plus a float32 scale per row; `bra-cache info` says ``lossy``; costs in bench study
+    3). Independent of compute dtype."""
     compression: CodecSpec = field(default_factory=CodecSpec)
     """Compressor (YAML keys ``codec``, ``clevel`` and ``shuffle``, flat in ``storage``): blosc-zstd,
     blosc-lz4, zstd or none (numbers in bench/results.md); the default byte shuffle groups bf16's
@@ -99,10 +101,16 @@ class StorageSpec:
     """Rows per inner chunk."""
     shard_tokens: int = 16384
     """Rows per shard (a multiple of chunk_tokens)."""
+    writer_threads: int | None = None
+    """Threads compressing and writing whole shards at once, per build process (default: its cores but one
+    when the model runs on a GPU, else its cores, at most 4; `bra-cache build --writer-threads` overrides
+    it). Changes speed only, never the store: it is not part of the store's fingerprint. Bench study 10
+    gives the tokens per CPU-second one thread sustains, to size a GPU host."""
 
     def to_dict(self) -> dict[str, Any]:
         """The flat mapping the manifest's ``storage`` key holds (codec keys beside the others), as
-        manifests are written and store fingerprints (`Manifest.content_dict`) were always computed."""
+        manifests are written and store fingerprints (`Manifest.content_dict`) were always computed (the
+        writer thread count, which changes no byte of the store, is left out)."""
         return {"dtype": self.dtype, **dataclasses.asdict(self.compression),
                 "chunk_tokens": self.chunk_tokens, "shard_tokens": self.shard_tokens}
 
@@ -308,7 +316,7 @@ def _build_storage(data: Any, where: str, label: str) -> StorageSpec:
     if not isinstance(data, dict):
         return _build(StorageSpec, data, where, label)  # raises: expected a mapping
     codec_keys = {f.name for f in dataclasses.fields(CodecSpec)}
-    _check_keys(StorageSpec, data, where, label, set(StorageSpec().to_dict()))
+    _check_keys(StorageSpec, data, where, label, set(StorageSpec().to_dict()) | {"writer_threads"})
     codec = {k: v for k, v in data.items() if k in codec_keys}
     rest = {k: v for k, v in data.items() if k not in codec_keys}
     return _build(StorageSpec, {**rest, "compression": codec}, where, label,
@@ -369,6 +377,8 @@ def _validate(m: Manifest, where: str) -> None:
         bad("storage.codec", f"unknown codec {c.codec!r} (expected one of {', '.join(CODECS)})")
     if c.shuffle not in ("bitshuffle", "shuffle", "noshuffle"):
         bad("storage.shuffle", f"unknown shuffle {c.shuffle!r} (expected bitshuffle, shuffle or noshuffle)")
+    if s.writer_threads is not None and s.writer_threads < 1:
+        bad("storage.writer_threads", f"must be at least 1, got {s.writer_threads}")
     if s.chunk_tokens < 1 or s.shard_tokens < s.chunk_tokens or s.shard_tokens % s.chunk_tokens:
         bad("storage.shard_tokens", f"must be a positive multiple of chunk_tokens ({s.chunk_tokens})")
     if not m.corpora and not m.prompt_sets:
@@ -527,7 +537,7 @@ def load_manifest(path: str | Path) -> Manifest:
         "judges": judges,
     })
     try:
-        storage = dataclasses.replace(manifest.storage, dtype=canonical_dtype(manifest.storage.dtype))
+        storage = dataclasses.replace(manifest.storage, dtype=canonical_storage_dtype(manifest.storage.dtype))
     except ValueError as exc:
         raise ManifestError(f"{where}: storage.dtype: {exc}") from None
     manifest = dataclasses.replace(manifest, storage=storage, base_dir=str(p.resolve().parent))

@@ -1,0 +1,126 @@
+"""Whole shards written on several threads at once, so that compression keeps up with a GPU's forward pass.
+
+Zarr's synchronous API runs every codec from one event loop for the whole process. Its blosc calls go to
+worker threads, but the CRC32C codec, the sharding codec's assembly of a shard and the buffer copies run on
+that loop's single thread, so threads that write through it add little: 2 threads wrote 1.1x faster than
+1 in bench study 10. Here each writer thread runs its own event loop with one compressor thread, and writes
+whole shards (two writers in one shard would lose data, so a shard is never split between threads): N
+threads compress N shards at once. Only local stores use these loops. An fsspec filesystem (s3, memory) is
+bound to zarr's loop, so threads writing a remote store use the synchronous API (requests in flight at once,
+one loop).
+
+The rows a store holds do not depend on the thread count: every shard is written whole with the same codec,
+and statistics partials are kept per shard (merged in shard order at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_THREADS = 4
+"""When the forward pass runs on the CPU, the default writer thread count is this rank's cores, at most this
+many: the forward needs the cores, and a CPU forward produces rows far slower than one thread writes them
+(study 1: ~1,200 tok/s on 2 cores; study 10: ~14,000 tokens per CPU-second of one writer thread)."""
+
+_LOCAL = threading.local()
+_STOP = object()
+
+
+def thread_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop of the `ShardWriterPool` thread calling this, or None on any other thread."""
+    return getattr(_LOCAL, "loop", None)
+
+
+def default_writer_threads(local_world: int = 1, accelerator: bool = False) -> int:
+    """Writer threads of one build process when ``local_world`` processes share this machine's cores: on an
+    ``accelerator`` (the forward runs on a GPU) every core of this rank but one (which feeds the GPU and
+    encodes rows), since a GPU produces rows faster than several cores compress them (study 10); on a CPU
+    at most ``MAX_DEFAULT_THREADS``."""
+    from bra.dist import threads_per_rank  # bra.dist imports torch; `bra-cache info` never needs it
+
+    cores = threads_per_rank(local_world)
+    return max(1, cores - 1) if accelerator else max(1, min(MAX_DEFAULT_THREADS, cores))
+
+
+class ShardWriterPool:
+    """Runs shard writes (``submit(writer.write_shard, shard, ...)``) on ``threads`` threads, each with its
+    own event loop; at most ``queued`` writes wait for a thread (``submit`` blocks then: the forward loop
+    waits instead of buffering without bound). Use as a context manager: leaving it normally waits for every
+    write and raises the first error any write raised; leaving it with an exception drops the writes not
+    started.
+
+    A write that fails is re-raised in the submitting thread at its next ``submit`` or at the end (its type
+    kept, KeyboardInterrupt included); writes after it are not started.
+    """
+
+    def __init__(self, threads: int, queued: int | None = None, name: str = "bra-writer"):
+        if threads < 1:
+            raise ValueError(f"writer threads must be at least 1, got {threads}")
+        self.threads = threads
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queued if queued is not None else threads)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(threads)]
+        for w in self._workers:
+            w.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Queue one write (blocks while ``queued`` writes are waiting); raise a failed write's error."""
+        self._raise_error()
+        self._queue.put((fn, args, kwargs))
+
+    def close(self, abort: bool = False) -> None:
+        """Wait for the queued writes (or, with ``abort``, for the running ones only) and stop the threads;
+        raise the first error of a write unless aborting."""
+        if abort:
+            self._abort.set()
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        for w in self._workers:
+            w.join()
+        if not abort:
+            self._raise_error()
+
+    def __enter__(self) -> ShardWriterPool:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.close(abort=exc_type is not None)
+
+    def _raise_error(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error
+
+    def _work(self) -> None:
+        loop = asyncio.new_event_loop()
+        # one compressor thread per writer: blosc runs in the loop's default executor (asyncio.to_thread)
+        codec = ThreadPoolExecutor(1, thread_name_prefix=f"{threading.current_thread().name}-codec")
+        loop.set_default_executor(codec)
+        _LOCAL.loop = loop
+        try:
+            while (item := self._queue.get()) is not _STOP:
+                if self._abort.is_set() or self._error is not None:
+                    continue  # drain: nothing after a failure or an abort is started
+                fn, args, kwargs = item
+                try:
+                    fn(*args, **kwargs)
+                except BaseException as exc:  # re-raised in the submitting thread, whatever it is
+                    with self._lock:
+                        if self._error is None:
+                            self._error = exc
+        finally:
+            _LOCAL.loop = None
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
