@@ -27,3 +27,7 @@ class StoreMismatchError(StoreError):
 
 class SAEError(BraError):
     """An SAE checkpoint or training setting is invalid or does not match the store."""
+
+
+class OrganismError(BraError):
+    """A model organism cannot be built or used: bad recipe, missing provenance, trained on audit prompts."""
