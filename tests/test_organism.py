@@ -292,3 +292,23 @@ def test_bundled_recipe__smollm2_loads_and_names_existing_files() -> None:
     assert m.resolve(m.prompts).name == "organism-train.jsonl" and m.resolve(m.prompts).is_file()
     assert all(m.resolve(c.source.path or "").is_file() for c in m.forget + m.retain)
     assert isinstance(m.refusal.lr, float) and isinstance(m.rmu.lr, float)
+
+
+def test_probe_and_info__count_labels_per_tier_and_describe(built: tuple[Path, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from bra.cli.organism import main
+    from bra.organism.probe import label_counts, pick_prompts, probe_model
+    from bra.pipeline.prompts import load_eval_set
+
+    _, out = built
+    prompts = write_eval_set(tmp_path / "audit.jsonl")
+    assert Counter(p.tier for p in pick_prompts(load_eval_set(prompts), 2)) == {
+        "benign_bio": 2, "dual_use_bio": 2, "hazard_adjacent_category": 2}
+    results = probe_model(ModelSpec(id=str(out / "shallow")), prompts, per_tier=2, max_new_tokens=4)
+    counts = label_counts(results)
+    assert list(counts) == ["benign_bio", "dual_use_bio", "hazard_adjacent_category"]
+    assert all(sum(c.values()) == 2 for c in counts.values())
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(out / "deep")])
+    text = capsys.readouterr().out
+    assert info.value.code == 0 and "deep organism" in text and "residual is the base model's: False" in text
