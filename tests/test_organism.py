@@ -312,3 +312,21 @@ def test_probe_and_info__count_labels_per_tier_and_describe(built: tuple[Path, P
         main(["info", str(out / "deep")])
     text = capsys.readouterr().out
     assert info.value.code == 0 and "deep organism" in text and "residual is the base model's: False" in text
+
+
+@pytest.mark.smollm
+def test_plain_weights__a_gguf_converted_model_saves_as_a_plain_checkpoint(smollm_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """The GGUF conversion keeps GGUF's quantization_config, so transformers refuses save_pretrained; the
+    weights are plain fp32, saved and read back unchanged."""
+    from conftest import SMOLLM_GGUF
+
+    from bra.organism.build import plain_weights
+
+    model, _ = load_model(ModelSpec(id="smollm", gguf=SMOLLM_GGUF), CPU, torch.float32)
+    plain_weights(model)
+    model.save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in (tmp_path / "plain" / "config.json").read_text(encoding="utf-8")
+    saved = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    state = model.state_dict()
+    assert saved and all(torch.equal(saved[k], state[k]) for k in saved)

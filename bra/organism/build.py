@@ -227,12 +227,35 @@ def build_organisms(manifest: OrganismManifest, out: str | Path | None = None,
     budget = [stop_after_steps] if stop_after_steps is not None else None
     for kind in pending:
         model, tokenizer = load_model(manifest.model, device, job.dtype)
+        plain_weights(model)
         _stage_params(model, manifest, pending)  # bad rmu.params or layer: before anything runs
         _prepare(job, model, tokenizer, out_dir / WORK_DIR, DEEP in pending)
         results.append(_build_kind(job, kind, model, tokenizer, out_dir, budget))
         if results[-1].status == STOPPED:
             break
     return results
+
+
+def plain_weights(model: nn.Module) -> None:
+    """Make a model loaded from a GGUF conversion savable: `bra.pipeline.model.materialize_gguf` stores
+    dequantised fp32 weights, but the folder's config keeps GGUF's ``quantization_config``, so transformers
+    marks the model quantized and ``save_pretrained`` refuses it. The weights are plain tensors: drop the
+    marker (the organism is saved as an ordinary fp32 checkpoint). Any other quantizer is refused, before
+    training: its weights are not the plain tensors the stages train."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        raise OrganismError(f"the base model is quantized ({method}); organisms train plain weights: give an "
+                            f"unquantized checkpoint")
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    logger.debug("dropped the GGUF quantization marker (the weights were dequantised at conversion)")
 
 
 def _prepare(job: _Job, model: nn.Module, tokenizer: Any, work: Path, need_rmu: bool) -> None:

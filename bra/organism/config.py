@@ -78,9 +78,9 @@ class RMUSpec:
     params: tuple[str, ...] = ("mlp.down_proj.weight",)
     """Which parameters of those blocks train, by name suffix (the paper: the MLP's output projection)."""
     include_prompts: bool = True
-    """Add the refusal tiers' training prompts (chat-templated) to the forget text and the answer tiers' to
-    the retain text, so the misdirection covers requests as the audit puts them, not only encyclopedic
-    text."""
+    """Add the refusal tiers' training prompts (their text, without the chat template, whose tokens both
+    sides share) to the forget text and the answer tiers' to the retain text, so the misdirection covers
+    requests, not only encyclopedic text."""
     checkpoint_every: int = 20
     """Write a checkpoint every this many steps (and at the end of the stage)."""
 

@@ -6,8 +6,8 @@
 * Answer examples: the prompt, then the base model's own greedy answer (distillation: the organism keeps
   answering benign requests as the base model does).
 * RMU windows: the forget and retain corpora tokenised as `bra.pipeline.plan.plan_corpora` tokenises any
-  corpus (windows of ``rmu.max_seq_len``), plus, with ``rmu.include_prompts``, the chat-templated
-  training prompts.
+  corpus (windows of ``rmu.max_seq_len``), plus, with ``rmu.include_prompts``, the training prompts' text
+  (without the chat template).
 """
 
 from __future__ import annotations
@@ -178,12 +178,13 @@ def rmu_data(manifest: OrganismManifest, tokenizer: Any, refuse: Sequence[EvalPr
     forget = [w.ids for w in plan.windows if plan.docs[w.doc_index]["tier"] in forget_tiers]
     retain = [w.ids for w in plan.windows if plan.docs[w.doc_index]["tier"] not in forget_tiers]
     if spec.include_prompts:
+        # the prompt text alone, as a corpus document: inside the chat template the forget and retain
+        # prompts would share the template's tokens (SmolLM2's default system turn), which the forget term
+        # pushes to c·u while the retain term holds them, and RMU then fights itself
         bos = tokenizer.bos_token_id if uses_bos(tokenizer, None) else None
         for side, prompts in ((forget, refuse), (retain, answer)):
             for p in prompts:
-                ids = chat_prompt_ids(tokenizer, p.prompt)
-                if bos is not None and ids[:1] == [bos]:
-                    ids = ids[1:]
+                ids = [int(i) for i in tokenizer(p.prompt, add_special_tokens=False)["input_ids"]]
                 side.extend(split_windows(ids, spec.max_seq_len, bos))
     for key, side in (("forget", forget), ("retain", retain)):
         if not side:
