@@ -31,3 +31,7 @@ class SAEError(BraError):
 
 class EditError(BraError):
     """A residual edit (`bra-sae intervene`) is malformed or does not fit the model, SAE or catalog."""
+
+
+class OrganismError(BraError):
+    """A model organism cannot be built or used: bad recipe, missing provenance, trained on audit prompts."""

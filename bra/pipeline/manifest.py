@@ -311,6 +311,25 @@ def _build(cls: type, data: Any, where: str, label: str, nested: dict[str, Any] 
         raise ManifestError(f"{where}: {key}: required key missing") from exc
 
 
+def parse_section(cls: type, data: Any, where: str, label: str,
+                  nested: dict[str, Callable[[Any, str], Any]] | None = None) -> Any:
+    """Build the frozen dataclass ``cls`` from a YAML mapping the way manifests are read (unknown keys,
+    wrong types and missing keys are one-line ``ManifestError`` s naming ``label`` + key); ``nested`` maps a
+    key to its own parser ``(value, key label) -> value``. For other stages' YAML files (organisms)."""
+    return _build(cls, data, where, label, nested)
+
+
+def parse_corpora(value: Any, where: str, label: str) -> tuple[CorpusSpec, ...]:
+    """A list of corpora (``corpora:`` of a manifest, or any key holding the same list)."""
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: {label}: expected a list")
+    return tuple(
+        _build(CorpusSpec, item, where, f"{label}[{i}].",
+               {"source": lambda v, lab: _build(SourceSpec, v, where, f"{lab}.")})
+        for i, item in enumerate(value)
+    )
+
+
 def _build_storage(data: Any, where: str, label: str) -> StorageSpec:
     """``storage``: the codec keys sit flat beside the others in YAML and nest as a CodecSpec here."""
     if not isinstance(data, dict):
@@ -469,8 +488,10 @@ def _invalid_unicode(value: Any, label: str) -> str | None:
     return None
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest file; raise ManifestError (one line) on any problem."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (a manifest or an organism recipe); ``ManifestError`` (one line,
+    naming the file and line) when it is missing, not UTF-8, malformed, not a mapping or holds text with no
+    UTF-8 form."""
     p = Path(path)
     where = str(path)
     if not p.is_file():
@@ -493,17 +514,15 @@ def load_manifest(path: str | Path) -> Manifest:
     bad_text = _invalid_unicode(data, "")
     if bad_text is not None:
         raise ManifestError(f"{where}: {bad_text}")
-    data = dict(data)
-    data.setdefault("name", p.stem)
+    return dict(data)
 
-    def corpus(value: Any, label: str) -> tuple[CorpusSpec, ...]:
-        if not isinstance(value, list):
-            raise ManifestError(f"{where}: {label}: expected a list")
-        return tuple(
-            _build(CorpusSpec, item, where, f"{label}[{i}].",
-                   {"source": lambda v, lab: _build(SourceSpec, v, where, f"{lab}.")})
-            for i, item in enumerate(value)
-        )
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file; raise ManifestError (one line) on any problem."""
+    p = Path(path)
+    where = str(path)
+    data = read_yaml_mapping(p)
+    data.setdefault("name", p.stem)
 
     def prompt_sets(value: Any, label: str) -> tuple[PromptSetSpec, ...]:
         if not isinstance(value, list):
@@ -532,7 +551,7 @@ def load_manifest(path: str | Path) -> Manifest:
         "model": lambda v, lab: _build(ModelSpec, {"id": v} if isinstance(v, str) else v, where, f"{lab}."),
         "storage": lambda v, lab: _build_storage(v, where, f"{lab}."),
         "generation": lambda v, lab: _build(GenerationSpec, v, where, f"{lab}.", {"variants": variants}),
-        "corpora": corpus,
+        "corpora": lambda v, lab: parse_corpora(v, where, lab),
         "prompt_sets": prompt_sets,
         "judges": judges,
     })
