@@ -329,8 +329,20 @@ def _text(
             "Each writer thread runs its own event loop with one compressor thread and writes whole shards "
             "(two writers in one shard would lose data). Before this study one thread wrote through zarr's "
             "synchronous API, whose single event-loop thread also runs the CRC32C codec and the shard "
-            f"assembly; more threads through that API add little. Thread counts measured: "
+            f"assembly (see `bra/cache/parallel.py` for a side measurement of both). Thread counts measured: "
             f"{', '.join(map(str, counts))} ({cores} cores here). The raw-disk row is the ceiling no codec "
             "can pass on this disk.",
+            *(
+                [
+                    "",
+                    f"**Load caveat:** the 1-minute load ({load_before[0]}) was above half this machine's "
+                    f"{cores} cores, so other jobs held the cores the extra threads need: the thread ratio "
+                    "says little here (CPU-seconds per token, in the JSON, show what each thread count "
+                    "costs). Rerun on an idle machine: `python -m bench --size small --studies writer "
+                    "--max-load 0.5`.",
+                ]
+                if load_before[0] > cores / 2
+                else []
+            ),
         ]
     )
