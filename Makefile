@@ -72,4 +72,4 @@ bench: install
 	$(PY) -m bench --size $(BENCH_SIZE)
 
 clean:
-	rm -rf cache/demo.zarr cache/eval-demo.zarr $(RUNS) cache/report-demo .pytest_cache
+	rm -rf cache/demo.zarr cache/eval-demo.zarr $(RUNS) cache/report-demo .pytest_cache cache/validate-*.zarr cache/organisms
