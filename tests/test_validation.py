@@ -70,3 +70,16 @@ def test_validate__bad_runs_are_one_line_errors(run: str, message: str, tmp_path
     code = _sae_cli(["validate", "--run", run, "--sae", "none", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_organism_base__lets_the_base_models_sae_read_its_organisms(tmp_path: Path) -> None:
+    from bra.sae.evaluate import organism_base
+
+    folder = tmp_path / "shallow"
+    folder.mkdir()
+    assert organism_base(str(folder)) is None  # a folder without provenance is not an organism
+    (folder / "provenance.json").write_text(json.dumps({
+        "format": "bra-organism/1", "kind": "shallow", "layer": 1, "fingerprint": "f",
+        "trained_prompt_ids": ["t-1"], "base_model": {"id": "org/base-model"}}))
+    assert organism_base(str(folder)) == "org/base-model"
+    assert organism_base("org/base-model") is None

@@ -19,13 +19,24 @@ from bra.sae.base import SparseAutoencoder, sae_device
 logger = logging.getLogger(__name__)
 
 
+def organism_base(model: str) -> str | None:
+    """The base model id of a model organism folder (`bra.organism`), else None. A base model's SAE reads
+    its organisms' activations by design: the known-depth study audits them with it."""
+    from bra.organism.provenance import is_organism, load_provenance
+
+    if not Path(model).is_dir() or not is_organism(model):
+        return None
+    base = load_provenance(model).get("base_model")
+    return base.get("id") if isinstance(base, dict) else base
+
+
 def check_compatible(sae: SparseAutoencoder, store: Store, layer: int) -> None:
     """Refuse an SAE trained for another model, layer or width than the store holds (any architecture)."""
     cfg = sae.cfg
     if cfg.d_model != store.d_model:
         raise SAEError(f"SAE d_model {cfg.d_model} does not match store {store.path} d_model {store.d_model}")
     model = store.meta.model_id
-    if cfg.model_name and model and cfg.model_name != model:
+    if cfg.model_name and model and cfg.model_name != model and organism_base(model) != cfg.model_name:
         raise SAEError(f"SAE was trained on {cfg.model_name}, store {store.path} holds {model}")
     if cfg.layer >= 0 and cfg.layer != layer:
         raise SAEError(f"SAE reads layer {cfg.layer} ({cfg.hook_name}), but layer {layer} was requested "
