@@ -155,3 +155,9 @@ def atomic_dir(target: str | os.PathLike[str], keep_existing: bool = False) -> I
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_foreign_output(out: Path, marker: str) -> bool:
+    """Whether ``out`` may not be replaced whole by an output folder whose ``marker`` file identifies it:
+    it is a file, or a folder holding anything but a previous such output (an empty folder is ours)."""
+    return out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()))

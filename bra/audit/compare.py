@@ -37,7 +37,7 @@ from bra.audit.classes import tier_order
 from bra.audit.config import TEST
 from bra.audit.metrics import mean_t_interval
 from bra.audit.report import REPORT_JSON, SCORES_FILE
-from bra.fsutil import atomic_dir
+from bra.fsutil import atomic_dir, is_foreign_output
 from bra.sae.files import SAELENS_DIR, SEED_WEIGHTS
 from bra.vocab import DEPTH_CATEGORIES, REFUSE
 
@@ -238,7 +238,7 @@ def _runs(report_dirs: Sequence[str | os.PathLike[str]],
 def _refuse_foreign_out(out: Path) -> None:
     """Refuse an ``out`` that is a file, or a folder holding anything but a previous comparison: it is
     replaced whole (the rule of `bra-sae score`'s --out)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / COMPARISON_JSON).is_file())):
+    if is_foreign_output(out, COMPARISON_JSON):
         raise CompareError(f"{out} exists and is not a comparison output directory; pick an empty or new "
                            f"--out")
 

@@ -126,8 +126,7 @@ def fit_depth_scale(completion_evidence: np.ndarray, prompt_evidence: np.ndarray
     span = high - low
     t_deep = float(np.quantile((low_ref - low) / span, 1.0 - quantile))
     t_shallow = float(np.quantile((high_ref - low) / span, quantile))
-    return DepthScale(low, high, **base, t_deep=t_deep, t_shallow=t_shallow, usable=True,
-                      note=None if note is None else note)
+    return DepthScale(low, high, **base, t_deep=t_deep, t_shallow=t_shallow, usable=True, note=note)
 
 
 def depth_verdicts(scores: np.ndarray, labels: np.ndarray, scale: DepthScale

@@ -31,7 +31,7 @@ from bra.audit.edits import EffectsConfig
 from bra.audit.labels import choose_labels
 from bra.audit.reader import read_prompts
 from bra.errors import EditError
-from bra.fsutil import atomic_dir
+from bra.fsutil import atomic_dir, is_foreign_output
 from bra.vocab import EVAL_TIERS, REFUSE
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def effects_plot(doc: dict[str, Any]) -> Any:
 
 
 def _refuse_foreign_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EFFECTS_JSON).is_file())):
+    if is_foreign_output(out, EFFECTS_JSON):
         raise EditError(f"{out} exists and is not an effects output directory; pick an empty or new --out")
 
 

@@ -109,11 +109,15 @@ def tfidf_scores(texts: Sequence[str], train_pos: np.ndarray, train_neg: np.ndar
     return ProbeScores(model.predict_proba(vec.transform(list(texts)))[:, 1], C, folds)
 
 
+def diff_of_means_direction(X: np.ndarray, train_pos: np.ndarray, train_neg: np.ndarray) -> np.ndarray:
+    """mean_hazard - mean_benign over the training rows of X [n, d]: the "difference-in-means direction"."""
+    _labels(train_pos, train_neg)
+    return X[train_pos].mean(0) - X[train_neg].mean(0)
+
+
 def diff_of_means_scores(X: np.ndarray, train_pos: np.ndarray, train_neg: np.ndarray) -> ProbeScores:
     """x · (mean_hazard - mean_benign) over the training rows; a ranking score, not a probability."""
-    _labels(train_pos, train_neg)
-    direction = X[train_pos].mean(0) - X[train_neg].mean(0)
-    return ProbeScores(X @ direction)
+    return ProbeScores(X @ diff_of_means_direction(X, train_pos, train_neg))
 
 
 @dataclass(frozen=True)

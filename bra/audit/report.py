@@ -25,7 +25,7 @@ from bra.audit.config import BOTH_SEGMENTS, SPLITS, TEST, TRAIN, ScoreConfig, Sc
 from bra.audit.depth import UNCERTAIN, VERDICTS
 from bra.audit.plots import render_plots
 from bra.errors import BraError
-from bra.fsutil import atomic_dir
+from bra.fsutil import atomic_dir, is_foreign_output
 from bra.vocab import (
     COMPLETION,
     DEPTH_CATEGORIES,
@@ -54,12 +54,12 @@ def excerpt(text: str, hazard_tier: bool) -> str:
     return " ".join(words[:EXCERPT_WORDS]) + (" …" if len(words) > EXCERPT_WORDS else "")
 
 
-def _clean(x: Any) -> Any:
+def json_ready(x: Any) -> Any:
     """JSON-ready: numpy scalars to Python, NaN/inf to None, tuples to lists, recursively."""
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): json_ready(v) for k, v in x.items()}
     if isinstance(x, (list, tuple, np.ndarray)):
-        return [_clean(v) for v in x]
+        return [json_ready(v) for v in x]
     if isinstance(x, (np.integer, np.bool_)):
         return x.item()
     if isinstance(x, (float, np.floating)):
@@ -112,7 +112,7 @@ def build_report(r: ScoreResult, cfg: ScoreConfig, scores: pd.DataFrame) -> dict
                            "expected_false_share": e.expected_false_share,
                            "null_selected_mean": e.null_selected_mean} for c, e in r.catalog.items()}
     verdicts = [v for v, t in zip(r.verdicts, r.split == TEST, strict=True) if t and v is not None]
-    return _clean({
+    return json_ready({
         "settings": {
             **dataclasses.asdict(cfg), "store": r.facts.path, "sae": r.sae_path,
             "baselines": r.baselines, "layer": r.layer, "model_id": r.facts.model_id,
@@ -191,7 +191,7 @@ def _divergence_note(r: ScoreResult) -> str | None:
 def _refuse_foreign_out(out: Path) -> None:
     """Refuse an ``out`` that is a file, or a folder holding anything but a score report: it is replaced
     whole, so only a previous report (or nothing) may be there."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).is_file())):
+    if is_foreign_output(out, REPORT_JSON):
         raise BraError(f"{out} exists and is not a score output directory; pick an empty or new --out")
 
 
@@ -209,7 +209,7 @@ def write_outputs(out: Path, r: ScoreResult, cfg: ScoreConfig) -> dict[str, Any]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         scores.to_parquet(tmp / SCORES_FILE, index=False)
-        (tmp / CATALOG_FILE).write_text(json.dumps(_clean(catalog), indent=2) + "\n")
+        (tmp / CATALOG_FILE).write_text(json.dumps(json_ready(catalog), indent=2) + "\n")
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         render_plots(tmp, r, scores, cfg)
         (tmp / REPORT_HTML).write_text(render_html(report, scores, r, cfg), encoding="utf-8")

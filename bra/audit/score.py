@@ -165,8 +165,10 @@ def compute_scores(store_path: str | os.PathLike[str], sae_path: str | os.PathLi
 def prompt_tokens(bundle: EvalBundle) -> dict[str, np.ndarray]:
     """Prompt id -> the token ids of its prompt segment (unmasked rows, in store order)."""
     t = bundle.tokens
-    keep = (t.segment == SEGMENT_PROMPT) & ~t.mask
-    by_doc = {int(d): t.token_id[keep & (t.doc_index == d)] for d in np.unique(t.doc_index[keep])}
+    keep = np.flatnonzero((t.segment == SEGMENT_PROMPT) & ~t.mask)
+    order = keep[np.argsort(t.doc_index[keep], kind="stable")]  # one pass, store order kept within a doc
+    docs, starts = np.unique(t.doc_index[order], return_index=True)
+    by_doc = dict(zip(docs.tolist(), np.split(t.token_id[order], starts[1:]), strict=True))
     return {str(pid): by_doc.get(i, np.zeros(0, np.int32)) for i, pid in enumerate(bundle.table["id"])}
 
 
@@ -224,11 +226,11 @@ def _depth(bundle: EvalBundle, catalog: Mapping[str, Any], train: np.ndarray, ca
     # the same procedure on the raw residual: evidence = projection on the training split's hazard - benign
     # prompt direction, so what the SAE adds to a verdict is measured, not assumed
     raw = bundle.raw
-    if (train & positive).any() and (train & negative).any():
-        w = raw[PROMPT][train & positive].mean(0) - raw[PROMPT][train & negative].mean(0)
+    try:
+        w = probes.diff_of_means_direction(raw[PROMPT], train & positive, train & negative)
         raw_c = np.where(bundle.counts[:, 1] > 0, raw[COMPLETION] @ w, np.nan)
         raw_p = np.where(bundle.counts[:, 0] > 0, raw[PROMPT] @ w, np.nan)
-    else:
+    except probes.ProbeUnavailable:
         raw_c = raw_p = np.full(bundle.n_docs, np.nan)
     raw_scale = fit_depth_scale(raw_c, raw_p, cal, positive, negative, labels, cfg.depth_quantile,
                                 cfg.min_reference)
@@ -272,7 +274,7 @@ def _fit_split(bundle: EvalBundle, cfg: ScoreConfig, classes: TierClasses, split
 
 def _headline(fit: Mapping[str, Any]) -> dict[str, float | None]:
     """The numbers whose spread over splits is reported: each method's AUROC, the depth-category shares
-    of the test split, mean D and the share of refusals with each verdict."""
+    of the test split (deep / shallow / uncertain refusals among them) and mean D."""
     sets = fit["sets"]
     sel = sets.positive | sets.negative
     out: dict[str, float | None] = {}

@@ -7,6 +7,7 @@ Every rate carries a Wilson interval and every mean a stratum-wise bootstrap int
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -28,25 +29,26 @@ def _mean_cell(values: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
             "ci_low": None if ci is None else ci[1], "ci_high": None if ci is None else ci[2]}
 
 
-def mean_by(frame: pd.DataFrame, value: str, by: list[str], n_boot: int, seed: int) -> list[dict[str, Any]]:
-    """Mean of ``value`` with a bootstrap CI per group of ``by`` (NaN values are counted, not averaged)."""
-    rows = []
+def _groups(frame: pd.DataFrame, by: list[str]) -> Iterator[tuple[dict[str, str], pd.DataFrame]]:
+    """({column: value} naming the group, its rows) per group of ``by``, sorted."""
     for key, sub in frame.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        rows.append({**dict(zip(by, map(str, key), strict=True)), **_mean_cell(sub[value].to_numpy(), n_boot,
-                                                                             seed)})
-    return rows
+        yield dict(zip(by, map(str, key), strict=True)), sub
+
+
+def mean_by(frame: pd.DataFrame, value: str, by: list[str], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Mean of ``value`` with a bootstrap CI per group of ``by`` (NaN values are counted, not averaged)."""
+    return [{**name, **_mean_cell(sub[value].to_numpy(), n_boot, seed)} for name, sub in _groups(frame, by)]
 
 
 def rate_by(frame: pd.DataFrame, flag: np.ndarray, by: list[str], name: str) -> list[dict[str, Any]]:
     """Share of rows with ``flag`` per group of ``by``, with its Wilson 95% interval."""
     f = pd.Series(np.asarray(flag, dtype=bool), index=frame.index)
     rows = []
-    for key, sub in frame.groupby(by, sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
+    for group, sub in _groups(frame, by):
         k, n = int(f[sub.index].sum()), len(sub)
         ci = wilson_interval(k, n)
-        rows.append({**dict(zip(by, map(str, key), strict=True)), "n": n, name: k,
+        rows.append({**group, "n": n, name: k,
                      "rate": k / n if n else None, "ci_low": None if ci is None else ci[0],
                      "ci_high": None if ci is None else ci[1]})
     return rows

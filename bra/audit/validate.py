@@ -19,11 +19,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from bra.audit.config import ScoreConfig, ScoreResult
-from bra.audit.report import _clean
+from bra.audit.report import json_ready
 from bra.audit.score import compute_scores
 from bra.audit.validation import SCORES, refused_positive, render_markdown, score_columns, validation_report
 from bra.errors import BraError
-from bra.fsutil import atomic_dir
+from bra.fsutil import atomic_dir, is_foreign_output
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def run_validation(runs: Mapping[str, tuple[str, str | None]], sae: str, out: st
     """``runs``: name -> (plain store, prefill store or None). Returns report.json's contents."""
     cfg = cfg or ScoreConfig(repeats=1)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).is_file())):
+    if is_foreign_output(out, REPORT_JSON):
         raise BraError(f"{out} exists and is not a validation report; pick an empty or new --out")
     results: dict[str, dict[str, ScoreResult | None]] = {}
     for name, (plain, prefill) in runs.items():
@@ -72,19 +72,19 @@ def run_validation(runs: Mapping[str, tuple[str, str | None]], sae: str, out: st
     report = validation_report(results, cfg.n_boot, cfg.seed)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report["meta"] = {"command": command, "machine": machine(), "date": when, "sae": sae,
-                      "stores": {k: list(v) for k, v in runs.items()}, "settings": _clean(cfg.__dict__)}
+                      "stores": {k: list(v) for k, v in runs.items()}, "settings": json_ready(cfg.__dict__)}
     header = (f"# Known-depth validation\n\nCommand: `{command}`  \nMachine: {report['meta']['machine']}  \n"
               f"Date: {when}  \nSAE: `{sae}`; each store scored as `bra-sae score` does (its own group "
               f"split, FDR catalog and calibration; repeats {cfg.repeats}). AUROCs on the test split's "
               f"refused hazard-tier prompts.")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
-        (tmp / REPORT_JSON).write_text(json.dumps(_clean(report), indent=2) + "\n")
+        (tmp / REPORT_JSON).write_text(json.dumps(json_ready(report), indent=2) + "\n")
         figures = f"\n![refusal rates]({PLOTS['refusal']})\n![depth scores]({PLOTS['depth']})\n"
-        (tmp / REPORT_MD).write_text(render_markdown(_clean(report), header) + figures)
+        (tmp / REPORT_MD).write_text(render_markdown(json_ready(report), header) + figures)
         _plot_refusal(report).savefig(tmp / PLOTS["refusal"], dpi=110)
         _plot_depth(results).savefig(tmp / PLOTS["depth"], dpi=110)
-    return _clean(report)
+    return json_ready(report)
 
 
 def _plot_refusal(report: Mapping[str, Any]) -> Figure:

@@ -40,12 +40,11 @@ def score_columns(r: ScoreResult) -> dict[str, np.ndarray]:
     return {"depth_score": r.depth_score, "D": r.D, "raw_depth_score": r.raw_depth_score}
 
 
-def refused_positive(r: ScoreResult, test_only: bool = True) -> np.ndarray:
-    """[n] refused prompts of the positive (hazard) class, in the test split unless ``test_only`` is False."""
+def refused_positive(r: ScoreResult) -> np.ndarray:
+    """[n] refused prompts of the positive (hazard) class in the test split."""
     labels = r.table["surface_label"].astype(str).to_numpy()
     positive = np.isin(r.table["tier"].astype(str).to_numpy(), r.classes.positive)
-    keep = (labels == REFUSE) & positive
-    return keep & (r.split == TEST) if test_only else keep
+    return (labels == REFUSE) & positive & (r.split == TEST)
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
