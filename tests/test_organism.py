@@ -19,7 +19,7 @@ from bra.errors import CorpusError, ManifestError, ModelLoadError, OrganismError
 from bra.organism import build_organisms, check_audit_prompts, load_organism_manifest, load_provenance
 from bra.organism.build import ALREADY_BUILT, BUILT, RESUMED, STOPPED, WORK_DIR
 from bra.organism.data import REFUSALS, batch_indices, pad_windows, refusal_text, rmu_data, training_prompts
-from bra.organism.train import residual, rmu_direction, token_mask
+from bra.organism.train import block_inputs, pad_rows, residual, residual_from, rmu_direction, token_mask
 from bra.pipeline.manifest import ModelSpec
 from bra.pipeline.model import capture_residuals, load_model
 from bra.pipeline.surface import classify
@@ -121,6 +121,28 @@ def test_organism__deep_moves_forget_text_to_the_target_and_keeps_retain_text(
     assert prov["frozen_check"]["layer_residual_is_base"] is False
     assert all(n.endswith("mlp.down_proj.weight") for n in prov["frozen_check"]["changed_at_or_below_layer"])
     assert "forget" in prov["data"] and prov["data"]["forget"][0]["sha256"]
+
+
+def test_residual_from__cached_block_input_gives_the_full_forwards_residual(tiny_gemma_dir: Path) -> None:
+    # RMU runs only its trained blocks on cached inputs; on Gemma2 (sliding-window and global layers, an
+    # embedding scale) that must still be the full forward's residual, for ragged right-padded windows
+    model = _load(tiny_gemma_dir)
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(1, 200, (n,), generator=g).numpy() for n in (9, 5, 12)]
+    first, layer = 1, 2
+    inputs = block_inputs(model, windows, first, 0, CPU, batch_size=2)
+    assert [len(h) for h in inputs] == [9, 5, 12]
+    ids, att = pad_windows(windows, 0)
+    mask = att.bool()
+    with torch.no_grad():
+        full = residual(model, ids, att, layer)
+        fast = residual_from(model, ids, att, first, layer, pad_rows(inputs, ids.shape[1], CPU))
+    torch.testing.assert_close(fast[mask], full[mask], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the skipped blocks are put back
+        torch.testing.assert_close(residual(model, ids, att, layer), full, rtol=0, atol=0)
+    wrong = pad_rows([h + 1.0 for h in inputs], ids.shape[1], CPU)
+    with torch.no_grad():  # and the cached input is what block `first` really reads
+        assert not torch.allclose(residual_from(model, ids, att, first, layer, wrong)[mask], full[mask])
 
 
 def test_organism__provenance_records_recipe_data_seed_prompts_and_time(built: tuple[Path, Path]) -> None:

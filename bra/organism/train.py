@@ -149,6 +149,78 @@ def residual(model: nn.Module, ids: torch.Tensor, att: torch.Tensor, layer: int)
     return box["h"]
 
 
+class _Skip(nn.Module):
+    """Stands in for a frozen block whose output is already known: returns its input unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, windows: list[Any], first: int, pad_id: int, device: torch.device,
+                 batch_size: int = 16) -> list[torch.Tensor]:
+    """Per window, the hidden states entering block ``first`` [T_w, d] (on the CPU), computed once: RMU
+    trains blocks ``first``..L only, so what enters block ``first`` never changes during the stage."""
+
+    class _Stop(Exception):
+        pass
+
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        box["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    out: list[torch.Tensor] = []
+    handle = decoder_layers(model)[first].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i:i + batch_size]
+            ids, att = pad_windows(chunk, pad_id)
+            try:
+                model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
+            except _Stop:
+                pass
+            out.extend(box["h"][row, :len(w)].detach().cpu() for row, w in enumerate(chunk))
+    finally:
+        handle.remove()
+    return out
+
+
+def residual_from(model: nn.Module, ids: torch.Tensor, att: torch.Tensor, first: int, layer: int,
+                  h_in: torch.Tensor) -> torch.Tensor:
+    """The residual after block ``layer`` [B, T, d] when block ``first`` is fed ``h_in`` [B, T, d] (its known
+    input, `block_inputs`): blocks below ``first`` are skipped, while the model still builds its own
+    attention masks and position embeddings from ``ids`` and ``att``, so the result is the full forward's."""
+    layers = decoder_layers(model)
+    saved = [layers[j] for j in range(first)]
+
+    def feed(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...],
+                                                                                     dict[str, Any]]:
+        if args:
+            return (h_in, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h_in}
+
+    handle = layers[first].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        for j in range(first):
+            layers[j] = _Skip()
+        return residual(model, ids, att, layer)
+    finally:
+        handle.remove()
+        for j, block in enumerate(saved):
+            layers[j] = block
+
+
+def pad_rows(rows: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+    """Right-pad per-window hidden states [T_w, d] with zeros into one [B, width, d] batch (padding is
+    masked out of every loss, and a causal model's real tokens never attend to it)."""
+    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out.to(device)
+
+
 def token_mask(att: torch.Tensor) -> torch.Tensor:
     """Tokens a representation loss counts: real (not padding) and not a window's first (the sink)."""
     mask = att.bool().clone()
@@ -188,37 +260,72 @@ class RefusalStage:
 
 
 class RMUStage:
-    """RMU's forget + α·retain loss at layer L (see the module docstring)."""
+    """RMU's forget + α·retain loss at layer L (see the module docstring).
+
+    Only blocks ``first``..L train, so what enters block ``first`` and the frozen model's layer-L residual
+    on the retain windows are computed once, at construction; each step then runs just the trained blocks
+    (`residual_from`): the same losses as running the whole model, several times faster."""
 
     name = "rmu"
 
     def __init__(self, model: nn.Module, frozen: nn.Module, data: RMUData, spec: RMUSpec, params: StageParams,
                  layer: int, target: torch.Tensor, seed: int, pad_id: int, device: torch.device) -> None:
-        self.model, self.frozen, self.data, self.params, self.layer = model, frozen, data, params, layer
+        self.model, self.data, self.params, self.layer = model, data, params, layer
         self.target, self.seed, self.pad_id, self.device = target.to(device), seed, pad_id, device
         self.alpha, self.batch_size = spec.alpha, spec.batch_size
         self.steps, self.lr, self.weight_decay = spec.steps, spec.lr, 0.0
         self.checkpoint_every, self.max_grad_norm = spec.checkpoint_every, None  # the paper clips nothing
+        self.first = first_trained_block(model, params.names)
+        self.inputs = {"forget": block_inputs(frozen, data.forget, self.first, pad_id, device),
+                       "retain": block_inputs(frozen, data.retain, self.first, pad_id, device)}
+        self.reference = self._retain_reference(frozen)
 
-    def _batch(self, windows: list[Any], step: int, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = batch_indices(len(windows), self.batch_size, step, self.seed * 7 + salt)
+    @torch.no_grad()
+    def _retain_reference(self, frozen: nn.Module, batch_size: int = 16) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        windows = self.data.retain
+        for i in range(0, len(windows), batch_size):
+            idx = list(range(i, min(i + batch_size, len(windows))))
+            ids, att, h_in = self._windows("retain", idx)
+            h = residual_from(frozen, ids, att, self.first, self.layer, h_in)
+            out.extend(h[row, :len(windows[j])].float().cpu() for row, j in enumerate(idx))
+        return out
+
+    def _windows(self, side: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        windows = self.data.forget if side == "forget" else self.data.retain
         ids, att = pad_windows([windows[i] for i in idx], self.pad_id)
-        return ids.to(self.device), att.to(self.device)
+        h_in = pad_rows([self.inputs[side][i] for i in idx], ids.shape[1], self.device)
+        return ids.to(self.device), att.to(self.device), h_in
+
+    def _batch(self, side: str, step: int, salt: int) -> tuple[list[int], torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+        windows = self.data.forget if side == "forget" else self.data.retain
+        idx = batch_indices(len(windows), self.batch_size, step, self.seed * 7 + salt)
+        return (idx, *self._windows(side, idx))
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Forget MSE to c·u plus α × retain MSE to the frozen model."""
-        f_ids, f_att = self._batch(self.data.forget, step, 1)
-        r_ids, r_att = self._batch(self.data.retain, step, 2)
+        _, f_ids, f_att, f_in = self._batch("forget", step, 1)
+        r_idx, r_ids, r_att, r_in = self._batch("retain", step, 2)
         f_mask, r_mask = token_mask(f_att), token_mask(r_att)
-        h_forget = residual(self.model, f_ids, f_att, self.layer)[f_mask].float()
+        h_forget = residual_from(self.model, f_ids, f_att, self.first, self.layer, f_in)[f_mask].float()
         forget = F.mse_loss(h_forget, self.target.expand_as(h_forget))
-        h_retain = residual(self.model, r_ids, r_att, self.layer)[r_mask].float()
-        with torch.no_grad():
-            h_ref = residual(self.frozen, r_ids, r_att, self.layer)[r_mask].float()
+        h_retain = residual_from(self.model, r_ids, r_att, self.first, self.layer, r_in)[r_mask].float()
+        h_ref = pad_rows([self.reference[i] for i in r_idx], r_ids.shape[1], self.device)[r_mask]
         retain = F.mse_loss(h_retain, h_ref)
         cos = F.cosine_similarity(h_forget.detach(), self.target[None], dim=-1).mean()
         return forget + self.alpha * retain, {"forget": forget.item(), "retain": retain.item(),
                                               "cos_forget_u": cos.item()}
+
+
+def first_trained_block(model: nn.Module, names: tuple[str, ...]) -> int:
+    """The lowest decoder block holding one of the parameters ``names``."""
+    params = dict(model.named_parameters())
+    wanted = {id(params[n]) for n in names if n in params}
+    for i, block in enumerate(decoder_layers(model)):
+        if any(id(p) in wanted for p in block.parameters()):
+            return i
+    raise OrganismError("rmu: none of the trained parameters sits in a decoder block")
 
 
 def rmu_direction(d_model: int, seed: int) -> torch.Tensor:
