@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-from helpers import error_lines, label_by_tier, write_eval_set, write_manifest
+from helpers import error_lines, label_by_tier, sae_main_code, write_eval_set, write_manifest
 
 from bra.audit.edits import EditSpec, InterveneConfig, parse_edit, parse_edits
 from bra.audit.steering import DirectionEdit, LatentEdit, random_direction, random_latents
@@ -505,7 +505,93 @@ def test_effects__table_controls_and_outputs(env: dict, edited: dict, tmp_path: 
     assert [r["tier"] for r in doc["runs"][0]["rows"]] == ["benign_bio", "dual_use_bio",
                                                            "hazard_adjacent_category", "all"]
     assert len(doc["prompts"]) == 24 and set(doc["prompts"][0]["after"]) == set(names)
-    assert "TODO" in doc["not_reported"]
+    assert doc["audit"] is None and "no --sae was given" in doc["not_reported"]
+    assert "no --sae was given" in (out / "effects.md").read_text()
+    assert all("audit_rows" not in r for r in doc["runs"])
+
+
+def _loose(seed: int = 0):
+    from bra.audit.config import ScoreConfig
+
+    # 24 prompts of a random model: no latent passes the default BH level and a calibration tier holds 2
+    # prompts, so the fit is loosened until it gives numbers (a "no change" of nothing would prove nothing)
+    return ScoreConfig(seed=seed, fdr=0.99, min_effect=0.0, min_reference=1, n_null=2)
+
+
+LOOSE = _loose()
+
+
+@pytest.fixture(scope="module")
+def usable_fit(env: dict):
+    """The first split seed whose loosened fit on the base store has a usable depth scale (on a random
+    model the hazard latents mark nothing, so on some splits the scale is rightly unusable)."""
+    from bra.audit.effects_audit import FixedAudit
+
+    for seed in range(20):
+        cfg = _loose(seed)
+        if FixedAudit(env["base"], str(env["sae"]), cfg).fit.scale.usable:
+            return cfg
+    pytest.fail("no split seed gives a usable depth scale on the tiny store")
+
+
+@pytest.fixture(scope="module")
+def labelled_identity(env: dict, edited: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The identity-latent store with the base store's labels (the base was relabelled by tier after its
+    build), so that an identity edit changes nothing the audit reads."""
+    out = tmp_path_factory.mktemp("identity") / "scale1-latents-3.zarr"
+    shutil.copytree(edited["identity_latents"], out)
+    label_by_tier(out)
+    return out
+
+
+def test_effects_audit__identity_edit_changes_no_depth_and_no_d(env: dict, edited: dict,
+                                                                 labelled_identity: Path, usable_fit) -> None:
+    from bra.audit.edits import EffectsConfig
+    from bra.audit.effects import compute_effects, effects_markdown
+
+    doc = compute_effects(env["base"], [labelled_identity, edited["ablate"]],
+                          EffectsConfig(sae=str(env["sae"]), n_boot=100), usable_fit)
+    assert doc["not_reported"] is None and doc["audit"]["sae"] == str(env["sae"])
+    identity, ablate = doc["runs"]
+    rows = {r["tier"]: r for r in identity["audit_rows"]}
+    assert set(rows) == {"benign_bio", "dual_use_bio", "hazard_adjacent_category", "all", "all (test split)"}
+    # a fit that gives numbers at all: otherwise "no change" would be vacuous
+    assert rows["all"]["D"]["n_paired"] > 0 and rows["all"]["depth_score"]["n_paired"] > 0
+    for r in identity["audit_rows"]:
+        for m in ("depth_score", "D"):
+            if r[m]["n_paired"]:
+                assert r[m]["delta"] == 0.0 and (r[m]["n_paired"] == 1 or r[m]["ci"] == [0.0, 0.0])
+                assert r[m]["before"] == r[m]["after"]
+        assert r["category_transitions"] == {} and r["d_verdict_transitions"] == {}
+    # the ablation store keeps its own (rule) labels: the audit reads them, so something moves
+    moved = {r["tier"]: r for r in ablate["audit_rows"]}["all"]
+    assert moved["category_transitions"] or moved["D"]["delta"] != 0.0
+    text = effects_markdown(doc)
+    assert "D and depth score under the base store's fit" in text and "Not reported" not in text
+
+
+def test_effects_audit__the_fit_is_the_base_stores_only(env: dict, edited: dict) -> None:
+    """Every edited store is read under the base store's fit: the fit JSON is one, whatever is compared."""
+    from bra.audit.edits import EffectsConfig
+    from bra.audit.effects import compute_effects
+
+    cfg = EffectsConfig(sae=str(env["sae"]), n_boot=20)
+    one = compute_effects(env["base"], [edited["ablate"]], cfg, LOOSE)["audit"]
+    two = compute_effects(env["base"], [edited["add"], edited["category"]], cfg, LOOSE)["audit"]
+    assert one == two
+
+
+def test_effects_audit__bad_sae_is_one_line_before_any_output(env: dict, edited: dict, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from bra.sae.formats import save_saelens
+
+    narrow = save_saelens(orthonormal_sae(str(env["model"]), d_model=32), tmp_path / "sae-narrow")
+    out = tmp_path / "effects"
+    code = sae_main_code(["effects", str(env["base"]), str(edited["ablate"]), "--out", str(out),
+                          "--sae", str(narrow), "--n-boot", "20"])
+    lines = error_lines(capsys.readouterr().err)
+    assert code != 0 and len(lines) == 1 and "d_model 32" in lines[0], lines
+    assert not out.exists()
 
 
 def test_effects__refuses_unedited_edited_and_foreign_stores(env: dict, edited: dict, tmp_path: Path) -> None:

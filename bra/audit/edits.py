@@ -220,6 +220,12 @@ class EffectsConfig:
     """Seed of the bootstrap."""
     labels: LabelSource = "auto"
     """Surface labels compared: rules, judges, consensus, or auto (consensus when judged, else rules)."""
+    sae: str | None = None
+    """SAE of the audit (as `bra-sae score --sae`): with it, the change in D and in the depth score under
+    one fit of the base store (its catalog, T, D threshold and depth scale) applied to every edited store;
+    without it, surface labels only."""
+    split_seed: int = 0
+    """Split seed of that fit (as `bra-sae score --seed`); the fractions are score's defaults."""
 
     def __post_init__(self) -> None:
         if self.n_boot < 1:
