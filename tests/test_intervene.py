@@ -283,6 +283,29 @@ def test_intervene__ablated_latent_is_zero_in_the_stored_residual_and_the_error_
     assert torch.allclose(xe - sae.decode(sae.encode(xe)), xb - sae.decode(sae.encode(xb)), atol=1e-4)
 
 
+def test_matched_random_latents__firing_rates_closer_than_uniform_draws() -> None:
+    from bra.audit.steering import matched_random_latents
+
+    # 200 latents firing on 0..100% of rows; the edit is the 10 that fire most (as catalog latents do)
+    rates = np.linspace(0.0, 1.0, 200)
+    ids = list(range(190, 200))
+    control, record = matched_random_latents(rates, ids, seed=0)
+    assert len(set(control)) == 10 and not set(control) & set(ids) and list(control) == sorted(control)
+    assert (control, record) == matched_random_latents(rates, ids, seed=0)
+    assert control != matched_random_latents(rates, ids, seed=1)[0]
+    edited_mean = rates[ids].mean()
+    assert record["edited_mean"] == pytest.approx(edited_mean)
+    assert record["control_mean"] == pytest.approx(rates[list(control)].mean())
+    assert record["uniform_mean"] == pytest.approx(np.delete(rates, ids).mean())
+    matched_gap = abs(record["control_mean"] - edited_mean)
+    uniform_gaps = [abs(rates[list(random_latents(200, 10, ids, s))].mean() - edited_mean) for s in range(20)]
+    assert matched_gap < 0.1 and matched_gap < min(uniform_gaps)
+    assert [i for i, _ in record["pairs"]] == ids
+    assert all(abs(rates[i] - rates[j]) <= 0.2 for i, j in record["pairs"])  # 20 neighbours at most
+    with pytest.raises(EditError, match="fewer"):
+        matched_random_latents(rates[:12], ids[:0] + list(range(7)), seed=0)
+
+
 def test_intervene__added_direction_moves_the_stored_residual_by_that_vector(env: dict, edited: dict) -> None:
     _, base = prompt_rows(env["base"])
     _, new = prompt_rows(edited["add"])
@@ -298,6 +321,26 @@ def test_intervene__category_edit_and_its_random_control_record_their_latents(en
     assert real["latents"] == [2, 5, 7] and not real["control"]
     assert control["control"] and control["pair"] == real["spec"] and len(control["latents"]) == 3
     assert not set(control["latents"]) & {2, 5, 7} and control["control_of_latents"] == [2, 5, 7]
+    # the control is matched on firing rate on the base store, read through the audit's reader
+    from bra.audit.reader import latent_firing_rates
+    from bra.sae.registry import load_sae_source
+
+    rates, n_rows = latent_firing_rates(env["base"], load_sae_source(str(env["sae"])), LAYER)
+    match = control["matched_firing"]
+    assert match["base_store"] == str(open_store(env["base"]).path) and match["n_rows"] == n_rows > 0
+    assert match["edited_rates"] == pytest.approx(rates[[2, 5, 7]].tolist())
+    assert sorted(j for _, j in match["pairs"]) == control["latents"]
+    assert match["control_rates"] == pytest.approx(rates[[j for _, j in match["pairs"]]].tolist())
+    assert "matched_firing" not in real
+
+
+def test_intervene__latent_control_needs_a_base_store(env: dict, tmp_path: Path) -> None:
+    from bra.audit.intervene import prepare_edits
+    from bra.pipeline.manifest import load_manifest
+
+    cfg = InterveneConfig(edits=("ablate:latents=3:random=0",), sae=str(env["sae"]))
+    with pytest.raises(EditError, match="matched on firing rate.*give --base-store"):
+        prepare_edits(load_manifest(env["manifest"]), cfg, tmp_path)
 
 
 def test_intervene__stores_verify_score_and_are_left_alone(env: dict, edited: dict, tmp_path: Path) -> None:
@@ -506,6 +549,9 @@ def test_effects__table_controls_and_outputs(env: dict, edited: dict, tmp_path: 
                                                            "hazard_adjacent_category", "all"]
     assert len(doc["prompts"]) == 24 and set(doc["prompts"][0]["after"]) == set(names)
     assert doc["audit"] is None and "no --sae was given" in doc["not_reported"]
+    control = next(r for r in doc["runs"] if r["control"])
+    assert control["matched_firing"]["edited_rates"] and "matched on firing rate" in \
+        (out / "effects.md").read_text()
     assert "no --sae was given" in (out / "effects.md").read_text()
     assert all("audit_rows" not in r for r in doc["runs"])
 

@@ -192,6 +192,15 @@ def effects_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| `{run['spec']}` | {'yes' if run['control'] else ''} | {r['tier']} | {r['n']} | "
                          f"{_pct(r['refusal_before'])} | {_pct(r['refusal_after'])} | {ci} | "
                          f"{r['to_refuse']} | {r['from_refuse']} | {r['labels_changed']} |")
+    matched = [run for run in doc["runs"] if run.get("matched_firing")]
+    if matched:
+        lines += ["", "Random latent controls, matched on firing rate on the base store (mean share of rows "
+                  "where a latent is active; `uniform` = what a uniform draw expects):", "",
+                  "| control | edited | control | uniform |", "|---|---|---|---|"]
+        for run in matched:
+            m = run["matched_firing"]
+            lines.append(f"| `{run['spec']}` | {m['edited_mean']:.1%} | {m['control_mean']:.1%} | "
+                         f"{m['uniform_mean']:.1%} |")
     if doc["audit"] is not None:
         lines += ["", *audit_markdown(doc)]
     names = [run["name"] for run in doc["runs"]]
