@@ -90,8 +90,8 @@ class FixedAudit:
     """The base store's fit, applied to the base and to each edited store (`audit_effects`)."""
 
     def __init__(self, base_path: str | os.PathLike[str], sae: str, cfg: ScoreConfig) -> None:
-        self.cfg = cfg
-        self.sae = sae
+        self.cfg, self.sae = cfg, sae
+        self.layer: int | None = None  # the SAE's own, read off the base store's bundle
         bundle = self._read(base_path)
         table = bundle.table
         self.classes = tier_classes(self.cfg, bundle.facts, table)
@@ -105,8 +105,8 @@ class FixedAudit:
         self.layer = bundle.layer
 
     def _read(self, path: str | os.PathLike[str]) -> Any:
-        return read_eval_bundle(path, {OURS: self.sae}, getattr(self, "layer", None), self.cfg.pool,
-                                self.cfg.seed, labels=self.cfg.labels)
+        return read_eval_bundle(path, {OURS: self.sae}, self.layer, self.cfg.pool, self.cfg.seed,
+                                labels=self.cfg.labels)
 
     def apply(self, path: str | os.PathLike[str]) -> Applied:
         """The fit applied to an edited store's rows, reordered to the base store's prompts."""
