@@ -11,6 +11,14 @@ with the demo SAE (its catalog), then, each beside its random control (``:random
 (b) the refusal direction ablated (projected out at layer 15), read on the prompts the base refused;
 (c) the SAE's ``hazard_adjacent`` catalog latents ablated (error term kept), read on every tier.
 
+``--organism DIR`` (e.g. the shallow SmolLM2 organism, cache/organisms/smollm2-L15/shallow): the same
+studies on a model organism with the validation prompts (manifests/validate-shallow.yaml, plain variant
+only: 40 hazard-tier + 20 benign prompts, max_new_tokens 24), eight edited stores (refusal direction added
+at 1, 2, 4 with a random direction of the same norm at 4; ablated, beside its random direction; the
+hazard_adjacent latents ablated, beside firing-rate-matched random latents), and `effects` given the SAE,
+so D and the depth score are compared under the base store's one fit. It writes its own section of
+``--out`` (between ``<!-- organism -->`` markers; the demo tables are left as they are).
+
 Everything goes through the package (`bra.pipeline.build.build_store`, `bra.audit.score.score`,
 `bra.audit.intervene.intervene`, `bra.audit.effects.effects`); a rerun with the same ``--work`` reuses every
 complete store.
@@ -53,6 +61,35 @@ def edits(scales: tuple[float, ...]) -> dict[str, list[str]]:
         "b": pair("ablate:direction=refusal"),
         "c": pair("ablate:category=hazard_adjacent"),
     }
+
+
+ORGANISM_MANIFEST = ROOT / "manifests" / "validate-shallow.yaml"
+ORGANISM_BEGIN, ORGANISM_END = "<!-- organism -->", "<!-- /organism -->"
+
+
+def organism_edits(scales: tuple[float, ...]) -> dict[str, list[str]]:
+    """Study -> its edits on an organism: eight stores (controls of (a) at the largest scale only)."""
+    top = f"add={max(scales):g}:direction=refusal"
+    return {"a": [f"add={s:g}:direction=refusal" for s in scales] + [f"{top}:random=0"],
+            "b": ["ablate:direction=refusal", "ablate:direction=refusal:random=0"],
+            "c": ["ablate:category=hazard_adjacent", "ablate:category=hazard_adjacent:random=0"]}
+
+
+def write_organism_manifest(work: Path, organism: Path) -> Path:
+    """manifests/validate-shallow.yaml with the plain variant only, the organism and prompt set by absolute
+    path. A work folder's manifest of the same organism is kept as it is (its stores' fingerprints name
+    it: a rerun from another checkout, whose prompt-set path differs, still reuses them)."""
+    path = work / "manifest.yaml"
+    if path.is_file() and (yaml.safe_load(path.read_text(encoding="utf-8")).get("model") or {}).get("id") \
+            == str(organism.resolve()):
+        return path
+    data = yaml.safe_load(ORGANISM_MANIFEST.read_text(encoding="utf-8"))
+    data["name"] = "effects-shallow" if organism.name == "shallow" else f"effects-{organism.name}"
+    data["model"]["id"] = str(organism.resolve())
+    data["prompt_sets"] = [str((ORGANISM_MANIFEST.parent / p).resolve()) for p in data["prompt_sets"]]
+    data["generation"].pop("variants", None)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def write_manifest(work: Path, max_new_tokens: int, batch_size: int) -> Path:
@@ -138,6 +175,104 @@ def render(doc: dict[str, Any], studies: dict[str, list[str]], facts: dict[str, 
     return "\n".join(lines)
 
 
+def _ci(m: dict[str, Any]) -> str:
+    if m["delta"] is None:
+        return "- | - | -"
+    lo, hi = m["ci"]
+    return f"{m['before']:.3f} | {m['after']:.3f} | {m['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _audit_row(run: dict[str, Any], tier: str) -> str:
+    r = next(x for x in run["audit_rows"] if x["tier"] == tier)
+    return (f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | {tier} | "
+            f"{_ci(r['depth_score'])} | {r['depth_score']['n_paired']} | {_ci(r['D'])} | "
+            f"{r['D']['n_paired']} |")
+
+
+AUDIT_HEADER = ["| edit | kind | rows | depth before | after | Δ (95% CI) | n | D before | after "
+                "| Δ (95% CI) | n |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def render_organism(doc: dict[str, Any], studies: dict[str, list[str]], facts: dict[str, Any]) -> str:
+    """The organism section of bench/results-effects.md."""
+    runs = {r["spec"]: r for r in doc["runs"]}
+    refused = [p for p in doc["prompts"] if p["before"] == "refuse"]
+    hazard_tier = next(t for t in facts["tiers"] if t != "benign_bio" and t != "all")
+    a = doc["audit"]
+    lines = [ORGANISM_BEGIN, f"# Causal checks on the {facts['organism']} organism (issue 17)", "",
+             f"Command: `{facts['command']}` ({facts['date']}; the stores took {facts['minutes']:.0f} min of "
+             f"wall time on {facts['threads']} CPU threads shared with other jobs, load average "
+             f"{facts['load']}; {facts['n_prompts']} prompts, max_new_tokens {facts['max_new_tokens']}, "
+             f"greedy). The stores were built by the same package calls as `bra-sae intervene` and "
+             f"`bra-sae effects --sae` make.", "",
+             f"Model `{facts['model']}` (provenance: refusal trained above block {facts['layer']} only, so "
+             f"its block-{facts['layer']} residual is bitwise the base SmolLM2's), edits at layer "
+             f"{facts['layer']} "
+             f"(block output, every position), SAE `{facts['sae']}` (trained on the base model's corpus "
+             f"store). Prompts: manifests/data/eval-validate.jsonl (plain variant only). Surface labels: the "
+             f"phrase rules. {doc['measure']}.", "",
+             f"Refusal direction: refused minus complied prompts' residuals at the last prompt token on the "
+             f"train split ({facts['refusal_counts']}), norm {facts['refusal_norm']:.1f} (mean residual norm "
+             f"there {facts['residual_norm']:.1f}). Since the residual here is the base model's and the "
+             f"organism refuses the hazard tier, this is essentially the base model's hazard-vs-benign "
+             f"direction. Random controls: a seeded random direction of the same norm; for the "
+             f"{facts['n_hazard_latents']} hazard_adjacent latents, as many random latents matched on "
+             f"firing rate on the base store (edited {facts['firing_edit']:.1%} of rows, control "
+             f"{facts['firing_control']:.1%}; a uniform draw would average "
+             f"{facts['firing_uniform']:.1%}).", "",
+             f"Base refusal rate by tier: {facts['base_rates']}.", "",
+             "## (a) Adding the refusal direction, read on the benign prompts", "", *HEADER]
+    lines += [_row(runs[s], "benign_bio") for s in studies["a"]]
+    lines += ["", "## (b) Ablating the refusal direction, read on the prompts the base refused", "",
+              f"The base store refused {len(refused)} of {len(doc['prompts'])} prompts. After each edit:", "",
+              "| edit | kind | still refused | labels after (counts) |", "|---|---|---|---|"]
+    for s in studies["b"]:
+        after = [p["after"][runs[s]["name"]] for p in refused]
+        counts = ", ".join(f"{c} {after.count(c)}" for c in LABELS if after.count(c))
+        lines.append(f"| `{s}` | {'random' if runs[s]['control'] else 'edit'} | "
+                     f"{sum(x == 'refuse' for x in after)} of {len(refused)} | {counts} |")
+    lines += ["", *HEADER, *[_row(runs[s], t) for s in studies["b"] for t in (hazard_tier, "all")]]
+    lines += ["", "## (c) Ablating the hazard_adjacent catalog latents", "", *HEADER]
+    lines += [_row(runs[s], t) for s in studies["c"] for t in facts["tiers"]]
+    lines += ["", "## Surface labels after each edit (all prompts)", "",
+              "| edit | kind | " + " | ".join(LABELS) + " |", "|---|---|" + "---|" * len(LABELS),
+              "| base | - | " + " | ".join(str(sum(p["before"] == c for p in doc["prompts"])) for c in LABELS)
+              + " |"]
+    for run in doc["runs"]:
+        after = [p["after"][run["name"]] for p in doc["prompts"]]
+        lines.append(f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | "
+                     + " | ".join(str(after.count(c)) for c in LABELS) + " |")
+    scale = a["depth_scale"]
+    lines += ["", "## D and depth score under the base store's one fit", "", a["measure"] + ".", "",
+              f"The fit: {len(a['hazard_latents'])} hazard_adjacent latents; D threshold "
+              f"{'none' if a['d_threshold'] is None else format(a['d_threshold'], '.3f')}; depth scale "
+              f"{'usable' if scale['usable'] else 'unusable'} (reference {scale['reference']}, t_deep "
+              f"{scale['t_deep']}, t_shallow {scale['t_shallow']}); prompts per split "
+              f"{a['n_per_split']}.", "",
+              *AUDIT_HEADER]
+    lines += [_audit_row(run, t) for run in doc["runs"]
+              for t in (hazard_tier, "benign_bio", "all (test split)")]
+    lines += ["", "Transitions over all prompts (depth category; D-rule verdict of a refusal):", "",
+              "| edit | kind | depth category | D-rule verdict |", "|---|---|---|---|"]
+    for run in doc["runs"]:
+        r = next(x for x in run["audit_rows"] if x["tier"] == "all")
+        cat = "; ".join(f"{k}: {v}" for k, v in r["category_transitions"].items()) or "none"
+        dv = "; ".join(f"{k}: {v}" for k, v in r["d_verdict_transitions"].items()) or "none"
+        lines.append(f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | {cat} | {dv} |")
+    lines += ["", "Full tables, per-prompt labels and the plot: `effects.md`, `effects.json`, `effects.png` "
+              "in the work folder's `effects/`.", ORGANISM_END, ""]
+    return "\n".join(lines)
+
+
+def _splice(old: str, section: str) -> str:
+    """``old`` with its organism section replaced by ``section`` (appended when it has none)."""
+    if ORGANISM_BEGIN in old and ORGANISM_END in old:
+        head, _, rest = old.partition(ORGANISM_BEGIN)
+        return head + section.rstrip("\n") + rest.partition(ORGANISM_END)[2]
+    return old.rstrip("\n") + "\n\n" + section
+
+
 def _minutes(work: Path, t0: float, built_now: bool) -> float:
     """Wall minutes of the run that built the stores (kept in the work folder, so a rerun that reuses them
     reports the run that made them)."""
@@ -172,9 +307,17 @@ def _firing(store_path: Any, sae_path: str, latents: list[int]) -> float:
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=ROOT / "bench" / "results-effects.md", show_default=True)
-def main(work: Path, sae: str, max_new_tokens: int, batch_size: int, threads: int, out: Path) -> None:
+@click.option("--organism", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="A model organism folder (e.g. cache/organisms/smollm2-L15/shallow): run the studies on "
+                   "it with the validation prompts and write its section of --out.")
+def main(work: Path, sae: str, max_new_tokens: int, batch_size: int, threads: int, out: Path,
+         organism: Path | None) -> None:
     """Run studies (a), (b), (c) and write the results file."""
     import torch
+
+    if organism is not None:
+        run_organism(work, organism, sae, threads, out)
+        return
 
     from bra.audit.config import ScoreConfig
     from bra.audit.edits import InterveneConfig
@@ -224,6 +367,74 @@ def main(work: Path, sae: str, max_new_tokens: int, batch_size: int, threads: in
                                      for r in rates)}
     write_text_atomic(out, render(doc, studies, facts))
     logger.info("wrote %s (the stores took %.1f min)", out, minutes)
+
+
+def _span_minutes(work: Path, t_start: float, built_now: bool) -> float:
+    """Wall minutes from the first run that started building this work folder's stores to the last run
+    that built one (``timing.json``: started, finished, epoch seconds), so a resumed or reused run reports
+    the whole span, interruptions included."""
+    record = work / "timing.json"
+    span = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    span.setdefault("started", t_start)
+    if built_now or "finished" not in span:
+        span["finished"] = time.time()
+    record.write_text(json.dumps(span), encoding="utf-8")
+    return (span["finished"] - span["started"]) / 60
+
+
+def run_organism(work: Path, organism: Path, sae: str, threads: int, out: Path) -> None:
+    """The studies on an organism (module doc); writes its section of ``out``."""
+    import datetime
+
+    import torch
+
+    from bra.audit.config import ScoreConfig
+    from bra.audit.edits import EffectsConfig, InterveneConfig
+    from bra.audit.effects import effects
+    from bra.audit.intervene import intervene
+    from bra.audit.score import score
+    from bra.fsutil import write_text_atomic
+    from bra.pipeline.build import build_store
+    from bra.pipeline.manifest import load_manifest
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    load_start = os.getloadavg()
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(write_organism_manifest(work, organism))
+    base = build_store(manifest, work / "base.zarr").path
+    report = work / "score"
+    if not (report / "catalog.json").is_file():
+        score(base, sae, report, ScoreConfig(n_boot=200, n_perm=200))
+    studies = organism_edits(SCALES)
+    specs = [e for group in studies.values() for e in group]
+    cfg = InterveneConfig(edits=tuple(specs), sae=sae, catalog=str(report), base_store=str(base))
+    built = intervene(manifest, work / "edits", cfg)
+    doc = effects(base, [r.path for _, r in built], work / "effects", EffectsConfig(sae=sae))
+    minutes = _span_minutes(work, t_start, any(r.status != "already-complete" for _, r in built))
+    records = {item.spec.text: item.edit.record for item, _ in built}
+    refusal = records["ablate:direction=refusal"]["direction"]
+    match = records["ablate:category=hazard_adjacent:random=0"]["matched_firing"]
+    rates = doc["runs"][0]["rows"]
+    load_end = os.getloadavg()
+    facts = {"command": " ".join(["python -m bench.effects", *map(shlex.quote, sys.argv[1:])]),
+             "organism": organism.name,
+             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+             "load": f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end (1-min; 2 cores)",
+             "minutes": minutes, "threads": threads, "n_prompts": len(doc["prompts"]),
+             "max_new_tokens": manifest.generation.max_new_tokens, "model": manifest.model.id,
+             "layer": manifest.layers[0], "sae": sae, "tiers": [r["tier"] for r in rates],
+             "refusal_counts": f"{refusal['n_positive']} refused, {refusal['n_negative']} complied",
+             "refusal_norm": refusal["norm"], "residual_norm": refusal["mean_residual_norm"],
+             "n_hazard_latents": records["ablate:category=hazard_adjacent"]["n_latents"],
+             "firing_edit": match["edited_mean"], "firing_control": match["control_mean"],
+             "firing_uniform": match["uniform_mean"],
+             "base_rates": ", ".join(f"{r['tier']} {100 * r['refusal_before']:.1f}% ({r['n']})"
+                                     for r in rates)}
+    old = out.read_text(encoding="utf-8") if out.is_file() else ""
+    write_text_atomic(out, _splice(old, render_organism(doc, studies, facts)))
+    logger.info("wrote the %s section of %s (the stores took %.1f min)", organism.name, out, minutes)
 
 
 if __name__ == "__main__":

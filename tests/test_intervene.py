@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-from helpers import error_lines, label_by_tier, write_eval_set, write_manifest
+from helpers import error_lines, label_by_tier, sae_main_code, write_eval_set, write_manifest
 
 from bra.audit.edits import EditSpec, InterveneConfig, parse_edit, parse_edits
 from bra.audit.steering import DirectionEdit, LatentEdit, random_direction, random_latents
@@ -283,6 +283,29 @@ def test_intervene__ablated_latent_is_zero_in_the_stored_residual_and_the_error_
     assert torch.allclose(xe - sae.decode(sae.encode(xe)), xb - sae.decode(sae.encode(xb)), atol=1e-4)
 
 
+def test_matched_random_latents__firing_rates_closer_than_uniform_draws() -> None:
+    from bra.audit.steering import matched_random_latents
+
+    # 200 latents firing on 0..100% of rows; the edit is the 10 that fire most (as catalog latents do)
+    rates = np.linspace(0.0, 1.0, 200)
+    ids = list(range(190, 200))
+    control, record = matched_random_latents(rates, ids, seed=0)
+    assert len(set(control)) == 10 and not set(control) & set(ids) and list(control) == sorted(control)
+    assert (control, record) == matched_random_latents(rates, ids, seed=0)
+    assert control != matched_random_latents(rates, ids, seed=1)[0]
+    edited_mean = rates[ids].mean()
+    assert record["edited_mean"] == pytest.approx(edited_mean)
+    assert record["control_mean"] == pytest.approx(rates[list(control)].mean())
+    assert record["uniform_mean"] == pytest.approx(np.delete(rates, ids).mean())
+    matched_gap = abs(record["control_mean"] - edited_mean)
+    uniform_gaps = [abs(rates[list(random_latents(200, 10, ids, s))].mean() - edited_mean) for s in range(20)]
+    assert matched_gap < 0.1 and matched_gap < min(uniform_gaps)
+    assert [i for i, _ in record["pairs"]] == ids
+    assert all(abs(rates[i] - rates[j]) <= 0.2 for i, j in record["pairs"])  # 20 neighbours at most
+    with pytest.raises(EditError, match="fewer"):
+        matched_random_latents(rates[:12], ids[:0] + list(range(7)), seed=0)
+
+
 def test_intervene__added_direction_moves_the_stored_residual_by_that_vector(env: dict, edited: dict) -> None:
     _, base = prompt_rows(env["base"])
     _, new = prompt_rows(edited["add"])
@@ -298,6 +321,26 @@ def test_intervene__category_edit_and_its_random_control_record_their_latents(en
     assert real["latents"] == [2, 5, 7] and not real["control"]
     assert control["control"] and control["pair"] == real["spec"] and len(control["latents"]) == 3
     assert not set(control["latents"]) & {2, 5, 7} and control["control_of_latents"] == [2, 5, 7]
+    # the control is matched on firing rate on the base store, read through the audit's reader
+    from bra.audit.reader import latent_firing_rates
+    from bra.sae.registry import load_sae_source
+
+    rates, n_rows = latent_firing_rates(env["base"], load_sae_source(str(env["sae"])), LAYER)
+    match = control["matched_firing"]
+    assert match["base_store"] == str(open_store(env["base"]).path) and match["n_rows"] == n_rows > 0
+    assert match["edited_rates"] == pytest.approx(rates[[2, 5, 7]].tolist())
+    assert sorted(j for _, j in match["pairs"]) == control["latents"]
+    assert match["control_rates"] == pytest.approx(rates[[j for _, j in match["pairs"]]].tolist())
+    assert "matched_firing" not in real
+
+
+def test_intervene__latent_control_needs_a_base_store(env: dict, tmp_path: Path) -> None:
+    from bra.audit.intervene import prepare_edits
+    from bra.pipeline.manifest import load_manifest
+
+    cfg = InterveneConfig(edits=("ablate:latents=3:random=0",), sae=str(env["sae"]))
+    with pytest.raises(EditError, match="matched on firing rate.*give --base-store"):
+        prepare_edits(load_manifest(env["manifest"]), cfg, tmp_path)
 
 
 def test_intervene__stores_verify_score_and_are_left_alone(env: dict, edited: dict, tmp_path: Path) -> None:
@@ -505,7 +548,96 @@ def test_effects__table_controls_and_outputs(env: dict, edited: dict, tmp_path: 
     assert [r["tier"] for r in doc["runs"][0]["rows"]] == ["benign_bio", "dual_use_bio",
                                                            "hazard_adjacent_category", "all"]
     assert len(doc["prompts"]) == 24 and set(doc["prompts"][0]["after"]) == set(names)
-    assert "TODO" in doc["not_reported"]
+    assert doc["audit"] is None and "no --sae was given" in doc["not_reported"]
+    control = next(r for r in doc["runs"] if r["control"])
+    assert control["matched_firing"]["edited_rates"] and "matched on firing rate" in \
+        (out / "effects.md").read_text()
+    assert "no --sae was given" in (out / "effects.md").read_text()
+    assert all("audit_rows" not in r for r in doc["runs"])
+
+
+def _loose(seed: int = 0):
+    from bra.audit.config import ScoreConfig
+
+    # 24 prompts of a random model: no latent passes the default BH level and a calibration tier holds 2
+    # prompts, so the fit is loosened until it gives numbers (a "no change" of nothing would prove nothing)
+    return ScoreConfig(seed=seed, fdr=0.99, min_effect=0.0, min_reference=1, n_null=2)
+
+
+LOOSE = _loose()
+
+
+@pytest.fixture(scope="module")
+def usable_fit(env: dict):
+    """The first split seed whose loosened fit on the base store has a usable depth scale (on a random
+    model the hazard latents mark nothing, so on some splits the scale is rightly unusable)."""
+    from bra.audit.effects_audit import FixedAudit
+
+    for seed in range(20):
+        cfg = _loose(seed)
+        if FixedAudit(env["base"], str(env["sae"]), cfg).fit.scale.usable:
+            return cfg
+    pytest.fail("no split seed gives a usable depth scale on the tiny store")
+
+
+@pytest.fixture(scope="module")
+def labelled_identity(env: dict, edited: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The identity-latent store with the base store's labels (the base was relabelled by tier after its
+    build), so that an identity edit changes nothing the audit reads."""
+    out = tmp_path_factory.mktemp("identity") / "scale1-latents-3.zarr"
+    shutil.copytree(edited["identity_latents"], out)
+    label_by_tier(out)
+    return out
+
+
+def test_effects_audit__identity_edit_changes_no_depth_and_no_d(env: dict, edited: dict,
+                                                                 labelled_identity: Path, usable_fit) -> None:
+    from bra.audit.edits import EffectsConfig
+    from bra.audit.effects import compute_effects, effects_markdown
+
+    doc = compute_effects(env["base"], [labelled_identity, edited["ablate"]],
+                          EffectsConfig(sae=str(env["sae"]), n_boot=100), usable_fit)
+    assert doc["not_reported"] is None and doc["audit"]["sae"] == str(env["sae"])
+    identity, ablate = doc["runs"]
+    rows = {r["tier"]: r for r in identity["audit_rows"]}
+    assert set(rows) == {"benign_bio", "dual_use_bio", "hazard_adjacent_category", "all", "all (test split)"}
+    # a fit that gives numbers at all: otherwise "no change" would be vacuous
+    assert rows["all"]["D"]["n_paired"] > 0 and rows["all"]["depth_score"]["n_paired"] > 0
+    for r in identity["audit_rows"]:
+        for m in ("depth_score", "D"):
+            if r[m]["n_paired"]:
+                assert r[m]["delta"] == 0.0 and (r[m]["n_paired"] == 1 or r[m]["ci"] == [0.0, 0.0])
+                assert r[m]["before"] == r[m]["after"]
+        assert r["category_transitions"] == {} and r["d_verdict_transitions"] == {}
+    # the ablation store keeps its own (rule) labels: the audit reads them, so something moves
+    moved = {r["tier"]: r for r in ablate["audit_rows"]}["all"]
+    assert moved["category_transitions"] or moved["D"]["delta"] != 0.0
+    text = effects_markdown(doc)
+    assert "D and depth score under the base store's fit" in text and "Not reported" not in text
+
+
+def test_effects_audit__the_fit_is_the_base_stores_only(env: dict, edited: dict) -> None:
+    """Every edited store is read under the base store's fit: the fit JSON is one, whatever is compared."""
+    from bra.audit.edits import EffectsConfig
+    from bra.audit.effects import compute_effects
+
+    cfg = EffectsConfig(sae=str(env["sae"]), n_boot=20)
+    one = compute_effects(env["base"], [edited["ablate"]], cfg, LOOSE)["audit"]
+    two = compute_effects(env["base"], [edited["add"], edited["category"]], cfg, LOOSE)["audit"]
+    assert one == two
+
+
+def test_effects_audit__bad_sae_is_one_line_before_any_output(env: dict, edited: dict, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from bra.sae.formats import save_saelens
+
+    narrow = save_saelens(orthonormal_sae(str(env["model"]), d_model=32), tmp_path / "sae-narrow")
+    out = tmp_path / "effects"
+    code = sae_main_code(["effects", str(env["base"]), str(edited["ablate"]), "--out", str(out),
+                          "--sae", str(narrow), "--n-boot", "20"])
+    lines = error_lines(capsys.readouterr().err)
+    assert code != 0 and len(lines) == 1 and "d_model 32" in lines[0], lines
+    assert not out.exists()
 
 
 def test_effects__refuses_unedited_edited_and_foreign_stores(env: dict, edited: dict, tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ written from the result alone (`report.write_outputs`: JSON, parquet, `plots`, a
 `templates/report.html.j2`). `compare.compare_reports` tables several score reports (`bra-sae compare`).
 Which tiers are the hazard and benign classes is decided once, by `classes.resolve_classes`.
 `intervene.intervene` builds eval stores under residual edits (`edits`: the specs, `steering`: the math) and
-`effects.effects` compares them with their unedited store (`bra-sae intervene`, `bra-sae effects`).
+`effects.effects` compares them with their unedited store (`bra-sae intervene`, `bra-sae effects`); the
+change in D and depth there is read under one fit of the base store (`fixed_fit`: score's fit split from
+its apply; `effects_audit`).
 """
 
 import importlib
@@ -22,7 +24,8 @@ _EXPORTS = {
     "read_eval_bundle": "reader", "write_outputs": "report",
     "analyse": "score", "compute_scores": "score", "score": "score",
     "EditSpec": "edits", "EffectsConfig": "edits", "InterveneConfig": "edits", "parse_edit": "edits",
-    "prepare_edits": "intervene", "compute_effects": "effects",
+    "prepare_edits": "intervene", "compute_effects": "effects", "AuditFit": "fixed_fit",
+    "apply_fit": "fixed_fit", "fit_audit": "fixed_fit",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -13,8 +13,9 @@ Grammar: ``OP[=VALUE]:TARGET=NAME[:random=SEED]``
   residuals (at the last prompt token) on the train split of a base store, as Arditi et al. (2024) take
   theirs from harmful minus harmless instructions; ``hazard`` is exactly that contrast (hazard minus benign
   tiers), for models that rarely refuse.
-- ``:random=SEED``: the control of the same edit: as many random latents (drawn, seeded, from the latents
-  outside the edit), or a random direction of the same norm (seeded).
+- ``:random=SEED``: the control of the same edit: as many random latents, each drawn (seeded) among the
+  non-edited latents nearest an edited one in firing rate on the base store (``--base-store``; catalog
+  latents fire on most rows, uniformly drawn ones on few), or a random direction of the same norm (seeded).
 
 Examples: ``ablate:category=hazard_adjacent``, ``scale=0.5:latents=3,17``, ``add=4:direction=refusal``,
 ``ablate:direction=refusal:random=0``.
@@ -193,7 +194,8 @@ class InterveneConfig:
     category= edits."""
     base_store: str | None = None
     """Unedited eval store of the same manifest: the refusal and hazard directions are computed from its
-    residuals; needed by direction=refusal|hazard."""
+    residuals, and random latent controls are matched on its firing rates; needed by
+    direction=refusal|hazard and by latent edits with :random=SEED."""
     layer: int | None = None
     """Block whose output is edited; default: the SAE's layer, else the manifest's only layer."""
     seed: int = 0
@@ -220,6 +222,12 @@ class EffectsConfig:
     """Seed of the bootstrap."""
     labels: LabelSource = "auto"
     """Surface labels compared: rules, judges, consensus, or auto (consensus when judged, else rules)."""
+    sae: str | None = None
+    """SAE of the audit (as `bra-sae score --sae`): with it, the change in D and in the depth score under
+    one fit of the base store (its catalog, T, D threshold and depth scale) applied to every edited store;
+    without it, surface labels only."""
+    split_seed: int = 0
+    """Split seed of that fit (as `bra-sae score --seed`); the fractions are score's defaults."""
 
     def __post_init__(self) -> None:
         if self.n_boot < 1:

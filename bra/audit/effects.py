@@ -1,5 +1,5 @@
 """`bra-sae effects BASE_STORE EDITED_STORE...`: what the edits of `bra-sae intervene` changed, read from
-the stores' prompts tables alone (no model, no SAE).
+the stores' prompts tables and, given the audit's SAE (``--sae``), their activations.
 
 Per prompt: its surface label before (BASE_STORE) and after (each edited store), matched by prompt id. Per
 edited store and tier: the refusal rate (share labelled ``refuse``; ``unknown`` counts as not refused)
@@ -8,8 +8,9 @@ within each tier; the "all" row resamples within every tier, so its tier mix is 
 controls sit beside the edit they control (the same spec without ``:random=SEED``). Edits that differ only
 in their number (`bra.audit.edits.EditSpec.family`) form a dose-response series, plotted against it.
 
-Not reported yet: the change in D and in the depth category. The score module is being rewritten (issue
-13); once it exposes a depth score for a store scored with a fixed catalog and T, it belongs here. TODO.
+With ``--sae``: the change in D and in the depth score, under ONE fit of the audit on the base store
+applied unchanged to every edited store (`bra.audit.effects_audit`), and the transitions of the depth
+categories and of the D rule's verdicts. Without it, labels only (the outputs say so).
 
 Outputs (written together, `bra.fsutil.atomic_dir`): effects.json, effects.md, effects.png.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bra.audit.config import ScoreConfig
 from bra.audit.edits import EffectsConfig
 from bra.audit.labels import choose_labels
 from bra.audit.reader import read_prompts
@@ -39,8 +41,8 @@ logger = logging.getLogger(__name__)
 EFFECTS_JSON, EFFECTS_MD, EFFECTS_PNG = "effects.json", "effects.md", "effects.png"
 ALL = "all"
 """The row of every prompt together."""
-NOT_REPORTED = ("change in D and in the refusal-depth category: not computed yet (TODO: needs a depth score "
-                "from the score module for an edited store under the base store's catalog and T)")
+NO_SAE = ("change in D and in the depth score: not computed, because no --sae was given (they need the "
+          "audit's SAE to read the stores' activations)")
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,10 @@ def _ordered(sides: list[_Side]) -> list[_Side]:
 
 
 def compute_effects(base_path: str | os.PathLike[str], edited_paths: Sequence[str | os.PathLike[str]],
-                    cfg: EffectsConfig | None = None) -> dict[str, Any]:
-    """The comparison as JSON (see the module doc); reads the stores, writes nothing."""
+                    cfg: EffectsConfig | None = None, score_cfg: ScoreConfig | None = None) -> dict[str, Any]:
+    """The comparison as JSON (see the module doc); reads the stores, writes nothing. ``score_cfg``: the
+    audit settings of the fit when ``cfg.sae`` is given (default: `bra-sae score`'s, with ``cfg``'s split
+    seed and labels)."""
     cfg = cfg or EffectsConfig()
     if not edited_paths:
         raise EditError("give at least one EDITED_STORE after BASE_STORE")
@@ -135,6 +139,14 @@ def compute_effects(base_path: str | os.PathLike[str], edited_paths: Sequence[st
     tiers = before["tier"].astype(str).to_numpy()
     runs, per_prompt = [], {pid: {"id": pid, "tier": t, "before": lab, "after": {}}
                             for pid, t, lab in zip(before.index, tiers, before["surface_label"], strict=True)}
+    audit = None
+    if cfg.sae is not None:  # the base store's fit, once, before any edited store is read
+        from bra.audit.effects_audit import FixedAudit
+
+        audit = FixedAudit(base.path, cfg.sae,
+                           score_cfg or ScoreConfig(seed=cfg.split_seed, labels=cfg.labels))
+        if [str(i) for i in audit.ids] != [str(i) for i in before.index]:
+            raise EditError(f"{base.path}: its prompts table and its activations disagree on the prompts")
     for side in _ordered(sides):
         after = side.table.set_index("id").loc[before.index, "surface_label"].astype(str)
         edit = side.edit or {}
@@ -143,13 +155,25 @@ def compute_effects(base_path: str | os.PathLike[str], edited_paths: Sequence[st
                      "family": edit.get("family"), "dose": edit.get("dose"), "layer": edit.get("layer"),
                      "n_latents": edit.get("n_latents"),
                      "direction_norm": (edit.get("direction") or {}).get("norm"),
-                     "rows": _rows(before["surface_label"].astype(str), after, tiers, cfg)})
+                     "rows": _rows(before["surface_label"].astype(str), after, tiers, cfg),
+                     **({"matched_firing": edit["matched_firing"]} if edit.get("matched_firing") else {})})
+        if audit is not None:
+            runs[-1]["audit_rows"] = audit.rows(audit.apply(side.path), _tier_order(list(tiers)), cfg.n_boot,
+                                                cfg.seed)
         for pid, lab in after.items():
             per_prompt[str(pid)]["after"][side.name] = lab
     return {"base": base.path, "labels": cfg.labels, "n_boot": cfg.n_boot, "seed": cfg.seed,
             "measure": "refusal rate = share of prompts whose surface label is 'refuse' (unknown counts as "
                        "not refused); CI: paired bootstrap over prompts within tiers, 95% percentile",
-            "not_reported": NOT_REPORTED, "runs": runs, "prompts": list(per_prompt.values())}
+            "audit": None if audit is None else {**audit.to_json(), "sae": cfg.sae, "measure": AUDIT_MEASURE},
+            "not_reported": None if audit is not None else NO_SAE, "runs": runs,
+            "prompts": list(per_prompt.values())}
+
+
+AUDIT_MEASURE = ("depth score and D of every store under ONE fit on the base store (catalog on its train "
+                 "split; T, magnitude floor, D threshold and depth scale on its calibration split), applied "
+                 "unchanged; means over the prompts finite before and after, Δ = mean paired change with "
+                 "a 95% bootstrap CI; the test-split row holds only prompts the fit never read")
 
 
 def _pct(x: float) -> str:
@@ -159,7 +183,7 @@ def _pct(x: float) -> str:
 def effects_markdown(doc: dict[str, Any]) -> str:
     """The table (every run, controls beside their edit) and the prompts whose label changed."""
     lines = [f"# Effects of residual edits vs `{doc['base']}`", "", doc["measure"] + ".", "",
-             f"Not reported: {doc['not_reported']}.", "",
+             *([f"Not reported: {doc['not_reported']}.", ""] if doc["not_reported"] else []),
              "| edit | control | tier | n | refusal before % | after % | Δ pp (95% CI) | → refuse | "
              "refuse → | labels changed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in doc["runs"]:
@@ -168,6 +192,17 @@ def effects_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| `{run['spec']}` | {'yes' if run['control'] else ''} | {r['tier']} | {r['n']} | "
                          f"{_pct(r['refusal_before'])} | {_pct(r['refusal_after'])} | {ci} | "
                          f"{r['to_refuse']} | {r['from_refuse']} | {r['labels_changed']} |")
+    matched = [run for run in doc["runs"] if run.get("matched_firing")]
+    if matched:
+        lines += ["", "Random latent controls, matched on firing rate on the base store (mean share of rows "
+                  "where a latent is active; `uniform` = what a uniform draw expects):", "",
+                  "| control | edited | control | uniform |", "|---|---|---|---|"]
+        for run in matched:
+            m = run["matched_firing"]
+            lines.append(f"| `{run['spec']}` | {m['edited_mean']:.1%} | {m['control_mean']:.1%} | "
+                         f"{m['uniform_mean']:.1%} |")
+    if doc["audit"] is not None:
+        lines += ["", *audit_markdown(doc)]
     names = [run["name"] for run in doc["runs"]]
     changed = [p for p in doc["prompts"] if any(p["after"][n] != p["before"] for n in names)]
     lines += ["", f"## Prompts whose surface label changed ({len(changed)} of {len(doc['prompts'])})", ""]
@@ -178,6 +213,51 @@ def effects_markdown(doc: dict[str, Any]) -> str:
                   + " | ".join(p["after"][n] if p["after"][n] != p["before"] else "=" for n in names) + " |"
                   for p in changed]
     return "\n".join(lines) + "\n"
+
+
+def _mean_cell(m: dict[str, Any]) -> str:
+    if m["delta"] is None:
+        return "- | - | -"
+    lo, hi = m["ci"]
+    ci = "" if lo != lo else f" [{lo:+.3f}, {hi:+.3f}]"
+    return f"{m['before']:.3f} | {m['after']:.3f} | {m['delta']:+.3f}{ci}"
+
+
+def _transitions_cell(t: dict[str, int]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in t.items()) or "none"
+
+
+def audit_markdown(doc: dict[str, Any]) -> list[str]:
+    """The D / depth-score table under the base store's fit and the transitions."""
+    a = doc["audit"]
+    scale = a["depth_scale"]
+    thr = "none" if a["d_threshold"] is None else f"{a['d_threshold']:.3f}"
+    lines = ["## D and depth score under the base store's fit", "", a["measure"] + ".", "",
+             f"The fit (SAE `{a['sae']}`, split seed {a['split_seed']}, prompts per split "
+             f"{a['n_per_split']}): "
+             f"{len(a['hazard_latents'])} hazard_adjacent latents"
+             + (f" ({a['hazard_reason']})" if a["hazard_reason"] else "")
+             + f"; D threshold {thr} (from {a['n_threshold_fit']} calibration prompts); depth scale "
+             + ("usable" if scale["usable"] else "unusable")
+             + f" (reference {scale['reference']}" + (f"; {scale['note']}" if scale["note"] else "") + ").",
+             "", "| edit | control | tier | n | depth before | after | Δ (95% CI) | n paired | D before "
+             "| after | Δ (95% CI) | n paired |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in doc["runs"]:
+        for r in run.get("audit_rows", []):
+            d, m = r["depth_score"], r["D"]
+            lines.append(f"| `{run['spec']}` | {'yes' if run['control'] else ''} | {r['tier']} | {r['n']} | "
+                         f"{_mean_cell(d)} | {d['n_paired']} | {_mean_cell(m)} | {m['n_paired']} |")
+    lines += ["", "Transitions (all prompts): depth category of each prompt, and the D rule's verdict of a "
+              "refusal (`not refused` for the rest).", "",
+              "| edit | control | depth category | D-rule verdict |",
+              "|---|---|---|---|"]
+    for run in doc["runs"]:
+        r = next((x for x in run.get("audit_rows", []) if x["tier"] == ALL), None)
+        if r is not None:
+            lines.append(f"| `{run['spec']}` | {'yes' if run['control'] else ''} | "
+                         f"{_transitions_cell(r['category_transitions'])} | "
+                         f"{_transitions_cell(r['d_verdict_transitions'])} |")
+    return lines
 
 
 def effects_plot(doc: dict[str, Any]) -> Any:
@@ -214,11 +294,12 @@ def _refuse_foreign_out(out: Path) -> None:
 
 
 def effects(base_path: str | os.PathLike[str], edited_paths: Sequence[str | os.PathLike[str]],
-            out: str | os.PathLike[str], cfg: EffectsConfig | None = None) -> dict[str, Any]:
+            out: str | os.PathLike[str], cfg: EffectsConfig | None = None,
+            score_cfg: ScoreConfig | None = None) -> dict[str, Any]:
     """Compare, then write effects.json, effects.md and effects.png to ``out`` at once; return the JSON."""
     out = Path(out)
     _refuse_foreign_out(out)
-    doc = compute_effects(base_path, edited_paths, cfg)
+    doc = compute_effects(base_path, edited_paths, cfg, score_cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         (tmp / EFFECTS_JSON).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -228,5 +309,6 @@ def effects(base_path: str | os.PathLike[str], edited_paths: Sequence[str | os.P
     return doc
 
 
-__all__ = ["EffectsConfig", "compute_effects", "effects", "effects_markdown", "effects_plot",
+__all__ = ["EffectsConfig", "audit_markdown", "compute_effects", "effects", "effects_markdown",
+           "effects_plot",
            "paired_bootstrap"]

@@ -9,6 +9,10 @@ usual schema whose attrs record the edit (``edit``) and whose fingerprint covers
 a kill, verifies, and `bra-sae score` and `bra-cache relabel` read it unchanged. The stored layer holds
 the residual stream after the edit (what the blocks above received).
 
+A random latent control (``:random=SEED``) is matched on firing rate: each edited latent gets a
+non-edited one of similar firing rate on the base store (`bra.audit.steering.matched_random_latents`;
+rates read by `bra.audit.reader.latent_firing_rates`), recorded as ``matched_firing`` in its edit attr.
+
 Where the edit applies: the output of one block, at every position (prompt tokens and each generated
 token). Arditi et al. (2024) ablate their direction at every layer; one layer is a weaker ablation.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +41,15 @@ from bra.audit.edits import (
     parse_edits,
 )
 from bra.audit.labels import AUTO, choose_labels
+from bra.audit.reader import latent_firing_rates
 from bra.audit.report import CATALOG_FILE
 from bra.audit.splits import group_keys, split_prompts
 from bra.audit.steering import (
     DirectionEdit,
     LatentEdit,
     describe_vector,
+    matched_random_latents,
     random_direction,
-    random_latents,
     vector_digest,
 )
 from bra.cache import lifecycle, schema
@@ -61,6 +67,7 @@ from bra.pipeline.build import (
 from bra.pipeline.manifest import Manifest
 from bra.pipeline.model import ResidualEdit, config_int, load_config
 from bra.sae.base import SparseAutoencoder
+from bra.sae.evaluate import organism_base
 from bra.sae.registry import LoadHints, load_sae_source
 from bra.vocab import COMPLY, FEATURE_CATEGORIES, REFUSE, SEGMENT_PROMPT
 
@@ -121,7 +128,8 @@ def _load_sae(cfg: InterveneConfig, model: ModelFacts) -> SparseAutoencoder:
     if sae.cfg.d_model != model.d_model:
         raise EditError(f"--sae {cfg.sae}: it reads d_model {sae.cfg.d_model}, but {model.model_id} has a "
                         f"residual width of {model.d_model}")
-    if sae.cfg.model_name and sae.cfg.model_name != model.model_id:
+    if sae.cfg.model_name and sae.cfg.model_name != model.model_id and \
+            organism_base(model.model_id) != sae.cfg.model_name:  # a base model's SAE reads its organisms
         raise EditError(f"--sae {cfg.sae}: it was trained on {sae.cfg.model_name}, the manifest runs "
                         f"{model.model_id}")
     return sae
@@ -172,20 +180,30 @@ def _category_latents(spec: EditSpec, catalog: dict[str, dict[str, Any]] | None)
 
 
 def _latent_edit(spec: EditSpec, sae: SparseAutoencoder, sae_source: str | None,
-                 catalog: dict[str, dict[str, Any]] | None) -> tuple[LatentEdit, dict[str, Any]]:
+                 catalog: dict[str, dict[str, Any]] | None,
+                 rates: Callable[[], tuple[np.ndarray, dict[str, Any]]]) -> tuple[LatentEdit, dict[str, Any]]:
+    """The hook and record of a latent edit; a control (``:random=SEED``) draws, for each edited latent, a
+    non-edited one of similar firing rate on the base store (``rates``: the rates and where they come
+    from, computed on first use)."""
     ids = spec.ids if spec.target == LATENTS else _category_latents(spec, catalog)
     bad = [i for i in ids if not 0 <= i < sae.cfg.d_sae]
     if bad:
         raise EditError(f"--edit {spec.text!r}: latent {bad[0]} is out of range: the SAE has "
                         f"{sae.cfg.d_sae} latents (0..{sae.cfg.d_sae - 1})")
-    edited = ids if spec.random_seed is None else random_latents(sae.cfg.d_sae, len(ids), ids,
-                                                                 spec.random_seed)
+    matched = None
+    if spec.random_seed is None:
+        edited = ids
+    else:
+        rate_S, source = rates()
+        edited, matched = matched_random_latents(rate_S, ids, spec.random_seed)
+        matched = {**source, **matched}
     fn = LatentEdit(sae, edited, spec.op, spec.value)
     record = {"latents": list(edited), "n_latents": len(edited),
               "sae": {"path": str(sae_source), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
                       "layer": sae.cfg.layer, "decoder_digest": vector_digest(fn.rows_ND.cpu().numpy())}}
-    if spec.random_seed is not None:
+    if matched is not None:
         record["control_of_latents"] = list(ids)
+        record["matched_firing"] = matched
     return fn, record
 
 
@@ -240,11 +258,9 @@ def _last_prompt_rows(store: Store) -> np.ndarray:
     return last
 
 
-def contrast_direction(base: str | os.PathLike[str], name: str, layer: int, model: ModelFacts,
-                       cfg: InterveneConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """The ``refusal`` (refused minus complied) or ``hazard`` (hazard minus benign tiers) direction:
-    difference of means of the last-prompt-token residuals at ``layer`` on the train split of ``base``
-    (split as `bra-sae score` splits, by ``cfg.seed`` and fractions); and what it was computed from."""
+def _base_store(base: str | os.PathLike[str], layer: int, model: ModelFacts) -> Store:
+    """The unedited eval store of the manifest's model, with the edited layer, that directions and the
+    firing rates of latent controls are read from."""
     store = open_store(base)
     meta = store.meta
     if meta.kind != "eval" or not store.location.has_file(schema.PROMPTS_TABLE):
@@ -258,6 +274,29 @@ def contrast_direction(base: str | os.PathLike[str], name: str, layer: int, mode
     if layer not in store.layers:
         raise EditError(f"--base-store {store.path}: it has layers {store.layers}, not the edited layer "
                         f"{layer}")
+    return store
+
+
+def firing_rates(cfg: InterveneConfig, sae: SparseAutoencoder, layer: int, model: ModelFacts, spec: EditSpec
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    """[d_sae] firing rate of each latent on the base store's rows at ``layer`` (`bra.audit.reader`), and
+    where it comes from; a latent control without a base store is refused."""
+    if cfg.base_store is None:
+        raise EditError(f"--edit {spec.text!r}: a random latent control is matched on firing rate on the "
+                        f"unedited store of the manifest: give --base-store")
+    store = _base_store(cfg.base_store, layer, model)
+    rates, n_rows = latent_firing_rates(store.path, sae, layer)
+    return rates, {"base_store": str(store.path), "n_rows": n_rows, "rule": "per edited latent, one of the "
+                   "nearest non-edited latents by firing rate on the base store, drawn with the seed"}
+
+
+def contrast_direction(base: str | os.PathLike[str], name: str, layer: int, model: ModelFacts,
+                       cfg: InterveneConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """The ``refusal`` (refused minus complied) or ``hazard`` (hazard minus benign tiers) direction:
+    difference of means of the last-prompt-token residuals at ``layer`` on the train split of ``base``
+    (split as `bra-sae score` splits, by ``cfg.seed`` and fractions); and what it was computed from."""
+    store = _base_store(base, layer, model)
+    meta = store.meta
     table = store.read_table(schema.PROMPTS_TABLE).sort_values("doc_index", kind="stable")
     table = table.reset_index(drop=True)
     table, labels_used = choose_labels(table, AUTO, str(store.path))
@@ -314,6 +353,14 @@ def prepare_edits(manifest: Manifest, cfg: InterveneConfig,
     catalog = load_catalog(cfg.catalog, layer) if cfg.catalog and any(s.target == CATEGORY for s in specs) \
         else None
     directions: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+    rate_cache: list[tuple[np.ndarray, dict[str, Any]]] = []
+
+    def rates(spec: EditSpec) -> tuple[np.ndarray, dict[str, Any]]:
+        if not rate_cache:
+            assert sae is not None
+            rate_cache.append(firing_rates(cfg, sae, layer, model, spec))
+        return rate_cache[0]
+
     prepared = []
     for spec in specs:
         record: dict[str, Any] = {**spec.to_json(), "layer": layer}
@@ -327,7 +374,7 @@ def prepare_edits(manifest: Manifest, cfg: InterveneConfig,
                                    **({"control_of": own} if spec.random_seed is not None else {})}
         else:
             assert sae is not None
-            fn, extra = _latent_edit(spec, sae, cfg.sae, catalog)
+            fn, extra = _latent_edit(spec, sae, cfg.sae, catalog, lambda s=spec: rates(s))
             record.update(extra)
         prepared.append(PreparedEdit(spec, ResidualEdit(layer, fn, record), Path(out) / f"{spec.slug}.zarr"))
     for name, (vector, _) in directions.items():

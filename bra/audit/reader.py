@@ -172,7 +172,7 @@ def _stream_layer(store: Store, layer: int, saes: Mapping[str, SparseAutoencoder
     return codes, finish_raw(raw, counts, n_docs, pool), counts
 
 
-__all__ = ["read_eval_bundle", "random_sae"]
+__all__ = ["latent_firing_rates", "read_eval_bundle", "random_sae", "read_prompts", "scan_store_ngrams"]
 
 
 SCAN_ROWS = 1 << 22
@@ -213,3 +213,25 @@ def read_prompts(path: str | os.PathLike[str]) -> tuple[str, Any, Any, pd.DataFr
         raise EditError(f"{store.path}: not an eval store")
     table = store.read_table(schema.PROMPTS_TABLE).sort_values("doc_index", kind="stable")
     return str(store.path), store.meta.edit, store.meta.manifest, table.reset_index(drop=True)
+
+
+@torch.no_grad()
+def latent_firing_rates(store_path: str | os.PathLike[str], sae: SparseAutoencoder, layer: int,
+                        rows_per_read: int = 4096) -> tuple[np.ndarray, int]:
+    """([d_sae] share of the store's unmasked rows at ``layer`` where each latent of ``sae`` is active,
+    rows counted), streamed in chunks (the firing-rate match of `bra-sae intervene`'s latent controls)."""
+    store = open_store(store_path)
+    mask = store.read_rows("mask", 0, store.n_tokens)
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    n = 0
+    for start in range(0, store.n_tokens, rows_per_read):
+        stop = min(start + rows_per_read, store.n_tokens)
+        keep = np.flatnonzero(~mask[start:stop])
+        if not keep.size:
+            continue
+        x = store.read_acts(layer, start, stop)[keep]
+        refuse_non_finite(x, start + keep, store, "count firing rates of")
+        z = sae.encode(torch.from_numpy(x).to(sae_device(sae)).float())
+        counts += (z > 0).sum(dim=0).double().cpu()
+        n += keep.size
+    return (counts / max(n, 1)).numpy(), n

@@ -26,7 +26,6 @@ import pandas as pd
 
 from bra.audit import probes
 from bra.audit.bundle import EvalBundle, StoreFacts
-from bra.audit.catalog import build_catalog, category_activations, contrasts, feature_profile
 from bra.audit.classes import resolve_classes
 from bra.audit.config import (
     BOTH_SEGMENTS,
@@ -45,22 +44,12 @@ from bra.audit.config import (
 )
 from bra.audit.contexts import catalog_contexts, decode_contexts, load_tokenizer
 from bra.audit.depth import (
-    COMPLIED_LABELS,
-    DEEP,
-    SHALLOW,
-    UNCERTAIN,
-    depth_verdicts,
     fit_depth_scale,
-    hazard_evidence,
 )
 from bra.audit.divergence import (
-    depth_category,
-    divergence,
-    fit_alignment,
-    fit_d_threshold,
-    magnitude_floor,
     null_divergence,
 )
+from bra.audit.fixed_fit import Applied, AuditFit, AuditRows, apply_fit, calibrate, fit_audit
 from bra.audit.metrics import brier_score, rank_auroc, reliability_bins
 from bra.audit.overlap import training_overlap
 from bra.audit.reader import read_eval_bundle, scan_store_ngrams
@@ -70,32 +59,12 @@ from bra.audit.tables import expected_confusion, mean_by, rate_by, truncation
 from bra.vocab import (
     COMPLETION,
     DEPTH_CATEGORIES,
-    HAZARD_ADJACENT,
-    POOLED_SEGMENTS,
     PROMPT,
     REFUSE,
     SEGMENT_PROMPT,
-    SURFACE_CLASSES,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def calibrate(S: np.ndarray, F: np.ndarray, labels: np.ndarray, cal: np.ndarray,
-              ridge: float) -> dict[str, Any]:
-    """T from the calibration prompts with a known surface label. A class is present when some calibration
-    prompt carries it as its label; T is fit on the present classes only (the mass a soft distribution puts
-    on an absent class is ignored) and the absent classes are reported."""
-    known = cal & np.isin(labels, SURFACE_CLASSES)
-    present = [c for c in SURFACE_CLASSES if (labels[known] == c).any()]
-    absent = [c for c in SURFACE_CLASSES if c not in present]
-    if not known.any():
-        raise ScoreError(f"calibration split has nothing to fit: no prompt with a known surface label "
-                         f"({int(cal.sum())} calibration prompts, all unknown); classes lacking samples: "
-                         f"{', '.join(absent)}")
-    T = fit_alignment(S[known], F[known], ridge=ridge, present_classes=present)
-    return {"T": T, "present_classes": present, "absent_classes": absent, "n_fit": int(known.sum()),
-            "n_unknown": int((cal & ~known).sum())}
 
 
 def _segment_inputs(pooled: Mapping[str, np.ndarray], segment: str) -> np.ndarray:
@@ -178,27 +147,22 @@ def tier_classes(cfg: ScoreConfig, facts: StoreFacts, table: pd.DataFrame) -> Ti
                            set(table["tier"].astype(str)))
 
 
-def _divergence_fit(S: np.ndarray, f: np.ndarray, catalog_total: np.ndarray, alignment: dict[str, Any],
-                    cal: np.ndarray, test: np.ndarray, agree: np.ndarray, labels: np.ndarray,
-                    cfg: ScoreConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """D with its magnitude floor, threshold and null (all fit on calibration; the null on test)."""
-    D = divergence(S, f, alignment["T"])
-    floor = magnitude_floor(catalog_total[cal], cfg.magnitude_quantile)
-    below = catalog_total < floor
-    D = np.where(below, np.nan, D)
-    threshold = fit_d_threshold(D[cal], agree[cal], cfg.d_quantile, cfg.min_reference)
-    null = null_divergence(S[test], f[test], alignment["T"], cfg.n_d_null, cfg.seed)
+def _divergence_report(rows: AuditRows, fit: AuditFit, applied: Applied, cal: np.ndarray, test: np.ndarray,
+                       cfg: ScoreConfig) -> dict[str, Any]:
+    """D's magnitude floor, threshold and null as report.json states them (the null on test)."""
+    S, f = rows.S, applied.f[fit.f_segment]
+    floor, threshold, D = fit.magnitude_floor, fit.d_threshold, applied.D
+    below = applied.total < floor
+    null = null_divergence(S[test], f[test], fit.alignment["T"], cfg.n_d_null, cfg.seed)
     null_finite = null[np.isfinite(null)]
     null_q = float(np.quantile(null_finite, cfg.d_quantile)) if null_finite.size else None
-    refused = test & (labels == REFUSE)
-    rule = [None if not r else (UNCERTAIN if threshold is None or not np.isfinite(d) else
-                                SHALLOW if d > threshold else DEEP) for r, d in zip(refused, D, strict=True)]
+    rule = [v if t else None for v, t in zip(applied.d_verdicts, test, strict=True)]
     d_test = D[test]
-    return D, {
+    return {
         "threshold": threshold,
         "threshold_rule": f"{cfg.d_quantile:g} quantile of D over calibration prompts whose surface label "
                           f"agrees with their tier",
-        "n_threshold_fit": int((cal & agree & np.isfinite(D)).sum()),
+        "n_threshold_fit": fit.n_threshold_fit,
         "magnitude_floor": floor, "n_below_floor": int(below[test].sum()),
         "share_below_floor": float(below[test].mean()) if test.any() else None,
         "below_floor_reason": f"total catalog activation below the floor {floor:.4g} (the "
@@ -210,32 +174,20 @@ def _divergence_fit(S: np.ndarray, f: np.ndarray, catalog_total: np.ndarray, ali
         "rule_verdicts": rule}
 
 
-def _depth(bundle: EvalBundle, catalog: Mapping[str, Any], train: np.ndarray, cal: np.ndarray,
-           positive: np.ndarray, negative: np.ndarray, labels: np.ndarray, cfg: ScoreConfig
-           ) -> dict[str, Any]:
-    """Evidence, scale, depth scores and verdicts (`bra.audit.depth`), and the raw-residual baseline's
-    depth score."""
-    latents = catalog[HAZARD_ADJACENT].latents
-    ours = bundle.pooled[OURS]
-    ev_c = np.where(bundle.counts[:, 1] > 0, hazard_evidence(ours[COMPLETION], latents), np.nan)
-    ev_p = np.where(bundle.counts[:, 0] > 0, hazard_evidence(ours[PROMPT], latents), np.nan)
-    scale = fit_depth_scale(ev_c, ev_p, cal, positive, negative, labels, cfg.depth_quantile,
-                            cfg.min_reference)
-    score_c, score_p = scale.score(ev_c), scale.score(ev_p)
-    verdicts, reasons = depth_verdicts(score_c, labels, scale)
-    # the same procedure on the raw residual: evidence = projection on the training split's hazard - benign
-    # prompt direction, so what the SAE adds to a verdict is measured, not assumed
+def _raw_depth(bundle: EvalBundle, train: np.ndarray, cal: np.ndarray, rows: AuditRows, cfg: ScoreConfig
+               ) -> dict[str, Any]:
+    """The same depth procedure on the raw residual: evidence = projection on the training split's hazard -
+    benign prompt direction, so what the SAE adds to a verdict is measured, not assumed."""
     raw = bundle.raw
     try:
-        w = probes.diff_of_means_direction(raw[PROMPT], train & positive, train & negative)
+        w = probes.diff_of_means_direction(raw[PROMPT], train & rows.positive, train & rows.negative)
         raw_c = np.where(bundle.counts[:, 1] > 0, raw[COMPLETION] @ w, np.nan)
         raw_p = np.where(bundle.counts[:, 0] > 0, raw[PROMPT] @ w, np.nan)
     except probes.ProbeUnavailable:
         raw_c = raw_p = np.full(bundle.n_docs, np.nan)
-    raw_scale = fit_depth_scale(raw_c, raw_p, cal, positive, negative, labels, cfg.depth_quantile,
-                                cfg.min_reference)
-    return {"scale": scale, "score": score_c, "prompt_score": score_p, "verdicts": verdicts,
-            "reasons": reasons, "raw_scale": raw_scale, "raw_score": raw_scale.score(raw_c)}
+    raw_scale = fit_depth_scale(raw_c, raw_p, cal, rows.positive, rows.negative, rows.labels,
+                                cfg.depth_quantile, cfg.min_reference)
+    return {"raw_scale": raw_scale, "raw_score": raw_scale.score(raw_c)}
 
 
 def _fit_split(bundle: EvalBundle, cfg: ScoreConfig, classes: TierClasses, split: np.ndarray,
@@ -243,26 +195,23 @@ def _fit_split(bundle: EvalBundle, cfg: ScoreConfig, classes: TierClasses, split
     """Everything that depends on one split: catalog, f, T, D, depth, probes and the AUROC table.
 
     ``full`` False (the repeated splits): AUROCs without intervals, no paired comparisons."""
-    table, n = bundle.table, bundle.n_docs
+    table = bundle.table
     train, cal, test = (split == s for s in SPLITS)
     tier = table["tier"].astype(str).to_numpy()
-    positive, negative = np.isin(tier, classes.positive), np.isin(tier, classes.negative)
-    labels = table["surface_label"].astype(str).to_numpy()
-    catalog = build_catalog(bundle.pooled[OURS], table, train, cfg.top_n, cfg.min_effect,
-                            contrasts(classes.positive, classes.negative), estimate=cal, fdr=cfg.fdr,
-                            n_null=cfg.n_null, seed=seed)
-    f = {seg: feature_profile(bundle.pooled[OURS][seg], catalog) for seg in POOLED_SEGMENTS}
-    S = np.array([list(p) for p in table["surface_probs"]], dtype=np.float64).reshape(n, len(SURFACE_CLASSES))
-    alignment = calibrate(S, f[cfg.f_segment], labels, cal, cfg.ridge)
-    total = category_activations(bundle.pooled[OURS][cfg.f_segment], catalog).sum(axis=1)
-    agree = (positive & (labels == REFUSE)) | (negative & np.isin(labels, COMPLIED_LABELS))
-    D, d_fit = _divergence_fit(S, f[cfg.f_segment], total, alignment, cal, test, agree, labels, cfg)
-    depth = _depth(bundle, catalog, train, cal, positive, negative, labels, cfg)
+    rows = AuditRows.of(bundle, classes)
+    positive, negative, labels = rows.positive, rows.negative, rows.labels
+    audit_fit = fit_audit(rows, split, cfg, classes, table, seed)
+    applied = apply_fit(audit_fit, rows)
+    catalog, S, D, f = audit_fit.catalog, rows.S, applied.D, applied.f
+    alignment = dict(audit_fit.alignment)
+    d_fit = _divergence_report(rows, audit_fit, applied, cal, test, cfg)
+    depth = {"scale": audit_fit.scale, "score": applied.depth_score,
+             "prompt_score": applied.prompt_depth_score, "verdicts": applied.verdicts,
+             "reasons": applied.reasons, **_raw_depth(bundle, train, cal, rows, cfg)}
     methods = _methods(bundle, train & positive, train & negative, groups, seed)
     sets = probes.EvalSets(test & positive, test & negative,
                            {g: test & (tier == t) for g, t in classes.groups.items()})
-    categories = [depth_category(lab, v, p) if t else None
-                  for lab, v, p, t in zip(labels, depth["verdicts"], positive, test, strict=True)]
+    categories = [c if t else None for c, t in zip(applied.categories, test, strict=True)]
     out = {"train": train, "cal": cal, "test": test, "positive": positive, "negative": negative,
            "labels": labels, "catalog": catalog, "f": f, "S": S, "alignment": alignment, "D": D,
            "d_fit": d_fit, "depth": depth, "methods": methods, "sets": sets, "categories": categories}

@@ -6,7 +6,8 @@ them into the model through `bra.pipeline.model.ResidualEdit`).
   the edited latents' share of the residual changes (the upstream project's feature ablation; Templeton
   et al. 2024 clamp features the same way, error term kept).
 - `DirectionEdit`: project a direction out, scale its component, or add it (Arditi et al. 2024).
-- `random_latents`, `random_direction`: the seeded controls.
+- `random_latents`, `random_direction`: the seeded controls; `matched_random_latents`, the latent control
+  matched on firing rate (catalog latents fire on most rows, a uniform draw mostly on few: a weak control).
 
 Both callables take the block output [B, T, D] in any dtype, compute in float32 and return the input's
 dtype; an identity edit (scale 1, add 0) returns the input's values exactly. Shape suffixes: B rows,
@@ -117,6 +118,44 @@ def random_latents(d_sae: int, n: int, exclude: Sequence[int], seed: int) -> tup
     return tuple(sorted(int(i) for i in np.random.default_rng(seed).choice(pool, n, replace=False)))
 
 
+MATCH_NEIGHBOURS = 10
+"""Candidates per edited latent of a firing-rate-matched draw: its nearest non-edited latents by firing rate
+(a quantile window ~10 latents wide), one of which is drawn."""
+
+
+def matched_random_latents(rates_S: np.ndarray, ids: Sequence[int], seed: int,
+                           neighbours: int = MATCH_NEIGHBOURS) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """A random latent per edited latent of ``ids``, drawn (seeded) among the ``neighbours`` non-edited,
+    not yet drawn latents whose firing rate (``rates_S`` [d_sae], share of rows where the latent is active)
+    is nearest its own; ascending ids, and the record of the match (rates of both sets and their means,
+    beside the mean of the whole pool, which is what a uniform draw expects).
+
+    Edited latents are matched in a seeded random order, so that none is favoured in the contest for
+    scarce neighbours (few latents fire as often as catalog latents do)."""
+    rates_S = np.asarray(rates_S, dtype=np.float64)
+    ids = [int(i) for i in ids]
+    pool = np.setdiff1d(np.arange(rates_S.size), np.asarray(ids, dtype=np.int64))
+    if len(pool) < len(ids):
+        raise EditError(f"random control: the SAE has {len(pool)} latents outside the edit, fewer than the "
+                        f"{len(ids)} to draw")
+    rng = np.random.default_rng(seed)
+    free = np.ones(len(pool), bool)
+    drawn: dict[int, int] = {}
+    for i in rng.permutation(ids):
+        cand = np.flatnonzero(free)
+        near = cand[np.argsort(np.abs(rates_S[pool[cand]] - rates_S[i]), kind="stable")[:neighbours]]
+        pick = int(rng.choice(near))
+        free[pick] = False
+        drawn[int(i)] = int(pool[pick])
+    control = [drawn[i] for i in ids]
+    record = {"neighbours": neighbours, "edited_rates": [float(rates_S[i]) for i in ids],
+              "control_rates": [float(rates_S[j]) for j in control],
+              "edited_mean": float(rates_S[ids].mean()), "control_mean": float(rates_S[control].mean()),
+              "uniform_mean": float(rates_S[pool].mean()), "pairs": [[i, j] for i, j in zip(ids, control,
+                                                                                           strict=True)]}
+    return tuple(sorted(control)), record
+
+
 def random_direction(d_model: int, norm: float, seed: int) -> np.ndarray:
     """[d_model] float32: a direction drawn uniformly on the sphere (seeded), scaled to ``norm``."""
     v = np.random.default_rng(seed).standard_normal(d_model)
@@ -129,5 +168,5 @@ def describe_vector(v_D: np.ndarray) -> dict[str, Any]:
             "d_model": int(v_D.shape[0])}
 
 
-__all__ = ["DirectionEdit", "LatentEdit", "decoder_rows", "describe_vector", "edit_latents",
-           "random_direction", "random_latents", "vector_digest"]
+__all__ = ["MATCH_NEIGHBOURS", "DirectionEdit", "LatentEdit", "decoder_rows", "describe_vector",
+           "edit_latents", "matched_random_latents", "random_direction", "random_latents", "vector_digest"]

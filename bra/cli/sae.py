@@ -280,7 +280,9 @@ def effects_cmd(base_store: Path | str, edited_stores: tuple[Path | str, ...], o
     """What the edits of `bra-sae intervene` changed against BASE_STORE (the unedited store of the same
     manifest): surface label per prompt before and after; refusal rate per tier before, after and its
     change with a paired bootstrap CI, random controls beside their edit; a dose-response plot over the
-    edits that differ only in their number. Writes effects.json, effects.md and effects.png to OUT."""
+    edits that differ only in their number. With --sae: the change in D and in the depth score under one
+    fit of the audit on BASE_STORE applied to every edited store, and the depth-category / D-verdict
+    transitions. Writes effects.json, effects.md and effects.png to OUT."""
     from bra.audit.effects import effects
 
     doc = effects(base_store, edited_stores, out, EFFECTS_OPTIONS.build(fields))
