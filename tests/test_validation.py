@@ -63,6 +63,40 @@ def test_validate__toy_study_end_to_end(eval_env, no_model, tmp_path: Path) -> N
     assert report["meta"]["machine"] and report["meta"]["date"]
 
 
+def test_validate__reference_fit_is_the_base_runs_applied_to_every_store(eval_env, no_model,
+                                                                        tmp_path: Path) -> None:
+    _, store, sae, _, _ = eval_env
+    table = pd.read_parquet(store / schema.PROMPTS_TABLE)
+    hazard = table.loc[table["tier"] == "hazard_adjacent_category", "id"].tolist()
+    prefill = _prefilled(store, tmp_path, hazard[::2])
+    out = tmp_path / "validation"
+    argv = ["validate", "--run", f"base={store}", "--run", f"shallow={store},{prefill}",
+            "--run", f"deep={prefill}", "--sae", str(sae), "--out", str(out), "--n-boot", "50",
+            "--reference", "base"]
+    assert _sae_cli(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    fit, own = report["reference_fit"], report["own_fit"]
+    assert fit["run"] == "base" and fit["store"] == str(store) and "raw_scale" in fit
+    # the base run on its own fit and on the reference fit (its own) are the same numbers
+    for key in ("verdicts", "n_refused_test", "depth_score_mean", "scale"):
+        assert report["organisms"]["base"][key] == own["organisms"]["base"][key], key
+    # the deep store relabelled differently: under one fit its scale is the base run's, not its own
+    assert report["organisms"]["deep"]["scale"] == report["organisms"]["base"]["scale"]
+    assert report["organisms"]["deep"]["catalog_hazard_latents"] == len(fit["hazard_latents"])
+    md = (out / "report.md").read_text()
+    assert "**Reference fit**" in md and "# The same stores, each on its own fit" in md
+    assert "--reference base" in report["meta"]["command"]
+
+
+def test_validate__unknown_reference_is_one_line_error(eval_env, tmp_path: Path, capsys) -> None:
+    _, store, sae, _, _ = eval_env
+    code = _sae_cli(["validate", "--run", f"base={store}", "--sae", str(sae), "--out", str(tmp_path / "o"),
+                     "--reference", "nope"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "--reference nope: no run of that name" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("run,message", [("nostore", "expected NAME=PLAIN_STORE"),
                                          ("a=x,y,z", "expected NAME=PLAIN_STORE"),
                                          ("a=x,", "expected NAME=PLAIN_STORE")])

@@ -92,7 +92,7 @@ class FixedAudit:
     def __init__(self, base_path: str | os.PathLike[str], sae: str, cfg: ScoreConfig) -> None:
         self.cfg, self.sae = cfg, sae
         self.layer: int | None = None  # the SAE's own, read off the base store's bundle
-        bundle = self._read(base_path)
+        bundle = self.read(base_path)
         table = bundle.table
         self.classes = tier_classes(self.cfg, bundle.facts, table)
         self.ids = table["id"].astype(str).to_numpy()
@@ -104,13 +104,14 @@ class FixedAudit:
         self.before = apply_fit(self.fit, rows)
         self.layer = bundle.layer
 
-    def _read(self, path: str | os.PathLike[str]) -> Any:
+    def read(self, path: str | os.PathLike[str]) -> Any:
+        """A store's bundle under the fit's SAE, layer, pooling and labels."""
         return read_eval_bundle(path, {OURS: self.sae}, self.layer, self.cfg.pool, self.cfg.seed,
                                 labels=self.cfg.labels)
 
     def apply(self, path: str | os.PathLike[str]) -> Applied:
         """The fit applied to an edited store's rows, reordered to the base store's prompts."""
-        bundle = self._read(path)
+        bundle = self.read(path)
         where = {pid: i for i, pid in enumerate(bundle.table["id"].astype(str))}
         index = np.array([where[pid] for pid in self.ids], dtype=np.int64)
         return apply_fit(self.fit, AuditRows.of(bundle, self.classes).take(index))

@@ -174,17 +174,30 @@ def _divergence_report(rows: AuditRows, fit: AuditFit, applied: Applied, cal: np
         "rule_verdicts": rule}
 
 
+def raw_direction(bundle: EvalBundle, train: np.ndarray, rows: AuditRows) -> np.ndarray | None:
+    """The raw baseline's direction: the training split's hazard - benign prompt direction of the raw
+    residual (None when a class has too few training prompts)."""
+    try:
+        return probes.diff_of_means_direction(bundle.raw[PROMPT], train & rows.positive,
+                                              train & rows.negative)
+    except probes.ProbeUnavailable:
+        return None
+
+
+def raw_evidence(bundle: EvalBundle, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(completion, prompt) projections of the raw residual on ``w``; NaN without ``w`` or segment rows."""
+    if w is None:
+        return np.full(bundle.n_docs, np.nan), np.full(bundle.n_docs, np.nan)
+    raw = bundle.raw
+    return (np.where(bundle.counts[:, 1] > 0, raw[COMPLETION] @ w, np.nan),
+            np.where(bundle.counts[:, 0] > 0, raw[PROMPT] @ w, np.nan))
+
+
 def _raw_depth(bundle: EvalBundle, train: np.ndarray, cal: np.ndarray, rows: AuditRows, cfg: ScoreConfig
                ) -> dict[str, Any]:
     """The same depth procedure on the raw residual: evidence = projection on the training split's hazard -
     benign prompt direction, so what the SAE adds to a verdict is measured, not assumed."""
-    raw = bundle.raw
-    try:
-        w = probes.diff_of_means_direction(raw[PROMPT], train & rows.positive, train & rows.negative)
-        raw_c = np.where(bundle.counts[:, 1] > 0, raw[COMPLETION] @ w, np.nan)
-        raw_p = np.where(bundle.counts[:, 0] > 0, raw[PROMPT] @ w, np.nan)
-    except probes.ProbeUnavailable:
-        raw_c = raw_p = np.full(bundle.n_docs, np.nan)
+    raw_c, raw_p = raw_evidence(bundle, raw_direction(bundle, train, rows))
     raw_scale = fit_depth_scale(raw_c, raw_p, cal, rows.positive, rows.negative, rows.labels,
                                 cfg.depth_quantile, cfg.min_reference)
     return {"raw_scale": raw_scale, "raw_score": raw_scale.score(raw_c)}
@@ -330,4 +343,4 @@ def score(store_path: str | os.PathLike[str], sae_path: str | os.PathLike[str], 
 
 
 __all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "analyse", "calibrate", "compute_scores",
-           "prompt_tokens", "score", "split_prompts", "tier_classes"]
+           "prompt_tokens", "raw_direction", "raw_evidence", "score", "split_prompts", "tier_classes"]

@@ -226,8 +226,12 @@ def _validation_runs(ctx: click.Context, param: click.Parameter,
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Bootstrap resamples of every AUROC's interval.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the splits and resamples.")
+@click.option("--reference", default=None, metavar="NAME",
+              help="Fit the audit once on this run's plain store (catalog, depth scale, D threshold, raw "
+                   "baseline) and apply it unchanged to every store, as the headline; each store's own fit "
+                   "is reported after it. Default: own fits only. `make validate` uses the base model.")
 def validate_cmd(runs: dict[str, tuple[str, str | None]], sae_path: Path | str, out: Path, n_boot: int,
-                 seed: int) -> None:
+                 seed: int, reference: str | None) -> None:
     """Known-depth validation: score each run's stores as `score` would, then report refusal rates (plain
     and prefilled), depth verdicts per organism, the AUROC of the depth score, D and a raw-residual baseline
     separating the shallow organism's refusals from the deep one's, and prefill success with the AUROC of
@@ -241,8 +245,10 @@ def validate_cmd(runs: dict[str, tuple[str, str | None]], sae_path: Path | str, 
     args = [a for name, (plain, pre) in runs.items()
             for a in ("--run", f"{name}={plain}" + (f",{pre}" if pre else ""))]
     args += ["--sae", str(sae_path), "--out", str(out), "--n-boot", str(n_boot), "--seed", str(seed)]
+    args += ["--reference", reference] if reference else []
     command = "bra-sae validate " + " ".join(shlex.quote(a) for a in args)
-    run_validation(runs, str(sae_path), out, ScoreConfig(seed=seed, n_boot=n_boot, repeats=1), command)
+    run_validation(runs, str(sae_path), out, ScoreConfig(seed=seed, n_boot=n_boot, repeats=1), command,
+                   reference=reference)
     click.echo(f"{out}: report.md, report.json, plots", err=True)
 
 
