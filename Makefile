@@ -13,7 +13,7 @@ RUNS := cache/runs
 DEMO_FIT := --d-sae 2304 --k 32 --steps 400 --batch-size 1024 --lr 2e-3 --dead-tokens 100000 \
 	--buffer-rows 16384 --log-every 50 --checkpoint-every 100
 
-.PHONY: install demo demo-sae validate test bench clean baselines
+.PHONY: install demo demo-sae demo-organism validate test bench clean baselines
 
 install: $(STAMP)
 
@@ -43,7 +43,21 @@ demo: demo-sae
 	$(BIN)/bra-cache build manifests/eval-demo.yaml
 	$(BIN)/bra-sae score --store cache/eval-demo.zarr --sae $(RUNS)/demo-sae --out cache/report-demo \
 		--baseline plain=$(RUNS)/demo-plain --baseline shuffled-tiers=$(RUNS)/demo-shuffled
+	$(MAKE) --no-print-directory demo-organism
 	@echo "report: cache/report-demo/report.html"
+	@echo "a model that refuses: cache/report-demo-organism/report.md"
+
+# The demo model hardly ever refuses, so the demo also audits one that does: the shallow organism (refusal
+# trained above layer 15 only; `make validate` shares it and its stores) beside the base model, on the audit
+# prompts (categories it was not trained on), plain and prefilled, on the base model's fit.
+VAL_BASE = --run base=cache/validate-base.zarr
+VAL_SHALLOW = --run shallow=cache/validate-shallow.canonical.zarr,cache/validate-shallow.prefill.zarr
+VAL_DEEP = --run deep=cache/validate-deep.canonical.zarr,cache/validate-deep.prefill.zarr
+demo-organism: demo-sae
+	$(BIN)/bra-organism build manifests/organisms-smollm2.yaml --kind shallow
+	for kind in base shallow; do $(BIN)/bra-cache build manifests/validate-$$kind.yaml || exit 1; done
+	$(BIN)/bra-sae validate $(VAL_BASE) $(VAL_SHALLOW) --reference base --sae $(RUNS)/demo-sae \
+		--out cache/report-demo-organism
 
 # Baseline SAEs for score: the same recipe without the tier term, and with tier labels shuffled.
 baselines: install
@@ -53,13 +67,11 @@ baselines: install
 # Known-depth validation (issue 14): the SmolLM2 organisms (shallow: refusal trained above layer 15 only;
 # deep: RMU at and below 15, then the same refusal training), their eval stores on the audit prompts, plain
 # and prefilled, scored with the demo SAE (trained on the base model's corpus store). validation/report.md.
-VAL = --run base=cache/validate-base.zarr \
-	--run shallow=cache/validate-shallow.canonical.zarr,cache/validate-shallow.prefill.zarr \
-	--run deep=cache/validate-deep.canonical.zarr,cache/validate-deep.prefill.zarr
 validate: demo-sae
 	$(BIN)/bra-organism build manifests/organisms-smollm2.yaml
 	for kind in base shallow deep; do $(BIN)/bra-cache build manifests/validate-$$kind.yaml || exit 1; done
-	$(BIN)/bra-sae validate $(VAL) --sae $(RUNS)/demo-sae --out validation
+	$(BIN)/bra-sae validate $(VAL_BASE) $(VAL_SHALLOW) $(VAL_DEEP) --reference base --sae $(RUNS)/demo-sae \
+		--out validation
 	@echo "report: validation/report.md"
 
 test: install
@@ -72,4 +84,5 @@ bench: install
 	$(PY) -m bench --size $(BENCH_SIZE)
 
 clean:
-	rm -rf cache/demo.zarr cache/eval-demo.zarr $(RUNS) cache/report-demo .pytest_cache cache/validate-*.zarr cache/organisms
+	rm -rf cache/demo.zarr cache/eval-demo.zarr $(RUNS) cache/report-demo cache/report-demo-organism .pytest_cache \
+		cache/validate-*.zarr cache/organisms
