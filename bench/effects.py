@@ -13,9 +13,10 @@ with the demo SAE (its catalog), then, each beside its random control (``:random
 
 ``--organism DIR`` (e.g. the shallow SmolLM2 organism, cache/organisms/smollm2-L15/shallow): the same
 studies on a model organism with the validation prompts (manifests/validate-shallow.yaml, plain variant
-only: 40 hazard-tier + 20 benign prompts, max_new_tokens 24), eight edited stores (refusal direction added
-at 1, 2, 4 with a random direction of the same norm at 4; ablated, beside its random direction; the
-hazard_adjacent latents ablated, beside firing-rate-matched random latents), and `effects` given the SAE,
+only: 40 hazard-tier + 20 benign prompts, max_new_tokens 24), seven or eight edited stores (refusal
+direction added at 1, 2, 4, with ``--control-a`` a random direction of the same norm at 4; ablated,
+beside its random direction; the hazard_adjacent latents ablated, beside firing-rate-matched random
+latents), and `effects` given the SAE,
 so D and the depth score are compared under the base store's one fit. It writes its own section of
 ``--out`` (between ``<!-- organism -->`` markers; the demo tables are left as they are).
 
@@ -67,10 +68,12 @@ ORGANISM_MANIFEST = ROOT / "manifests" / "validate-shallow.yaml"
 ORGANISM_BEGIN, ORGANISM_END = "<!-- organism -->", "<!-- /organism -->"
 
 
-def organism_edits(scales: tuple[float, ...]) -> dict[str, list[str]]:
-    """Study -> its edits on an organism: eight stores (controls of (a) at the largest scale only)."""
+def organism_edits(scales: tuple[float, ...], control_a: bool) -> dict[str, list[str]]:
+    """Study -> its edits on an organism: seven stores, eight with the random direction of (a) at the
+    largest scale (``control_a``; the 2026-12-02 run had no CPU time left for it)."""
     top = f"add={max(scales):g}:direction=refusal"
-    return {"a": [f"add={s:g}:direction=refusal" for s in scales] + [f"{top}:random=0"],
+    control = [f"{top}:random=0"] if control_a else []
+    return {"a": [f"add={s:g}:direction=refusal" for s in scales] + control,
             "b": ["ablate:direction=refusal", "ablate:direction=refusal:random=0"],
             "c": ["ablate:category=hazard_adjacent", "ablate:category=hazard_adjacent:random=0"]}
 
@@ -310,13 +313,15 @@ def _firing(store_path: Any, sae_path: str, latents: list[int]) -> float:
 @click.option("--organism", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="A model organism folder (e.g. cache/organisms/smollm2-L15/shallow): run the studies on "
                    "it with the validation prompts and write its section of --out.")
+@click.option("--control-a/--no-control-a", default=True, show_default=True,
+              help="With --organism: also the random direction beside (a)'s largest scale (one more store).")
 def main(work: Path, sae: str, max_new_tokens: int, batch_size: int, threads: int, out: Path,
-         organism: Path | None) -> None:
+         organism: Path | None, control_a: bool) -> None:
     """Run studies (a), (b), (c) and write the results file."""
     import torch
 
     if organism is not None:
-        run_organism(work, organism, sae, threads, out)
+        run_organism(work, organism, sae, threads, out, control_a)
         return
 
     from bra.audit.config import ScoreConfig
@@ -382,7 +387,7 @@ def _span_minutes(work: Path, t_start: float, built_now: bool) -> float:
     return (span["finished"] - span["started"]) / 60
 
 
-def run_organism(work: Path, organism: Path, sae: str, threads: int, out: Path) -> None:
+def run_organism(work: Path, organism: Path, sae: str, threads: int, out: Path, control_a: bool) -> None:
     """The studies on an organism (module doc); writes its section of ``out``."""
     import datetime
 
@@ -407,7 +412,7 @@ def run_organism(work: Path, organism: Path, sae: str, threads: int, out: Path) 
     report = work / "score"
     if not (report / "catalog.json").is_file():
         score(base, sae, report, ScoreConfig(n_boot=200, n_perm=200))
-    studies = organism_edits(SCALES)
+    studies = organism_edits(SCALES, control_a)
     specs = [e for group in studies.values() for e in group]
     cfg = InterveneConfig(edits=tuple(specs), sae=sae, catalog=str(report), base_store=str(base))
     built = intervene(manifest, work / "edits", cfg)
