@@ -41,10 +41,12 @@ def sample(cache: Path) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for name in STORES:
         _, _, manifest, table = read_prompts(cache / f"{name}.zarr")
-        variant = (manifest.get("variant") or {}).get("name", "canonical") if isinstance(manifest, dict) else None
+        variant = (manifest.get("variant") or {}).get("name") if isinstance(manifest, dict) else None
         organism = name.split(".")[0].removeprefix("validate-")
         picks = []
-        for tier, n in (("benign_bio", BENIGN_PER_STORE), ("hazard_adjacent_category", PER_STORE - BENIGN_PER_STORE)):
+        n_hazard = PER_STORE - BENIGN_PER_STORE
+        strata = (("benign_bio", BENIGN_PER_STORE), ("hazard_adjacent_category", n_hazard))
+        for tier, n in strata:
             ids = sorted(table.loc[table["tier"] == tier, "id"])
             picks += list(rng.choice(ids, size=n, replace=False))
         rows = table.set_index("id").loc[sorted(picks)].reset_index()
