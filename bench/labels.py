@@ -27,8 +27,8 @@ A labeller that abstains (``None``) or says ``unknown`` is scored as a disagreem
 **Fresh held-out set** (``split=fresh``): ``manifests/data/labels/surface-heldout-organisms.jsonl``, 160
 completions of SmolLM2-135M-Instruct and its shallow / deep refusal-trained organisms from the validation eval
 stores (plain and "Sure, here is"-prefilled; ``scripts/sample_heldout_set.py``), hand-labelled before any rule
-output was looked at. No rule was ever tuned on it, nor on its items' errors (``FRESH_STATUS`` says what was
-done with it). Every labeller is scored on it as a whole and per source store.
+output was looked at. No rule was tuned on its items' errors; ``FRESH_STATUS`` says what was done since its
+first, untuned measurement. Every labeller is scored on it as a whole and per source store.
 """
 
 from __future__ import annotations
@@ -56,9 +56,12 @@ LABEL_SET = LABEL_DIR / "surface-agreement.jsonl"
 FRESH_SET = LABEL_DIR / "surface-heldout-organisms.jsonl"
 FRESH = "fresh"
 """The fresh set's split name; its one half is ``FRESH_HALF``."""
-FRESH_HALF = "heldout (never tuned)"
-FRESH_STATUS = ("no rule was tuned on this set or on its items' errors; the rules were last changed looking "
-                "at the alternate tune half and the issue's phrase list only")
+FRESH_HALF = "heldout"
+FRESH_STATUS = ("no rule was tuned on this set's errors. Its first measurement was untuned (rules of "
+                "commit 4340694; bench/results.md section 9 keeps it); the rules were then changed (a "
+                "prefill's words are not evidence; spelled_out) looking only at the first set's tune half, "
+                "the guide and the issue, but by the person who had read these completions while "
+                "hand-labelling them, so later numbers on this set are not clean untuned ones")
 HALVES = ("tune", "heldout")
 SPLITS = ("alternate", "hash")
 """Split names; a row's half under split S is ``row["half"]`` (alternate) or ``row["half_hash"]`` (hash)."""
@@ -386,10 +389,11 @@ def run(ctx: BenchContext) -> StudyResult:
                          f"accuracy {s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}"))
         s = res[FRESH]["all"]
         lo, hi = s["kappa_ci95"]
-        table.append(Row("labels", f"{name} vs hand labels, Cohen's κ (fresh held-out organisms set, never "
-                         "tuned)", round(s["kappa"], 3), "κ", TARGET if name == "rules" else "",
+        table.append(Row("labels", f"{name} vs hand labels, Cohen's κ (fresh held-out organisms set)",
+                         round(s["kappa"], 3), "κ", TARGET if name == "rules" else "",
                          f"n {s['n']}; 95% CI [{lo:.3f}, {hi:.3f}] ({n_boot} bootstrap resamples); accuracy "
-                         f"{s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}; {FRESH_STATUS}"))
+                         f"{s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}; untuned at first, not "
+                         "since: see section 9"))
     split_info = {"hash_heldout_n": n_hash_heldout, "hash_heldout_tuned_on": overlap,
                   "hash_prefill_heldout": sum(r["half_hash"] == "heldout" and "prefill" in r["variant"]
                                               for r in rows),
