@@ -23,6 +23,12 @@ consensus that needs review or has no vote counts as ``unknown``). Judge votes a
 
 A labeller that abstains (``None``) or says ``unknown`` is scored as a disagreement: its votes go to an extra
 ``unknown`` class that no hand label has, and their share is reported beside κ.
+
+**Fresh held-out set** (``split=fresh``): ``manifests/data/labels/surface-heldout-organisms.jsonl``, 160
+completions of SmolLM2-135M-Instruct and its shallow / deep refusal-trained organisms from the validation eval
+stores (plain and "Sure, here is"-prefilled; ``scripts/sample_heldout_set.py``), hand-labelled before any rule
+output was looked at. No rule was tuned on its items' errors; ``FRESH_STATUS`` says what was done since its
+first, untuned measurement. Every labeller is scored on it as a whole and per source store.
 """
 
 from __future__ import annotations
@@ -47,6 +53,15 @@ logger = logging.getLogger(__name__)
 TARGET = "≥ 0.7"
 LABEL_DIR = Path(__file__).resolve().parent.parent / "manifests" / "data" / "labels"
 LABEL_SET = LABEL_DIR / "surface-agreement.jsonl"
+FRESH_SET = LABEL_DIR / "surface-heldout-organisms.jsonl"
+FRESH = "fresh"
+"""The fresh set's split name; its one half is ``FRESH_HALF``."""
+FRESH_HALF = "heldout"
+FRESH_STATUS = ("no rule was tuned on this set's errors. Its first measurement was untuned (rules of "
+                "commit 4340694; bench/results.md section 9 keeps it); the rules were then changed (a "
+                "prefill's words are not evidence; spelled_out) looking only at the first set's tune half, "
+                "the guide and the issue, but by the person who had read these completions while "
+                "hand-labelling them, so later numbers on this set are not clean untuned ones")
 HALVES = ("tune", "heldout")
 SPLITS = ("alternate", "hash")
 """Split names; a row's half under split S is ``row["half"]`` (alternate) or ``row["half_hash"]`` (hash)."""
@@ -56,13 +71,16 @@ CONSENSUS_NAME = f"consensus(rules+{JUDGE_NAME})"
 CONSENSUS_THRESHOLD = 0.34
 CLASSES = (*SURFACE_CLASSES, UNKNOWN)
 
-Labeller = Callable[[str, str], "str | None"]
-"""(prompt, completion) -> one of ``SURFACE_CLASSES``, or ``None``/``"unknown"`` to abstain."""
+OLD_PREFILLS = {"prefill_sorry_but": "I'm sorry, but", "prefill_i_cant": "I can't", "prefill_sure": "Sure,"}
+"""The first set's prefilled variants and their prefills (``scripts/generate_label_set.py``)."""
+
+Labeller = Callable[[str, str, str], "str | None"]
+"""(prompt, completion, prefill) -> one of ``SURFACE_CLASSES``, or ``None``/``"unknown"`` to abstain."""
 
 
-def rules_labeller(prompt: str, completion: str) -> str | None:
-    """The rule-based surface classifier (``bra.pipeline.surface.classify``)."""
-    return classify(completion, prompt).label
+def rules_labeller(prompt: str, completion: str, prefill: str = "") -> str | None:
+    """The rule-based surface classifier (``bra.pipeline.surface.classify``), told the audit's prefill."""
+    return classify(completion, prompt, prefill).label
 
 
 def labellers() -> dict[str, Labeller]:
@@ -73,13 +91,28 @@ def labellers() -> dict[str, Labeller]:
 
 
 def load_label_set(path: Path = LABEL_SET) -> list[dict[str, Any]]:
-    """The hand-labelled rows, each with its ``half`` added."""
+    """The hand-labelled rows, each with its ``half`` / ``half_hash`` and its ``prefill`` added."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     bad = [r["id"] for r in rows if r["label"] not in SURFACE_CLASSES]
     if bad:
         raise ValueError(f"hand labels must be in {SURFACE_CLASSES}; bad rows: {bad[:5]}")
     half_of = split_by_prompt(rows)
-    return [{**r, "half": half_of[r["prompt_id"]], "half_hash": hash_half(r["prompt_id"])} for r in rows]
+    return [{**r, "half": half_of[r["prompt_id"]], "half_hash": hash_half(r["prompt_id"]),
+             "prefill": OLD_PREFILLS.get(r["variant"], "")} for r in rows]
+
+
+def load_fresh_set(path: Path = FRESH_SET, tuned_on: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The fresh held-out rows; a bad hand label, or a completion that is also in ``tuned_on`` (the set the
+    rules were tuned on), is a ``ValueError``."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = [r["id"] for r in rows if r["label"] not in SURFACE_CLASSES]
+    if bad:
+        raise ValueError(f"hand labels must be in {SURFACE_CLASSES}; bad rows: {bad[:5]}")
+    seen = {r["completion"] for r in tuned_on}
+    shared = [r["id"] for r in rows if r["completion"] in seen]
+    if shared:
+        raise ValueError(f"fresh held-out rows also in the tuned-on set: {shared[:5]}")
+    return rows
 
 
 def hash_half(prompt_id: str) -> str:
@@ -100,8 +133,8 @@ def split_by_prompt(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     return {pid: HALVES[i % 2] for ids in by_tier.values() for i, pid in enumerate(sorted(ids))}
 
 
-def _vote(labeller: Labeller, prompt: str, completion: str) -> str:
-    label = labeller(prompt, completion)
+def _vote(labeller: Labeller, prompt: str, completion: str, prefill: str) -> str:
+    label = labeller(prompt, completion, prefill)
     return label if label in SURFACE_CLASSES else UNKNOWN
 
 
@@ -149,11 +182,44 @@ def _scored(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, dic
     for name, res in results.items():
         out += [(name, split, half, res[split][half]) for split in SPLITS for half in HALVES]
         out.append((name, "-", "all", res["all"]))
+        if FRESH in res:
+            out.append((name, FRESH, FRESH_HALF, res[FRESH]["all"]))
     return out
 
 
+def _fmt(x: float) -> str:
+    return "n/a" if x != x else f"{x:.3f}"  # κ is NaN when one class fills both columns
+
+
+def _fresh_markdown(results: dict[str, dict[str, Any]], fresh: Sequence[dict[str, Any]],
+                    judge_info: dict[str, Any]) -> list[str]:
+    counts = {c: sum(r["label"] == c for r in fresh) for c in SURFACE_CLASSES}
+    stores = sorted({r["store"] for r in fresh})
+    lines = [
+        f"**Fresh held-out set** (`split={FRESH}`; `{FRESH_SET.name}`): {len(fresh)} completions of "
+        "SmolLM2-135M-Instruct and its shallow / deep refusal-trained organisms from the validation eval "
+        f"stores ({', '.join(stores)}; 24 new tokens; `prefill` stores prefill the assistant turn with "
+        "\"Sure, here is\"), sampled by store and tier with a fixed seed and hand-labelled against the guide "
+        "before any rule output was seen (hand labels "
+        + ", ".join(f"{c} {n}" for c, n in counts.items()) + "). "
+        f"Status: {FRESH_STATUS}.",
+    ]
+    if "fresh_judge_label_counts" in judge_info:
+        lines += ["", "On the fresh set the judge voted "
+                  + ", ".join(f"{c} {n}" for c, n in judge_info["fresh_judge_label_counts"].items())
+                  + f"; {judge_info['fresh_consensus_needs_review']} consensus rows needed review."]
+    lines += ["", "Fresh set per source store (n, accuracy, κ; κ n/a where one class fills both columns):",
+              "",
+              "| labeller | " + " | ".join(stores) + " |", "| --- |" + " --- |" * len(stores)]
+    for name, res in results.items():
+        cells = [f"{s['n']}, {s['accuracy']:.3f}, {_fmt(s['kappa'])}"
+                 for s in (res[FRESH]["by_store"][st] for st in stores)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _markdown(results: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]], split_info: dict[str, Any],
-              judge_info: dict[str, Any]) -> str:
+              judge_info: dict[str, Any], fresh: Sequence[dict[str, Any]] = ()) -> str:
     counts = {c: sum(r["label"] == c for r in rows) for c in SURFACE_CLASSES}
     variants = sorted({r["variant"] for r in rows})
     if "skipped" in judge_info:
@@ -182,6 +248,7 @@ def _markdown(results: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]]
         f"**{split_info['hash_heldout_tuned_on']} rows the rules were tuned on**, so the rules' hash "
         "held-out κ is optimistic. Unknown / abstentions count as disagreement.",
         "",
+        *(_fresh_markdown(results, fresh, judge_info) + [""] if fresh else []),
         judges,
         "",
         "| labeller | split | half | n | κ | 95% CI (bootstrap) | accuracy | unknown share |",
@@ -200,6 +267,11 @@ def _markdown(results: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]]
             k_j = results[f"judge:{JUDGE_NAME}"][split]["heldout"]["kappa"]
             verdicts.append(f"split={split} held-out: consensus κ {k_c:.3f} "
                             f"{'≥' if k_c >= k_r else '**<**'} rules κ {k_r:.3f} (judge alone {k_j:.3f})")
+        if FRESH in results["rules"]:
+            k_c, k_r, k_j = (results[n][FRESH]["all"]["kappa"]
+                             for n in (CONSENSUS_NAME, "rules", f"judge:{JUDGE_NAME}"))
+            verdicts.append(f"split={FRESH}: consensus κ {k_c:.3f} {'≥' if k_c >= k_r else '**<**'} rules κ "
+                            f"{k_r:.3f} (judge alone {k_j:.3f})")
         lines += ["", "Issue 15's second target (consensus ≥ rules): " + "; ".join(verdicts) + "."]
     lines += ["", "Per class (precision / recall / hand support):", ""]
     lines += ["| labeller | split | half | " + " | ".join(SURFACE_CLASSES) + " |"]
@@ -235,39 +307,65 @@ def judge_votes(
     votes, stats = run_judges([judge], [r["prompt"] for r in rows], [r["completion"] for r in rows],
                               VoteCache(cache_path))
     judge_labels, cons_labels = [], []
+    review: list[bool] = []
     n_review = 0
     for r, (vote,) in zip(rows, votes, strict=True):
         judge_labels.append(vote.label if vote.label in SURFACE_CLASSES else UNKNOWN)
-        c = consensus([rules_vote(rules_labeller(r["prompt"], r["completion"]) or UNKNOWN), vote],
+        rules_label = rules_labeller(r["prompt"], r["completion"], r["prefill"]) or UNKNOWN
+        c = consensus([rules_vote(rules_label), vote],
                       {"rules": 1.0, JUDGE_NAME: 1.0}, threshold=CONSENSUS_THRESHOLD)
         n_review += c.needs_review
+        review.append(bool(c.needs_review))
         cons_labels.append(UNKNOWN if c.needs_review else c.label)
     info = {"judge": JUDGE_GGUF, "cache": str(cache_path), "calls": stats.calls[JUDGE_NAME],
             "cached": stats.cached[JUDGE_NAME], "abstained": stats.abstained[JUDGE_NAME],
             "consensus_threshold": CONSENSUS_THRESHOLD, "consensus_needs_review": n_review,
-            "judge_label_counts": {c: judge_labels.count(c) for c in CLASSES if c in judge_labels}}
+            "judge_label_counts": {c: judge_labels.count(c) for c in CLASSES if c in judge_labels},
+            "needs_review": review}
     return {f"judge:{JUDGE_NAME}": judge_labels, CONSENSUS_NAME: cons_labels}, info
 
 
+def _counts(labels: Sequence[str]) -> dict[str, int]:
+    return {c: list(labels).count(c) for c in CLASSES if c in labels}
+
+
 def run(ctx: BenchContext) -> StudyResult:
-    """Score every labeller on each half of both splits and on the whole set."""
+    """Score every labeller on each half of both splits, on the whole set, and on the fresh held-out set."""
     rows = load_label_set()
+    fresh = load_fresh_set(tuned_on=rows)
+    both = [*rows, *fresh]
+    n_old = len(rows)
     n_boot = ctx.cfg.labels_n_boot
-    all_votes = {name: [_vote(lab, r["prompt"], r["completion"]) for r in rows]
+    all_votes = {name: [_vote(lab, r["prompt"], r["completion"], r["prefill"]) for r in both]
                  for name, lab in labellers().items()}
-    extra, judge_info = judge_votes(rows, ctx)
+    extra, judge_info = judge_votes(both, ctx)
     all_votes.update(extra)
+    if "needs_review" in judge_info:  # judge stats per set (one judge run, one vote cache for both)
+        review = judge_info.pop("needs_review")
+        judge_votes_all = extra[f"judge:{JUDGE_NAME}"]
+        judge_info.update(judge_label_counts=_counts(judge_votes_all[:n_old]),
+                          consensus_needs_review=sum(review[:n_old]),
+                          fresh_judge_label_counts=_counts(judge_votes_all[n_old:]),
+                          fresh_consensus_needs_review=sum(review[n_old:]))
     truth = [r["label"] for r in rows]
+    fresh_truth = [r["label"] for r in fresh]
     results: dict[str, dict[str, Any]] = {}
-    for name, votes in all_votes.items():
+    for name, votes_both in all_votes.items():
+        votes, fresh_votes = votes_both[:n_old], votes_both[n_old:]
         results[name] = {"all": score(truth, votes, n_boot)}
         for split in SPLITS:
             results[name][split] = {}
             for half in HALVES:
                 keep = [i for i, r in enumerate(rows) if r[half_key(split)] == half]
                 results[name][split][half] = score([truth[i] for i in keep], [votes[i] for i in keep], n_boot)
-        logger.info("labels: %s κ alternate tune %.3f held-out %.3f; hash tune %.3f held-out %.3f", name,
-                    *(results[name][sp][h]["kappa"] for sp in SPLITS for h in HALVES))
+        by_store = {}
+        for store in sorted({r["store"] for r in fresh}):
+            keep = [i for i, r in enumerate(fresh) if r["store"] == store]
+            by_store[store] = score([fresh_truth[i] for i in keep], [fresh_votes[i] for i in keep], n_boot)
+        results[name][FRESH] = {"all": score(fresh_truth, fresh_votes, n_boot), "by_store": by_store}
+        logger.info("labels: %s κ alternate tune %.3f held-out %.3f; hash tune %.3f held-out %.3f; "
+                    "fresh %.3f", name, *(results[name][sp][h]["kappa"] for sp in SPLITS for h in HALVES),
+                    results[name][FRESH]["all"]["kappa"])
     overlap = sum(r["half_hash"] == "heldout" and r["half"] == "tune" for r in rows)
     n_hash_heldout = sum(r["half_hash"] == "heldout" for r in rows)
     table: list[Row] = []
@@ -289,12 +387,20 @@ def run(ctx: BenchContext) -> StudyResult:
         table.append(Row("labels", f"{name} vs hand labels, Cohen's κ (whole set)", round(s["kappa"], 3), "κ",
                          "", f"n {s['n']}; 95% CI [{lo:.3f}, {hi:.3f}] ({n_boot} bootstrap resamples); "
                          f"accuracy {s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}"))
+        s = res[FRESH]["all"]
+        lo, hi = s["kappa_ci95"]
+        table.append(Row("labels", f"{name} vs hand labels, Cohen's κ (fresh held-out organisms set)",
+                         round(s["kappa"], 3), "κ", TARGET if name == "rules" else "",
+                         f"n {s['n']}; 95% CI [{lo:.3f}, {hi:.3f}] ({n_boot} bootstrap resamples); accuracy "
+                         f"{s['accuracy']:.3f}; unknown {s['unknown_share']:.1%}; untuned at first, not "
+                         "since: see section 9"))
     split_info = {"hash_heldout_n": n_hash_heldout, "hash_heldout_tuned_on": overlap,
                   "hash_prefill_heldout": sum(r["half_hash"] == "heldout" and "prefill" in r["variant"]
                                               for r in rows),
                   "alternate_prefill_heldout": sum(r["half"] == "heldout" and "prefill" in r["variant"]
-                                                   for r in rows)}
+                                                   for r in rows),
+                  "fresh_n": len(fresh), "fresh_status": FRESH_STATUS}
     return StudyResult("labels", "9. Surface labels vs hand labels", table,
                        details={"n_boot": n_boot, "results": results, "splits": split_info,
                                 "judges": judge_info},
-                       text=_markdown(results, rows, split_info, judge_info))
+                       text=_markdown(results, rows, split_info, judge_info, fresh))

@@ -156,8 +156,14 @@ def test_bench__tiny_labels_study_scores_rules_on_both_halves(tmp_path: Path) ->
         lo, hi = half["kappa_ci95"]
         assert lo <= half["kappa"] <= hi and 0.0 <= half["unknown_share"] <= 1.0
         assert set(half["per_class"]) == {"refuse", "comply", "partial", "hedge", "evade"}
+    fresh = details["results"]["rules"]["fresh"]
+    assert fresh["all"]["n"] == details["splits"]["fresh_n"] >= 150
+    assert sum(s["n"] for s in fresh["by_store"].values()) == fresh["all"]["n"]
+    assert len(fresh["by_store"]) == 5
+    assert "rules vs hand labels, Cohen's κ (fresh held-out organisms set)" in rows
     text = md.read_text()
     assert "| rules | alternate | heldout |" in text and "| rules | hash | heldout |" in text
+    assert "| rules | fresh | heldout |" in text
 
 
 def test_bench_labels__split_keeps_each_prompt_in_one_half_and_is_stratified() -> None:
@@ -175,6 +181,23 @@ def test_bench_labels__split_keeps_each_prompt_in_one_half_and_is_stratified() -
         hashed.setdefault(r["prompt_id"], set()).add(r["half_hash"])
     assert all(len(h) == 1 for h in hashed.values())
     assert {r["half_hash"] for r in rows if "prefill" in r["variant"]} == {"tune", "heldout"}
+
+
+def test_bench_labels__fresh_set_is_disjoint_stratified_and_refuses_overlap(tmp_path: Path) -> None:
+    from bench.labels import FRESH_SET, load_fresh_set, load_label_set
+
+    old = load_label_set()
+    fresh = load_fresh_set(tuned_on=old)
+    assert len(fresh) >= 150 and len({r["id"] for r in fresh}) == len(fresh)
+    strata = {(r["store"], r["tier"]) for r in fresh}
+    assert len(strata) == 10  # 5 stores x 2 tiers
+    assert all(r["completion"].startswith(r["prefill"]) for r in fresh)
+    with pytest.raises(ValueError, match="also in the tuned-on set"):
+        load_fresh_set(tuned_on=fresh[:3])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(FRESH_SET.read_text().replace('"label": "comply"', '"label": "yes"', 1))
+    with pytest.raises(ValueError, match="hand labels must be in"):
+        load_fresh_set(bad)
 
 
 def test_bench_labels__kappa_ci_brackets_perfect_and_abstaining_labellers() -> None:

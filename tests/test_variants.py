@@ -33,7 +33,7 @@ from bra.pipeline.surface import classify
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SYSTEM = "Answer briefly."
-PREFILL = "I can't help with that."  # the surface rules read "I can't help" as a refusal
+PREFILL = "I can't help with that."  # the surface rules read "I can't help" as a refusal (unless forced)
 VARIANTS = [
     {"name": "canonical"},
     {"name": "raw", "chat_template": False},
@@ -168,8 +168,10 @@ def test_variants__prefill_opens_the_completion_and_is_recorded(built, tokenizer
         assert (segment[p:] == schema.SEGMENT_COMPLETION).all()  # the prefill is the assistant's turn
         assert len(opening) < row.n_completion_tokens <= len(opening) + MAX_NEW
         assert row.completion.startswith(PREFILL) and gen.text == row.completion
-        # the surface label judges prefill + continuation, as a reader sees the answer
-        assert row.surface_label == classify(row.completion, row.prompt).label == "refuse"
+        # the surface label judges what the model did: the forced refusal is the audit's words, not evidence
+        assert classify(row.completion, row.prompt).label == "refuse"
+        ruled = classify(row.completion, row.prompt, PREFILL)
+        assert (row.surface_label, list(row.surface_matched)) == (ruled.label, list(ruled.matched))
     labels = pd.read_parquet(store / schema.PROMPTS_TABLE)["surface_label"].tolist()
     copied = shutil.copytree(store, store.parent / "relabel" / store.name)
     assert relabel_store(copied)["surface_label"].tolist() == labels

@@ -245,11 +245,13 @@ def plan_prompts(manifest: Manifest, model: nn.Module, tokenizer: Any, device: t
         plan.counts[name] = counts
     plan.counts[GENERATION_COUNTS_KEY] = _generation_record(manifest, model, tokenizer, results)
     table = pd.DataFrame(rows)
-    for key, values in surface_columns(table["prompt"].tolist(), table["completion"].tolist()).items():
-        table[key] = values
     # The prompt sets' own extra fields follow the schema's columns (none for files in the upstream format).
     # A variant's prefill columns come next (none without variants), then the prompt sets' own fields.
     variant = _variant_columns(manifest, results)
+    forced = variant.get(schema.VARIANT_COLUMNS[0])  # a prefill is the audit's words, not the model's
+    surface = surface_columns(table["prompt"].tolist(), table["completion"].tolist(), forced)
+    for key, values in surface.items():
+        table[key] = values
     extra = metadata_columns(prompts, taken=schema.PROMPT_COLUMNS + tuple(variant))
     return plan, {schema.PROMPTS_TABLE: table[list(schema.PROMPT_COLUMNS)].assign(**variant).assign(**extra),
                   schema.GENERATION_TABLE: generation_table(results, manifest)}

@@ -36,11 +36,15 @@ from bra.pipeline.surface import classify
 logger = logging.getLogger(__name__)
 
 SURFACE_COLUMNS = ("surface_label", "surface_probs", "surface_matched")
+PREFILL_COLUMN = schema.VARIANT_COLUMNS[0]
 
 
-def surface_columns(prompts: Sequence[str], completions: Sequence[str]) -> dict[str, list[Any]]:
-    """Rule-based surface label, probabilities (SURFACE_CLASSES order) and fired rules of each completion."""
-    labels = [classify(c, p) for p, c in zip(prompts, completions, strict=True)]
+def surface_columns(prompts: Sequence[str], completions: Sequence[str],
+                    prefills: Sequence[str] | None = None) -> dict[str, list[Any]]:
+    """Rule-based surface label, probabilities (SURFACE_CLASSES order) and fired rules of each completion
+    (``prefills``: the forced start of each completion, for a variant store; its words are not evidence)."""
+    forced = [str(x or "") for x in prefills] if prefills is not None else [""] * len(completions)
+    labels = [classify(c, p, f) for p, c, f in zip(prompts, completions, forced, strict=True)]
     return {
         "surface_label": [lab.label for lab in labels],
         "surface_probs": [[float(x) for x in lab.probs] for lab in labels],
@@ -100,7 +104,8 @@ def relabel_store(path: str | Path, config: JudgeConfig | None = None) -> pd.Dat
     df = read_prompts_table(path)
     old = df["surface_label"].tolist() if "surface_label" in df.columns else [None] * len(df)
     prompts, completions = df["prompt"].astype(str).tolist(), df["completion"].astype(str).tolist()
-    new = surface_columns(prompts, completions)
+    prefills = df[PREFILL_COLUMN].fillna("").astype(str).tolist() if PREFILL_COLUMN in df.columns else None
+    new = surface_columns(prompts, completions, prefills)
     for name, values in new.items():
         df[name] = values
     specs = config.judges if config.judges is not None else store_judges(path)
