@@ -101,7 +101,7 @@ def _reference_step(sae, opt, x, hazard, doc, cfg, dead):
 def test_trainer__step_matches_the_dense_reference_step(dead_tokens: int) -> None:
     """Every loss term on (L1, AuxK, NT-Xent): the step's sparse decode, its L1/L0 from the kept values
     and its skipping of AuxK before any latent can be dead give the dense step's loss and weights (to float
-    rounding); AuxK runs once latents can be dead (dead_tokens 1: those that did not fire in the last step)."""
+    rounding); AuxK runs once latents can be dead (dead_tokens 1: those that did not fire last step)."""
     from bra.sae.trainer import Trainer, TrainInput
 
     cfg = TrainConfig(d_sae=32, k=4, steps=3, batch_size=16, l1_coef=0.01, auxk_coef=0.5, k_aux=4,
