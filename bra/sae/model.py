@@ -230,7 +230,8 @@ class TopKSAE(nn.Module):
         lead = top_indices_BK.shape[:-1]
         k = top_indices_BK.shape[-1]
         weights = top_values_BK.reshape(-1, k).to(self.W_dec.dtype)
-        out = F.embedding_bag(top_indices_BK.reshape(-1, k), self.W_dec, per_sample_weights=weights, mode="sum")
+        out = F.embedding_bag(top_indices_BK.reshape(-1, k), self.W_dec,
+                              per_sample_weights=weights, mode="sum")
         return (out.reshape(*lead, -1) + self.b_dec) / self.cfg.input_scale
 
     def forward(self, x_BD: torch.Tensor, sparse: bool = False) -> ForwardOutput:  # type: ignore[override]
