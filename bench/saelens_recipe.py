@@ -281,6 +281,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             o, sl, t = s["ours"], s["saelens"], s["ours_tier_term"]
             cos = [fmt(v) if v is not None else "—" for v in (o["separation"], t["separation"])]
             lines.append(f"| {name} | {s['seed']} | {s['heldout_rows']:,} | {o['fvu']:.4f} | "
-                         f"{sl['fvu']:.4f} | {o['fvu'] / sl['fvu']:.4f} | {t['fvu']:.4f} | {cos[0]} | {cos[1]} | "
+                         f"{sl['fvu']:.4f} | {o['fvu'] / sl['fvu']:.4f} | {t['fvu']:.4f} | {cos[0]} | "
+                         f"{cos[1]} | "
                          f"{steps / o['seconds']:.2f} | {steps / sl['seconds']:.2f} |")
     return "\n".join(lines)
