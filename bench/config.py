@@ -66,6 +66,18 @@ class BenchConfig:
     """Repetitions of each side's build and training worker (alternating order; best time, median memory)."""
     saelens_train_steps: int = 16
     """Timed training steps per side in the SAELens comparison."""
+    recipe_steps: int = 200
+    """Steps of each SAE of study 6's same-recipe comparison (ours plain vs SAELens's TopK trainer)."""
+    recipe_batch: int = 512
+    """Rows per step there."""
+    recipe_d_sae: int = 2304
+    """Latents there (k is ``sae_k``)."""
+    recipe_lr: float = 2e-3
+    """Learning rate of both trainers there (the issue's user run)."""
+    recipe_seeds: int = 3
+    """Seeds (each its own held-out split, init and data order, the same on both sides)."""
+    recipe_heldout: float = 0.25
+    """Held-out document fraction there (study 6's stores hold 32 documents at small size)."""
     saelens_dtypes: tuple[str, ...] = ("float32",)
     """Storage dtypes of SAELens's cache (bfloat16 is not possible there: pyarrow has no bf16)."""
     score_n_boot: int = 1000
@@ -164,6 +176,10 @@ SIZES: dict[str, BenchConfig] = {
         rescore_d_sae=64,
         saelens_models=("tiny-gemma",),
         saelens_seqs=16,
+        recipe_steps=4,
+        recipe_batch=32,
+        recipe_d_sae=64,
+        recipe_seeds=2,
         rescore_reps=1,
         codec_grid="reduced",
         isolate=False,

@@ -205,3 +205,22 @@ def test_TopKSAE__from_state_dict_rejects_bad_shapes_and_keys():
         TopKSAE.from_state_dict(cfg, {**good, "W_dec": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match="extra"):
         TopKSAE.from_state_dict(cfg, {**good, "threshold": torch.zeros(())})
+
+
+@pytest.mark.parametrize("input_scale", [1.0, 2.5])
+def test_TopKSAE__sparse_decode_matches_dense_decode_and_its_gradients(input_scale: float):
+    """forward(x, sparse=True) decodes from the k kept latents only: the same x_hat and the same gradients
+    as the dense z @ W_dec, to float rounding, with z not built."""
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))  # leading dims too
+    grads = []
+    for sparse in (False, True):
+        sae = _random_sae(input_scale)
+        out = sae(x, sparse=sparse)
+        assert (out.z is None) == sparse
+        ((out.x_hat - x) ** 2).sum().backward()
+        grads.append((out.x_hat.detach(), [p.grad.clone() for p in sae.parameters()]))
+    (dense_x_hat, dense_g), (sparse_x_hat, sparse_g) = grads
+    torch.testing.assert_close(sparse_x_hat, dense_x_hat, rtol=1e-5, atol=1e-6)
+    for a, b in zip(sparse_g, dense_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in sparse_g)

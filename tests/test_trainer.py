@@ -75,3 +75,52 @@ def test_contrastive_features__short_tier_is_kept_whole_and_few_docs_all_kept() 
     one = torch.tensor([0] * 9 + [1])
     picked = one[balanced_subset(one, 2, subset_generator(0, 0))]
     assert sorted(picked.tolist()) == [0, 1]  # each label present keeps one
+
+
+def _reference_step(sae, opt, x, hazard, doc, cfg, dead):
+    """The train step as it was before the sparse decode: dense z, losses on the scaled space."""
+    from bra.sae import losses
+    from bra.sae.trainer import contrastive_features
+
+    s = sae.cfg.input_scale
+    out = sae(x)
+    x_s, x_hat_s = x * s, out.x_hat * s
+    total = cfg.recon_coef * losses.normalized_mse(x_hat_s, x_s) + cfg.l1_coef * losses.l1_sparsity(out.z)
+    total = total + cfg.auxk_coef * losses.auxk_loss(x_s, x_hat_s, out.pre_acts, sae.W_dec, dead, 4)
+    feats, labels = contrastive_features(out.z, hazard, doc, cfg, 0)
+    total = total + cfg.contrastive_coef * losses.nt_xent_tier_loss(feats, labels, cfg.temperature)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    sae.remove_gradient_parallel_to_decoder_directions_()
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm_()
+    return float(total.detach())
+
+
+@pytest.mark.parametrize("dead_tokens", [1, 10**9])
+def test_trainer__step_matches_the_dense_reference_step(dead_tokens: int) -> None:
+    """Every loss term on (L1, AuxK, NT-Xent): the step's sparse decode, its L1/L0 from the kept values
+    and its skipping of AuxK before any latent can be dead give the dense step's loss and weights (to float
+    rounding); AuxK runs once latents can be dead (dead_tokens 1: those that did not fire last step)."""
+    from bra.sae.trainer import Trainer, TrainInput
+
+    cfg = TrainConfig(d_sae=32, k=4, steps=3, batch_size=16, l1_coef=0.01, auxk_coef=0.5, k_aux=4,
+                      dead_tokens=dead_tokens, contrastive="ntxent", contrastive_coef=0.1,
+                      contrastive_level="token", contrastive_rows=16, lr_decay_frac=0.0, device="cpu")
+    scfg = SAEConfig(d_model=8, d_sae=32, k=4, input_scale=1.7)
+    gen = torch.Generator().manual_seed(0)
+    batches = [TrainInput(torch.randn(16, 8, generator=gen), torch.arange(16) % 2, torch.arange(16) // 4)
+               for _ in range(3)]
+    ours = TopKSAE.init_random(scfg, 0, torch.full((8,), 0.3))
+    trainer = Trainer(ours, iter(batches), cfg, progress=False)
+    ref = TopKSAE.init_random(scfg, 0, torch.full((8,), 0.3))
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.999))
+    for i, b in enumerate(batches):
+        dead = trainer.state.tokens_since_fired >= dead_tokens  # the trainer's mask before its step
+        out = trainer._train_step(b)
+        want = _reference_step(ref, opt, b.x, b.hazard, b.doc, cfg, dead)
+        assert float(out.loss) == pytest.approx(want, rel=1e-5)
+        assert (float(out.auxk) > 0) == (i > 0 and dead_tokens == 1)
+        assert float(out.l0) == 4.0
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-4, atol=1e-6)

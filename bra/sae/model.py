@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -113,8 +114,9 @@ class ForwardOutput(NamedTuple):
     x_hat: torch.Tensor
     """Reconstruction in the caller's (unscaled) space, [B, d_model]."""
 
-    z: torch.Tensor
-    """Dense latents with only the top-k entries of each row kept, [B, d_sae]."""
+    z: torch.Tensor | None
+    """Dense latents with only the top-k entries of each row kept, [B, d_sae]; None from
+    ``forward(x, sparse=True)``, which never builds them."""
 
     top_values: torch.Tensor
     """Values of the kept latents, [B, k] (non-negative; zero where fewer than k were positive)."""
@@ -220,9 +222,25 @@ class TopKSAE(nn.Module):
         """Reconstruction (z @ W_dec + b_dec) / input_scale, [B, d_model], in the caller's space."""
         return (z_BS.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.cfg.input_scale
 
-    def forward(self, x_BD: torch.Tensor) -> ForwardOutput:  # type: ignore[override]
-        """Encode and decode x [B, d_model]; see `ForwardOutput` for the fields."""
+    def decode_sparse(self, top_values_BK: torch.Tensor, top_indices_BK: torch.Tensor) -> torch.Tensor:
+        """`decode` of the latents `encode_topk` kept, from the k of them only: sum_k v_bk W_dec[i_bk] (one
+        `embedding_bag`: neither a dense [B, d_sae] z nor a [B, k, d_model] gather is built), then
+        (+ b_dec) / input_scale. The same sum as ``decode(z)`` over z's nonzero entries, in another order,
+        so it agrees to float rounding; forward and backward cost B·k·d_model instead of B·d_sae·d_model."""
+        lead = top_indices_BK.shape[:-1]
+        k = top_indices_BK.shape[-1]
+        weights = top_values_BK.reshape(-1, k).to(self.W_dec.dtype)
+        out = F.embedding_bag(top_indices_BK.reshape(-1, k), self.W_dec,
+                              per_sample_weights=weights, mode="sum")
+        return (out.reshape(*lead, -1) + self.b_dec) / self.cfg.input_scale
+
+    def forward(self, x_BD: torch.Tensor, sparse: bool = False) -> ForwardOutput:  # type: ignore[override]
+        """Encode and decode x [B, d_model]; see `ForwardOutput` for the fields. ``sparse``: decode from the
+        kept latents (`decode_sparse`, what training uses) and return z None."""
         top_values_BK, top_indices_BK, pre_acts_BS = self.encode_topk(x_BD)
+        if sparse:
+            return ForwardOutput(self.decode_sparse(top_values_BK, top_indices_BK), None, top_values_BK,
+                                 top_indices_BK, pre_acts_BS)
         z_BS = torch.zeros_like(pre_acts_BS).scatter_(-1, top_indices_BK, top_values_BK)
         return ForwardOutput(self.decode(z_BS), z_BS, top_values_BK, top_indices_BK, pre_acts_BS)
 

@@ -192,9 +192,14 @@ class Trainer:
                  out: Path | None = None, progress: bool = True):
         self.sae, self.data, self.cfg, self.dist, self.out = sae, data, cfg, dist, out
         self.progress = progress and dist.is_main  # a tqdm bar (on a terminal)
-        self.opt = optimizer or torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                  betas=(0.9, 0.999))
         self.device = sae.W_dec.device
+        # fused: one kernel per parameter instead of a dozen elementwise passes (on 2 CPU cores the
+        # for-loop AdamW step cost more than the SAE's forward and backward at d_model 64); the same update
+        # to float rounding
+        fused = self.device.type in ("cpu", "cuda") and sae.W_dec.dtype in (torch.float32, torch.float16,
+                                                                             torch.bfloat16, torch.float64)
+        self.opt = optimizer or torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                  betas=(0.9, 0.999), fused=fused or None)
         self.state = TrainerState.fresh(sae.cfg.d_sae, self.device)
         self.k_aux = cfg.k_aux or max(1, sae.cfg.d_model // 2)
         self.forward: Callable[[torch.Tensor], ForwardOutput] = sae
@@ -204,6 +209,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(sae, device_ids=ids)
         self._replay = 0  # batches to skip before the next step (a checkpoint without a data position)
+        # host-side upper bound of tokens_since_fired (tokens trained since step 0): no latent is dead below
+        # dead_tokens, so AuxK needs no look at the counters until then
+        self._since_fired_bound = 0
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # step of a non-finite
         self._bad_loss = torch.zeros((), device=self.device)  # loss, and that loss (checked when syncing)
 
@@ -235,25 +243,31 @@ class Trainer:
         return self.sae
 
     def _train_step(self, batch: TrainInput) -> TrainStepOutput:
-        """One optimizer step: losses, backward, decoder-gradient projection, step, renormalise, counters."""
+        """One optimizer step: losses, backward, decoder-gradient projection, step, renormalise, counters.
+
+        The reconstruction comes from the k kept latents (`TopKSAE.decode_sparse`); the dense [B, d_sae]
+        latents are built only for the tier term, which profiles them. L1 and L0 read the kept values
+        (z's only nonzero entries). AuxK is skipped while no latent can be dead yet (fewer training tokens
+        so far than ``dead_tokens``), which also spares its count of dead latents a host sync."""
         sae, cfg, state = self.sae, self.cfg, self.state
         x = batch.x
-        s = sae.cfg.input_scale
-        out = self.forward(x)
-        x_s, x_hat_s = x * s, out.x_hat * s
+        out = self.forward(x, sparse=True)
+        values, indices = out.top_values, out.top_indices
         zero = torch.zeros((), device=x.device)
-        recon = losses.normalized_mse(x_hat_s, x_s)
+        recon = losses.normalized_mse(out.x_hat, x)  # scale-invariant: the same in the scaled space
         total = cfg.recon_coef * recon
-        l1 = losses.l1_sparsity(out.z) if cfg.l1_coef else zero
+        l1 = values.abs().sum(dim=-1).mean() if cfg.l1_coef else zero  # = losses.l1_sparsity(z)
         total = total + cfg.l1_coef * l1
         auxk = zero
-        if cfg.auxk_coef:
+        if cfg.auxk_coef and self._since_fired_bound >= cfg.dead_tokens:
+            s = sae.cfg.input_scale
             dead = state.tokens_since_fired >= cfg.dead_tokens
-            auxk = losses.auxk_loss(x_s, x_hat_s, out.pre_acts, sae.W_dec, dead, self.k_aux)
+            auxk = losses.auxk_loss(x * s, out.x_hat * s, out.pre_acts, sae.W_dec, dead, self.k_aux)
             total = total + cfg.auxk_coef * auxk
         con = zero
         if cfg.contrastive != "none" and cfg.contrastive_coef:
-            feats, labels = contrastive_features(out.z, batch.hazard, batch.doc, cfg, state.step)
+            z = torch.zeros_like(out.pre_acts).scatter(-1, indices, values)
+            feats, labels = contrastive_features(z, batch.hazard, batch.doc, cfg, state.step)
             con = (losses.nt_xent_tier_loss(feats, labels, cfg.temperature) if cfg.contrastive == "ntxent"
                    else losses.cosine_tier_separation(feats, labels))
             total = total + cfg.contrastive_coef * con
@@ -262,18 +276,21 @@ class Trainer:
         sae.remove_gradient_parallel_to_decoder_directions_()
         self.opt.step()
         sae.set_decoder_norm_to_unit_norm_()
-        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=x.device).index_add_(
-            0, out.top_indices.reshape(-1), (out.top_values > 0).reshape(-1).long())
-        self.dist.all_sum_(fired)
-        state.fired_window += fired
-        state.tokens_since_fired += x.shape[0] * self.dist.world
-        state.tokens_since_fired.masked_fill_(fired > 0, 0)
-        state.step += 1
-        bad = ~torch.isfinite(total.detach()) & (self._first_bad < 0)
-        self._bad_loss = torch.where(bad, total.detach().float(), self._bad_loss)
-        self._first_bad = torch.where(bad, state.step, self._first_bad)
-        return TrainStepOutput(total.detach(), recon.detach(), l1.detach(), auxk.detach(), con.detach(),
-                               losses.l0(out.z))
+        with torch.no_grad():
+            kept = values > 0
+            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=x.device).index_add_(
+                0, indices.reshape(-1), kept.reshape(-1).long())
+            self.dist.all_sum_(fired)
+            state.fired_window += fired
+            state.tokens_since_fired += x.shape[0] * self.dist.world
+            state.tokens_since_fired.masked_fill_(fired > 0, 0)
+            self._since_fired_bound += x.shape[0] * self.dist.world
+            state.step += 1
+            bad = ~torch.isfinite(total.detach()) & (self._first_bad < 0)
+            self._bad_loss = torch.where(bad, total.detach().float(), self._bad_loss)
+            self._first_bad = torch.where(bad, state.step, self._first_bad)
+            l0 = (values != 0).sum(dim=-1).float().mean()  # = losses.l0(z)
+        return TrainStepOutput(total.detach(), recon.detach(), l1.detach(), auxk.detach(), con.detach(), l0)
 
     def _raise_if_not_finite(self) -> None:
         """Refuse to log or checkpoint after a NaN/inf loss (synced here, not in every step)."""
@@ -341,6 +358,7 @@ class Trainer:
             self.opt.load_state_dict(blob["optimizer"])
             self.state = TrainerState(int(blob["step"]), blob["tokens_since_fired"].to(self.device),
                                       blob["fired_window"].to(self.device))
+            self._since_fired_bound = int(self.state.tokens_since_fired.max())
             positions = blob.get("data_position")
         except pickle.UnpicklingError:
             raise SAEError(f"refusing checkpoint {directory / CKPT_STATE}: it contains pickled code "
