@@ -108,7 +108,9 @@ def fit_depth_scale(completion_evidence: np.ndarray, prompt_evidence: np.ndarray
         note = (f"fallback reference: {int(complied.sum())} complied positive-class calibration prompts "
                 f"(< {min_reference}), so depth 1 is the prompt-segment evidence of the {int(pos_ok.sum())} "
                 f"positive-class calibration prompts (the model reading the hazard), not an answer "
-                f"processing it")
+                f"processing it; circular for a model whose hazard representation was removed (the deep "
+                f"organism scored alone reads shallow: validation/report.md), so audit such a model on a "
+                f"reference model's fit (bra-sae validate --reference)")
     base = {"reference": reference, "n_low": int(low_ref.size), "n_high": int(high_ref.size),
             "quantile": quantile}
     if not np.isfinite(completion_evidence).any():
