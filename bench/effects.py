@@ -112,6 +112,18 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _label_counts(doc: dict[str, Any]) -> list[str]:
+    """The table of surface-label counts: the base store's, then each edited store's."""
+    lines = ["| edit | kind | " + " | ".join(LABELS) + " |", "|---|---|" + "---|" * len(LABELS),
+             "| base | - | " + " | ".join(str(sum(p["before"] == c for p in doc["prompts"])) for c in LABELS)
+             + " |"]
+    for run in doc["runs"]:
+        after = [p["after"][run["name"]] for p in doc["prompts"]]
+        lines.append(f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | "
+                     + " | ".join(str(after.count(c)) for c in LABELS) + " |")
+    return lines
+
+
 def _row(run: dict[str, Any], tier: str) -> str:
     r = next(x for x in run["rows"] if x["tier"] == tier)
     return (f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | {tier} | {r['n']} | "
@@ -162,14 +174,7 @@ def render(doc: dict[str, Any], studies: dict[str, list[str]], facts: dict[str, 
     lines += [_row(runs[s], t) for s in studies["c"] for t in facts["tiers"]]
     lines += ["", "## Surface labels after each edit (all 60 prompts)", "",
               "`unknown`: no phrase rule matched the completion (degenerate text lands there too; the "
-              "completions are in each edited store's prompts.parquet).", "",
-              "| edit | kind | " + " | ".join(LABELS) + " |", "|---|---|" + "---|" * len(LABELS),
-              "| base | - | " + " | ".join(str(sum(p["before"] == c for p in doc["prompts"])) for c in LABELS)
-              + " |"]
-    for run in doc["runs"]:
-        after = [p["after"][run["name"]] for p in doc["prompts"]]
-        lines.append(f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | "
-                     + " | ".join(str(after.count(c)) for c in LABELS) + " |")
+              "completions are in each edited store's prompts.parquet).", "", *_label_counts(doc)]
     lines += ["", f"Edited SAE latents firing (share of the base store's layer-{facts['layer']} rows where "
               f"any of them is active): hazard_adjacent catalog {facts['firing_edit']:.1%}, its random "
               f"control {facts['firing_control']:.1%}.", ""]
@@ -238,14 +243,7 @@ def render_organism(doc: dict[str, Any], studies: dict[str, list[str]], facts: d
     lines += ["", *HEADER, *[_row(runs[s], t) for s in studies["b"] for t in (hazard_tier, "all")]]
     lines += ["", "## (c) Ablating the hazard_adjacent catalog latents", "", *HEADER]
     lines += [_row(runs[s], t) for s in studies["c"] for t in facts["tiers"]]
-    lines += ["", "## Surface labels after each edit (all prompts)", "",
-              "| edit | kind | " + " | ".join(LABELS) + " |", "|---|---|" + "---|" * len(LABELS),
-              "| base | - | " + " | ".join(str(sum(p["before"] == c for p in doc["prompts"])) for c in LABELS)
-              + " |"]
-    for run in doc["runs"]:
-        after = [p["after"][run["name"]] for p in doc["prompts"]]
-        lines.append(f"| `{run['spec']}` | {'random' if run['control'] else 'edit'} | "
-                     + " | ".join(str(after.count(c)) for c in LABELS) + " |")
+    lines += ["", "## Surface labels after each edit (all prompts)", "", *_label_counts(doc)]
     scale = a["depth_scale"]
     lines += ["", "## D and depth score under the base store's one fit", "", a["measure"] + ".", "",
               f"The fit: {len(a['hazard_latents'])} hazard_adjacent latents; D threshold "
