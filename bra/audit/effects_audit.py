@@ -103,6 +103,7 @@ class FixedAudit:
         self.fit = fit_audit(rows, self.split, self.cfg, self.classes, table, self.cfg.seed)
         self.before = apply_fit(self.fit, rows)
         self.layer = bundle.layer
+        self.bundle = bundle  # the base store's rows, for callers that also fit on them (validate)
 
     def read(self, path: str | os.PathLike[str]) -> Any:
         """A store's bundle under the fit's SAE, layer, pooling and labels."""

@@ -76,7 +76,7 @@ class ReferenceFit:
     def __init__(self, name: str, store: str, sae: str, cfg: ScoreConfig) -> None:
         self.name, self.store = name, store
         self.fixed = FixedAudit(store, sae, cfg)
-        bundle = self.fixed.read(store)
+        bundle = self.fixed.bundle
         rows = AuditRows.of(bundle, self.fixed.classes)
         train, cal = (self.fixed.split == s for s in SPLITS[:2])
         self.direction = raw_direction(bundle, train, rows)
