@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,24 @@ logger = logging.getLogger(__name__)
 def store_exists(path: str | Path | StoreLocation) -> bool:
     """True when ``path`` (a folder or a URL) holds a Zarr group."""
     return StoreLocation.parse(path).is_store()
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def cached_array(owner: object, group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group``, opened once per ``owner`` (a store handle or writer; opening reads
+    its metadata, a request on object stores); reader and writer threads may share the owner."""
+    cache: dict[str, zarr.Array] = owner.__dict__.setdefault("_arrays", {})
+    node = cache.get(name)
+    if node is None:
+        with _OPEN_LOCK:
+            node = cache.get(name)
+            if node is None:
+                node = group[name]
+                assert isinstance(node, zarr.Array)
+                cache[name] = node
+    return node
 
 
 @dataclass
@@ -87,13 +106,7 @@ class Store:
 
     def array(self, name: str) -> zarr.Array:
         """One array of the store by path (opened once: opening reads its metadata from disk)."""
-        cache: dict[str, zarr.Array] = self.__dict__.setdefault("_arrays", {})
-        node = cache.get(name)
-        if node is None:
-            node = self.group[name]
-            assert isinstance(node, zarr.Array)
-            cache[name] = node
-        return node
+        return cached_array(self, self.group, name)
 
     def acts(self, layer: int) -> zarr.Array:
         """The activation array of a hooked layer (raw storage dtype)."""

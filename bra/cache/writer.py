@@ -17,7 +17,6 @@ import errno
 import logging
 import os
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from bra.cache import parallel, schema
 from bra.cache.location import StoreLocation
 from bra.cache.stats import Moments
+from bra.cache.store import cached_array
 from bra.errors import StoreError
 from bra.fsutil import atomic_file, make_temp_dir
 
@@ -92,7 +92,6 @@ class StoreWriter:
         self.dtype: str = self.meta.dtype
         self.layout = self.meta.layout
         self.columns = schema.column_names(self.layers, self.dtype)
-        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, path: Path | str | StoreLocation, attrs: schema.StoreAttrs) -> StoreWriter:
@@ -208,17 +207,8 @@ class StoreWriter:
         return self._rank_array
 
     def _array(self, name: str) -> zarr.Array:
-        """An array of the store, opened once (opening reads its metadata: a request on object stores)."""
-        cache: dict[str, zarr.Array] = self.__dict__.setdefault("_arrays", {})
-        node = cache.get(name)
-        if node is None:
-            with self._lock:  # writer threads share the cache
-                node = cache.get(name)
-                if node is None:
-                    node = self.group[name]
-                    assert isinstance(node, zarr.Array)
-                    cache[name] = node
-        return node
+        """An array of the store, opened once (writer threads share the cache)."""
+        return cached_array(self, self.group, name)
 
     def merged_moments(self, layer: int) -> Moments:
         """Merge the per-shard partials in shard order."""
