@@ -153,6 +153,33 @@ def test_cosine_tier_separation__zero_when_a_tier_is_missing():
     assert losses.cosine_tier_separation(features, torch.tensor([1, 1, 1])).item() == 0.0
 
 
+def test_tier_terms_masked_to_zero_pass_no_gradient():
+    """The one-tier and no-positive cases are masked on the device, not returned early: still 0, and
+    nothing flows back into the features."""
+    features = torch.randn(4, 3, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    for loss in (losses.nt_xent_tier_loss(features, torch.tensor([1, 1, 1, 1])),
+                 losses.nt_xent_tier_loss(features, torch.tensor([0, 1, 2, 3])),
+                 losses.cosine_tier_separation(features, torch.tensor([1, 1, 2, 2]))):
+        features.grad = None
+        loss.backward()
+        assert loss.item() == 0.0 and torch.all(features.grad == 0)
+
+
+@pytest.mark.parametrize("n_dead", [0, 2, 20])
+def test_loss_terms_never_read_a_value_back_from_the_device(n_dead):
+    """On the meta device any host read (``int(t)``, ``bool(t)``, boolean indexing) raises: the terms a GPU
+    step computes must not wait for the device."""
+    m = torch.device("meta")
+    x, pre, W_dec = torch.randn(8, 6, device=m), torch.randn(8, 20, device=m), torch.randn(20, 6, device=m)
+    dead = torch.arange(20, device=m) < n_dead
+    tiers = torch.arange(8, device=m) % 2
+    with pytest.raises(RuntimeError):
+        int(dead.sum())  # the premise: a host read fails here
+    for value in (losses.auxk_loss(x, x * 0.5, pre, W_dec, dead, k_aux=3),
+                  losses.nt_xent_tier_loss(pre, tiers), losses.cosine_tier_separation(pre, tiers)):
+        assert value.device == m and value.shape == ()
+
+
 # ------------------------------------------------------------------------------------------- metrics
 
 

@@ -124,3 +124,23 @@ def test_trainer__step_matches_the_dense_reference_step(dead_tokens: int) -> Non
         assert float(out.l0) == 4.0
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("contrastive", ["ntxent", "cosine", "none"])
+def test_trainer__step_never_waits_for_the_device(contrastive: str) -> None:
+    """The module's promise, checked on the meta device (where any read of a value raises): a whole step
+    with every default-level term on, AuxK included once latents can be dead, reads nothing back."""
+    from bra.sae.trainer import Trainer, TrainInput
+
+    cfg = TrainConfig(d_sae=32, k=4, steps=3, batch_size=16, l1_coef=0.01, auxk_coef=0.5, k_aux=4,
+                      dead_tokens=1, contrastive=contrastive, contrastive_coef=0.1, contrastive_level="token",
+                      contrastive_rows=16, device="cpu")
+    m = torch.device("meta")
+    sae = TopKSAE.init_random(SAEConfig(d_model=8, d_sae=32, k=4, input_scale=1.7), 0,
+                              torch.full((8,), 0.3)).to(m)
+    batches = [TrainInput(torch.randn(16, 8, device=m), torch.arange(16, device=m) % 2,
+                          torch.arange(16, device=m) // 4) for _ in range(3)]
+    trainer = Trainer(sae, iter(batches), cfg, progress=False)
+    for b in batches:  # the 2nd and 3rd steps run AuxK (dead_tokens 1)
+        out = trainer._train_step(b)
+    assert out.loss.device == m and trainer.state.step == 3

@@ -76,6 +76,11 @@ def auxk_loss(
     x, x_hat and W_dec must share one space: with input_scale s != 1 pass x * s and x_hat * s (the space
     `pre_acts` and W_dec live in), or equivalently raw x, x_hat and W_dec / s.
 
+    Never reads a value back to the host (a GPU step then never waits on it): the top-k is always
+    min(k_aux, S) wide, picks among live latents (fewer dead ones than that) are zeroed, and the loss is
+    masked to 0 when no latent is dead; the same value as clamping k to the dead count. e_hat is summed
+    from the k picked rows of W_dec (one ``embedding_bag``), not from a dense [B, S] z_aux.
+
     Args:
         x_BD: SAE input [B, D].
         x_hat_BD: SAE reconstruction [B, D].
@@ -84,20 +89,19 @@ def auxk_loss(
         dead_mask_S: bool [S], True for latents counted dead by the trainer.
         k_aux: latents per row in the auxiliary reconstruction (paper heuristic: d_model / 2).
     Returns:
-        0-dim tensor; exactly 0 (no graph) when no latent is dead.
+        0-dim tensor; 0 when no latent is dead (with zero gradients).
     """
     if k_aux < 1:
         raise ValueError(f"k_aux must be >= 1, got {k_aux}")
-    n_dead = int(dead_mask_S.sum())
-    if n_dead == 0:
-        return torch.zeros((), dtype=pre_acts_BS.dtype, device=pre_acts_BS.device)
     e_BD = (x_BD - x_hat_BD).detach()
     masked_BS = torch.where(dead_mask_S[None, :], pre_acts_BS, torch.full_like(pre_acts_BS, -torch.inf))
-    aux_values_BK, aux_indices_BK = masked_BS.topk(min(k_aux, n_dead), dim=-1, sorted=False)
-    z_aux_BS = torch.zeros_like(pre_acts_BS).scatter(-1, aux_indices_BK, aux_values_BK)
-    e_hat_BD = z_aux_BS @ W_dec_SD
+    aux_values_BK, aux_indices_BK = masked_BS.topk(min(k_aux, pre_acts_BS.shape[-1]), dim=-1, sorted=False)
+    aux_values_BK = torch.where(torch.isfinite(aux_values_BK), aux_values_BK, torch.zeros_like(aux_values_BK))
+    e_hat_BD = F.embedding_bag(aux_indices_BK, W_dec_SD, per_sample_weights=aux_values_BK.to(W_dec_SD.dtype),
+                               mode="sum")
     # A batch whose residual has no variance gives 0/0; the references map that NaN to 0.
-    return normalized_mse(e_hat_BD, e_BD).nan_to_num(0.0)
+    loss = normalized_mse(e_hat_BD, e_BD).nan_to_num(0.0)
+    return torch.where(dead_mask_S.any(), loss, torch.zeros_like(loss))
 
 
 def nt_xent_tier_loss(
@@ -122,21 +126,23 @@ def nt_xent_tier_loss(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = features_NF.shape[0]
-    if n < 2 or torch.unique(tiers_N).numel() < 2:
+    if n < 2:
         return features_NF.new_zeros(())
+    # no host reads (the step must not wait on a GPU): "one tier only" and "no anchor has a positive" are
+    # masks on the device, not early returns
     u_NF = F.normalize(features_NF.to(torch.promote_types(features_NF.dtype, torch.float32)), dim=-1)
     sim_NN = u_NF @ u_NF.T / temperature
     self_NN = torch.eye(n, dtype=torch.bool, device=features_NF.device)
     positive_NN = (tiers_N[:, None] == tiers_N[None, :]) & ~self_NN
     n_pos_N = positive_NN.sum(dim=1)
     has_pos_N = n_pos_N > 0
-    if not bool(has_pos_N.any()):
-        return features_NF.new_zeros(())
     log_denom_N1 = torch.logsumexp(sim_NN.masked_fill(self_NN, -torch.inf), dim=1, keepdim=True)
     # where(), not multiplication by the mask: the diagonal would be -inf and -inf * 0 is NaN.
     log_prob_NN = torch.where(positive_NN, sim_NN - log_denom_N1, torch.zeros_like(sim_NN))
     loss_N = -log_prob_NN.sum(dim=1) / n_pos_N.clamp_min(1)
-    return loss_N[has_pos_N].mean()
+    loss = (loss_N * has_pos_N).sum() / has_pos_N.sum().clamp_min(1)
+    contrasts = (tiers_N != tiers_N[0]).any() & has_pos_N.any()
+    return torch.where(contrasts, loss, torch.zeros_like(loss))
 
 
 def cosine_tier_separation(features_NF: torch.Tensor, tiers_N: torch.Tensor) -> torch.Tensor:
@@ -153,11 +159,12 @@ def cosine_tier_separation(features_NF: torch.Tensor, tiers_N: torch.Tensor) -> 
     """
     hazard_N = tiers_N == 1
     benign_N = tiers_N == 0
-    if not bool(hazard_N.any()) or not bool(benign_N.any()):
-        return features_NF.new_zeros(())
-    mean_hazard_F = features_NF[hazard_N].mean(dim=0)
-    mean_benign_F = features_NF[benign_N].mean(dim=0)
-    return F.cosine_similarity(mean_hazard_F, mean_benign_F, dim=0)
+    # masked means instead of boolean indexing and early returns: no host read
+    f = features_NF.to(torch.promote_types(features_NF.dtype, torch.float32))
+    mean_hazard_F = (f * hazard_N[:, None]).sum(dim=0) / hazard_N.sum().clamp_min(1)
+    mean_benign_F = (f * benign_N[:, None]).sum(dim=0) / benign_N.sum().clamp_min(1)
+    cos = F.cosine_similarity(mean_hazard_F, mean_benign_F, dim=0)
+    return torch.where(hazard_N.any() & benign_N.any(), cos, torch.zeros_like(cos))
 
 
 @torch.no_grad()

@@ -3,7 +3,9 @@ a data provider and the config, whose short `fit` calls `_train_step`, `_log_tra
 `_checkpoint_if_needed`; checkpoints are one paired `save_checkpoint` / `load_checkpoint`.
 
 The step never waits for the device: loss terms, the dead-latent counters and the non-finite-loss flag stay
-on it and are copied to the host only at log and checkpoint steps.
+on it and are copied to the host only at log and checkpoint steps (a test runs steps on the meta device,
+where any read raises). One exception: the document-level tier term (``contrastive_level="document"``)
+groups rows with ``torch.unique``, whose output size the host must learn.
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ class Trainer:
         The reconstruction comes from the k kept latents (`TopKSAE.decode_sparse`); the dense [B, d_sae]
         latents are built only for the tier term, which profiles them. L1 and L0 read the kept values
         (z's only nonzero entries). AuxK is skipped while no latent can be dead yet (fewer training tokens
-        so far than ``dead_tokens``), which also spares its count of dead latents a host sync."""
+        so far than ``dead_tokens``); after that it never syncs with an accelerator (`losses.auxk_loss`)."""
         sae, cfg, state = self.sae, self.cfg, self.state
         x = batch.x
         out = self.forward(x, sparse=True)
@@ -262,8 +264,11 @@ class Trainer:
         if cfg.auxk_coef and self._since_fired_bound >= cfg.dead_tokens:
             s = sae.cfg.input_scale
             dead = state.tokens_since_fired >= cfg.dead_tokens
-            auxk = losses.auxk_loss(x * s, out.x_hat * s, out.pre_acts, sae.W_dec, dead, self.k_aux)
-            total = total + cfg.auxk_coef * auxk
+            # on the CPU reading the count is free and spares the aux top-k while nothing is dead; on an
+            # accelerator it would stall the step, and auxk_loss masks itself to 0 instead
+            if self.device.type != "cpu" or bool(dead.any()):
+                auxk = losses.auxk_loss(x * s, out.x_hat * s, out.pre_acts, sae.W_dec, dead, self.k_aux)
+                total = total + cfg.auxk_coef * auxk
         con = zero
         if cfg.contrastive != "none" and cfg.contrastive_coef:
             z = torch.zeros_like(out.pre_acts).scatter(-1, indices, values)
