@@ -8,7 +8,8 @@ unmasked rows with one formula for both SAEs (float64 sum of squared errors ÷ s
 from the held-out mean). Nothing is tuned here: each side keeps its own defaults for everything the recipe
 does not fix.
 
-* ours: `Trainer` exactly as `bra-sae fit --preset plain` builds it (TopK-paper init, b_dec = data mean,
+* ours: `Trainer` exactly as `bra-sae fit --preset plain` builds it (`initial_sae`: TopK-paper init with
+  the encoder scale fitted on a sample of training rows, b_dec = data mean,
   input scaled to mean squared norm d_model, normalised-MSE loss, AuxK 1/32, unit-norm decoder with the
   gradient projection, AdamW, the last 20 % of steps decaying lr linearly to 0).
 * SAELens: `TopKTrainingSAE` with its defaults (`decoder_init_norm` 0.1, `apply_b_dec_to_input`, b_dec 0,
@@ -41,6 +42,7 @@ from bra.sae import losses
 from bra.sae.config import PRESETS, StreamConfig, TrainConfig
 from bra.sae.data import TrainingData, check_finite, train_batches, training_data
 from bra.sae.model import SAEConfig, TopKSAE
+from bra.sae.train import initial_sae
 from bra.sae.trainer import StoreInputs, Trainer
 
 logger = logging.getLogger(__name__)
@@ -119,8 +121,7 @@ def ours(store: Store, r: Recipe, seed: int, preset: str = "plain") -> tuple[Top
     tcfg = train_config(r, seed, preset)
     data = training_data(store, None, tcfg.heldout_fraction, seed, False)
     scfg = SAEConfig(d_model=store.d_model, d_sae=r.d_sae, k=r.k, input_scale=data.input_scale)
-    torch.manual_seed(seed)
-    sae = TopKSAE.init_random(scfg, seed, torch.as_tensor(data.mean, dtype=torch.float32))
+    sae, _ = initial_sae(store, data, scfg, tcfg, torch.device("cpu"))
     batches = train_batches(store, data, r.batch, r.buffer_rows, seed, tcfg.balanced)
     try:
         trainer = Trainer(sae, StoreInputs(batches, torch.device("cpu")), tcfg, progress=False)

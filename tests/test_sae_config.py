@@ -36,3 +36,11 @@ def test_train_config__nested_stream_settings_flat_or_nested() -> None:
         TrainConfig.from_dict({"buffer_rows": 0})
     with pytest.raises(TypeError):
         TrainConfig.from_dict({"buffer_rowz": 1})
+
+
+def test_differences__a_run_saved_before_encoder_init_used_the_transpose():
+    """run.json of a run made before the setting existed lacks it: that run used the transpose init, so a
+    resume with the new default is refused and one that says transpose is not."""
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "encoder_init"}
+    assert TrainConfig().differences(old) == ["encoder_init"]
+    assert TrainConfig(encoder_init="transpose").differences(old) == []

@@ -134,6 +134,35 @@ def test_TopKSAE__init_random_follows_topk_paper_and_is_seeded():
     assert not torch.equal(sae.W_dec, other.W_dec)
 
 
+def test_TopKSAE__fit_encoder_scale_is_the_least_squares_factor():
+    """The factor minimises the sample's reconstruction error over a (checked against nearby factors and the
+    transpose), keeps the top-k choice, and makes the first reconstruction far closer when k/d_model is
+    large; it refuses a trained SAE (b_enc != 0), where the choice would move with the factor."""
+    cfg = SAEConfig(d_model=16, d_sae=96, k=8, input_scale=2.0)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 16, generator=gen) + 0.5
+
+    def err(scale: float) -> float:
+        sae = TopKSAE.init_random(cfg, seed=1, data_mean=x.mean(0))
+        with torch.no_grad():
+            sae.W_enc.mul_(scale)
+            return float(((sae(x).x_hat - x) ** 2).sum())
+
+    sae = TopKSAE.init_random(cfg, seed=1, data_mean=x.mean(0))
+    before = sae.encode_topk(x)[1].sort(dim=-1).values
+    scale = sae.fit_encoder_scale_(x)
+    assert 0 < scale < 1  # the transpose overshoots at k/d_model = 1/2
+    assert torch.equal(sae.encode_topk(x)[1].sort(dim=-1).values, before)
+    with torch.no_grad():
+        best = float(((sae(x).x_hat - x) ** 2).sum())
+    assert best == pytest.approx(err(scale), rel=1e-5)
+    assert best < min(err(0.9 * scale), err(1.1 * scale)) and best < 0.5 * err(1.0)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.1)
+    with pytest.raises(ValueError, match="b_enc"):
+        sae.fit_encoder_scale_(x)
+
+
 # ------------------------------------------------------------------------------- training helpers
 
 

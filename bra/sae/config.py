@@ -13,6 +13,8 @@ ContrastiveForm = Literal["ntxent", "cosine", "none"]
 """Tier-separation terms (TrainConfig.contrastive)."""
 ContrastiveLevel = Literal["token", "doc"]
 """What the tier-separation term contrasts (TrainConfig.contrastive_level)."""
+EncoderInit = Literal["fitted", "transpose"]
+"""How a fit initialises the encoder (TrainConfig.encoder_init)."""
 CONTRASTIVE_FORMS: tuple[str, ...] = typing.get_args(ContrastiveForm)
 CONTRASTIVE_LEVELS: tuple[str, ...] = typing.get_args(ContrastiveLevel)
 
@@ -39,6 +41,10 @@ class TrainConfig:
     """Active latents per row."""
     lr: float = 3e-4
     """AdamW learning rate."""
+    encoder_init: EncoderInit = "fitted"
+    """transpose: W_enc = W_dec^T (TopK paper); fitted: that, scaled by the least-squares factor that makes
+    the initial reconstruction of a sample of training rows closest (the transpose overshoots when k is a
+    sizeable fraction of d_model)."""
     lr_decay_frac: float = 0.2
     """Decay the learning rate linearly to 0 over this final fraction of the steps (0 = constant)."""
     weight_decay: float = 0.0
@@ -132,8 +138,12 @@ class TrainConfig:
         # more steps may extend a run, unless the learning-rate schedule depends on the total
         cosmetic = ({"log_every", "checkpoint_every", "device"}
                     | ({"steps"} if not self.lr_decay_frac else set()))
-        saved = _flatten(other, TrainConfig)
+        saved = {**LEGACY_DEFAULTS, **_flatten(other, TrainConfig)}
         return sorted(k for k, v in self.flat_dict().items() if k not in cosmetic and saved.get(k) != v)
+
+
+LEGACY_DEFAULTS: dict[str, Any] = {"encoder_init": "transpose"}
+"""What runs saved before a setting existed used (their run.json lacks it)."""
 
 
 def _flatten(data: dict[str, Any], cls: type) -> dict[str, Any]:

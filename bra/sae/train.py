@@ -18,7 +18,7 @@ from bra.dist import SINGLE, Dist
 from bra.errors import SAEError
 from bra.fsutil import write_text_atomic
 from bra.sae.config import TrainConfig
-from bra.sae.data import TrainingData, rank_shards, train_batches, training_data
+from bra.sae.data import TrainingData, check_finite, rank_shards, train_batches, training_data
 from bra.sae.files import RUN_FILE, SAELENS_DIR  # noqa: F401 (re-exported)
 from bra.sae.model import SAEConfig, TopKSAE
 from bra.sae.trainer import (
@@ -32,13 +32,17 @@ from bra.sae.trainer import (
 )
 
 __all__ = ["CHECKPOINT_DIR", "CKPT_STATE", "CKPT_WEIGHTS", "METRICS_FILE", "RUN_FILE", "SAELENS_DIR",
-           "SPLIT_FILE", "fit", "resolve_device"]
+           "SPLIT_FILE", "fit", "initial_sae", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
 """Settings of the run (a --resume with other settings is refused)."""
 SPLIT_FILE = "split.json"
 """The held-out documents."""
+INIT_ROWS = 4096
+"""Training rows the encoder's initial scale is fitted on (``encoder_init`` fitted)."""
+INIT_STREAM = 0x696E6974
+"""Added to the seed of the stream those rows come from, so that it is a stream of its own."""
 
 
 def _run_record(store: Store, data: TrainingData, cfg: TrainConfig, sae_cfg: SAEConfig) -> dict[str, Any]:
@@ -124,14 +128,16 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                         store_fingerprint=store.meta.manifest_hash)
     record = {**_run_record(store, data, cfg, sae_cfg), "world_size": dist.world}
     dist.on_main(lambda: _prepare_out(out, record, cfg, resume))
-    torch.manual_seed(cfg.seed)
-    sae = TopKSAE.init_random(sae_cfg, cfg.seed, torch.as_tensor(data.mean, dtype=torch.float32)).to(device)
+    ckpt = dist.on_main(lambda: find_checkpoint(out, promote=True)) if resume else None
+    # a checkpoint replaces the weights: its fit needs no sample rows
+    sae, scale = initial_sae(store, data, sae_cfg, cfg, device, fit_scale=ckpt is None)
+    if ckpt is None:
+        logger.info("encoder init %s (scale %.4g)", cfg.encoder_init, scale)
     shards = rank_shards(store.layout.n_shards, dist.rank, dist.world) if dist.active else None
     batches = train_batches(store, data, cfg.batch_size // dist.world, cfg.stream.buffer_rows, cfg.seed,
                             cfg.balanced, shards=shards)
     try:
         trainer = Trainer(sae, StoreInputs(batches, device), cfg, dist=dist, out=out)
-        ckpt = dist.on_main(lambda: find_checkpoint(out, promote=True)) if resume else None
         if ckpt is not None:
             trainer.load_checkpoint(ckpt)
             if dist.is_main:
@@ -146,6 +152,27 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         _finish(sae, out)
     dist.barrier()  # the run directory is complete when any rank returns
     return sae
+
+
+def initial_sae(store: Store, data: TrainingData, sae_cfg: SAEConfig, cfg: TrainConfig,
+                device: torch.device, fit_scale: bool = True) -> tuple[TopKSAE, float]:
+    """The SAE a fit starts from, on ``device``, and its encoder scale: the TopK-paper init
+    (`TopKSAE.init_random`), with ``encoder_init`` fitted its encoder scaled by least squares on
+    ``INIT_ROWS`` training rows (`TopKSAE.fit_encoder_scale_`; never held-out rows). The rows come from a
+    stream of their own over the whole store, so every rank of a distributed fit gets the same SAE and the
+    training batches are those of a transpose init. ``fit_scale`` False: the transpose init whatever the
+    config says (the weights are about to come from a checkpoint)."""
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE.init_random(sae_cfg, cfg.seed, torch.as_tensor(data.mean, dtype=torch.float32)).to(device)
+    if cfg.encoder_init == "transpose" or not fit_scale:
+        return sae, 1.0
+    sample = train_batches(store, data, INIT_ROWS, 2 * INIT_ROWS, cfg.seed + INIT_STREAM, balanced=False)
+    try:
+        batch, _ = next(sample)
+    finally:
+        sample.close()
+    check_finite(batch)
+    return sae, sae.fit_encoder_scale_(torch.from_numpy(batch.acts).to(device))
 
 
 def _start_run(out: Path, data: TrainingData, cfg: TrainConfig, resume: bool) -> None:
