@@ -313,6 +313,7 @@ def build_store(manifest: Manifest, store: str | Path | None = None, overwrite: 
     if dist.active:
         logger.info("rank %d: %d of the %d shards to write", dist.rank, len(mine), len(todo))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    schema.load_codec(attrs.dtype)
     t0 = time.perf_counter()
     computed, error = 0, None
     try:
