@@ -235,22 +235,23 @@ def writer_alone(args: argparse.Namespace, work: Path, d_model: int) -> dict[str
     return out
 
 
+def train_config(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The TrainConfig of both training phases: the sizes on the command line, a shuffle buffer of at least
+    4 batches, then ``overrides``."""
+    from bra.sae.config import StreamConfig, TrainConfig
+
+    return TrainConfig(d_sae=args.d_sae, k=args.k, batch_size=args.train_batch, device=args.device,
+                       stream=StreamConfig(buffer_rows=max(4 * args.train_batch, 16384)), **overrides)
+
+
 def training(store_path: str, args: argparse.Namespace) -> dict[str, Any]:
     """Steps/s from the store (`train_batches`, balanced, the product's default loss terms) and from RAM."""
     from bench.train_ratio import preload, steps_from_ram, steps_from_store
     from bra.cache.store import open_store
-    from bra.sae.config import StreamConfig, TrainConfig
     from bra.sae.data import training_data
 
     store = open_store(store_path)
-    tcfg = TrainConfig(
-        d_sae=args.d_sae,
-        k=args.k,
-        batch_size=args.train_batch,
-        device=args.device,
-        stream=StreamConfig(buffer_rows=max(4 * args.train_batch, 16384)),
-        contrastive_rows=min(512, args.train_batch),
-    )
+    tcfg = train_config(args, contrastive_rows=min(512, args.train_batch))
     data = training_data(store, None, tcfg.heldout_fraction, tcfg.seed, tcfg.shuffle_tiers)
     rows = preload(store, data)
     best, times = best_of(
@@ -280,7 +281,6 @@ def saelens(
     from bench.saelens_side import saelens_buffer_tokens
     from bench.saelens_tasks import ours_train_task, saelens_build_task, saelens_train_task
     from bra.cache.store import open_store
-    from bra.sae.config import StreamConfig, TrainConfig
 
     n = prep["n_tokens"]
     cache = work / "saelens-cache"
@@ -302,17 +302,7 @@ def saelens(
     shutil.rmtree(cache, ignore_errors=True)
     build = saelens_build_task(spec)
     stats = open_store(store_path).stats(LAYER)
-    tcfg = TrainConfig(
-        d_sae=args.d_sae,
-        k=args.k,
-        batch_size=args.train_batch,
-        device=args.device,
-        stream=StreamConfig(buffer_rows=max(4 * args.train_batch, 16384)),
-        contrastive="none",
-        contrastive_coef=0.0,
-        balanced=False,
-        heldout_fraction=0.0,
-    )
+    tcfg = train_config(args, contrastive="none", contrastive_coef=0.0, balanced=False, heldout_fraction=0.0)
     train = {
         **spec,
         "store": store_path,

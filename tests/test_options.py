@@ -34,6 +34,9 @@ FIT_OPTIONS: list[Row] = [
     (('--d-sae',), (), 'd_sae', 'integer', None, False, False, False, '6144'),
     (('--k',), (), 'k', 'integer', None, False, False, False, '32'),
     (('--lr',), (), 'lr', 'float', None, False, False, False, '0.0003'),
+    # added with the fitted encoder init (issue 18's quality study)
+    (('--encoder-init',), (), 'encoder_init', ('choice', ('fitted', 'transpose')), None, False, False, False,
+     'fitted'),
     (('--lr-decay-frac',), (), 'lr_decay_frac', 'float', None, False, False, False, '0.2'),
     (('--weight-decay',), (), 'weight_decay', 'float', None, False, False, False, '0.0'),
     (('--steps',), (), 'steps', 'integer', None, False, False, False, '5000'),

@@ -132,3 +132,24 @@ def test_reader__saved_position_continues_the_same_stream(tiny_store: Path, tmp_
                        for f in ("row", "acts", "tier", "doc_index")), k
         tail.close()
     assert epochs >= {0, 1, 2}  # positions inside the first three epochs
+
+
+def test_loop_thread_pool__own_loops_read_what_the_sync_api_reads_and_close(tiny_store: Path) -> None:
+    """Reads on a `LoopThreadPool` thread go through that thread's event loop (not zarr's shared one), give
+    the same rows, and the loops are closed when the pool shuts down."""
+    from bra.cache import parallel, schema
+
+    store = open_store(tiny_store)
+    name, size = schema.acts_path(1), store.layout.chunk_tokens
+    chunks = range(-(-store.n_tokens // size))
+
+    def read(c: int) -> tuple[object, np.ndarray]:
+        return parallel.thread_loop(), store.read_rows(name, c * size, min((c + 1) * size, store.n_tokens))
+
+    pool = parallel.LoopThreadPool(2)
+    got = list(pool.map(read, chunks))
+    pool.shutdown()
+    loops = {id(loop): loop for loop, _ in got}
+    assert parallel.thread_loop() is None and all(loop is not None for loop, _ in got) and len(loops) >= 1
+    assert all(loop.is_closed() for loop in loops.values())
+    assert np.array_equal(np.concatenate([rows for _, rows in got]), store.read_rows(name, 0, store.n_tokens))

@@ -127,3 +127,33 @@ class ShardWriterPool:
             _LOCAL.loop = None
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
+
+
+def _start_thread_loop(loops: list[asyncio.AbstractEventLoop], lock: threading.Lock) -> None:
+    loop = asyncio.new_event_loop()
+    # one decompressor thread per reader: blosc runs in the loop's default executor (asyncio.to_thread)
+    name = threading.current_thread().name
+    loop.set_default_executor(ThreadPoolExecutor(1, thread_name_prefix=f"{name}-codec"))
+    _LOCAL.loop = loop
+    with lock:
+        loops.append(loop)
+
+
+class LoopThreadPool(ThreadPoolExecutor):
+    """A thread pool whose threads each run their own event loop (`thread_loop`), so that reads of a local
+    store through `bra.cache.store.Store.read_rows` decode on several threads at once instead of queueing
+    on zarr's one loop: the reading counterpart of `ShardWriterPool`. The loops close at ``shutdown``."""
+
+    def __init__(self, threads: int, thread_name_prefix: str = "bra-reader"):
+        self._loops: list[asyncio.AbstractEventLoop] = []
+        super().__init__(threads, thread_name_prefix=thread_name_prefix, initializer=_start_thread_loop,
+                         initargs=(self._loops, threading.Lock()))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the threads, then close their loops (and each loop's decompressor thread)."""
+        super().shutdown(wait=True, cancel_futures=cancel_futures)
+        for loop in self._loops:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+        self._loops.clear()
+

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from bra.cache import schema
+from bra.cache import parallel, schema
 from bra.cache.location import StoreLocation
 from bra.errors import StoreError
 
@@ -131,8 +131,10 @@ class Store:
         decompressor accepts), or a missing activation shard file, is a one-line StoreError naming the
         array, the rows and the shard: every consumer (fit, eval, score) reads through here."""
         arr = self.array(name)
+        loop = parallel.thread_loop() if self.location.is_local else None  # a `LoopThreadPool` thread's
         try:
-            data = arr[start:stop]
+            data = arr[start:stop] if loop is None else loop.run_until_complete(
+                arr.async_array.getitem(slice(start, stop)))
         except Exception:  # zarr raises ValueError for a checksum mismatch, others for undecodable bytes
             bad = self.first_bad_chunk(name, start, stop)
             if bad is None:  # every chunk reads on its own: not damage (memory, ...), so not ours to rename
