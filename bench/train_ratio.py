@@ -71,7 +71,8 @@ def _timed_fit(trainer: Trainer, device: torch.device, warmup: int, steps: int) 
 def steps_from_store(store: Store, data: TrainingData, tcfg: TrainConfig, warmup: int, steps: int) -> float:
     """Seconds for ``steps`` steps fed by `train_batches` (after ``warmup`` untimed steps)."""
     device = resolve_device(tcfg.device)
-    batches = train_batches(store, data, tcfg.batch_size, tcfg.stream.buffer_rows, tcfg.seed, tcfg.balanced)
+    batches = train_batches(store, data, tcfg.batch_size, tcfg.stream.buffer_rows, tcfg.seed, tcfg.balanced,
+                            own_loops=device.type != "cpu")  # as `fit` reads
     try:
         trainer = _trainer(store, data, tcfg, StoreInputs(batches, device), device, warmup + steps)
         return _timed_fit(trainer, device, warmup, steps)

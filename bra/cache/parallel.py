@@ -125,18 +125,19 @@ class ShardWriterPool:
                             self._error = exc
         finally:
             _LOCAL.loop = None
-            loop.run_until_complete(loop.shutdown_default_executor())
+            codec.shutdown(wait=True)  # not loop.shutdown_default_executor: see LoopThreadPool.shutdown
             loop.close()
 
 
-def _start_thread_loop(loops: list[asyncio.AbstractEventLoop], lock: threading.Lock) -> None:
+def _start_thread_loop(loops: list[tuple[asyncio.AbstractEventLoop, ThreadPoolExecutor]],
+                       lock: threading.Lock) -> None:
     loop = asyncio.new_event_loop()
     # one decompressor thread per reader: blosc runs in the loop's default executor (asyncio.to_thread)
-    name = threading.current_thread().name
-    loop.set_default_executor(ThreadPoolExecutor(1, thread_name_prefix=f"{name}-codec"))
+    codec = ThreadPoolExecutor(1, thread_name_prefix=f"{threading.current_thread().name}-codec")
+    loop.set_default_executor(codec)
     _LOCAL.loop = loop
     with lock:
-        loops.append(loop)
+        loops.append((loop, codec))
 
 
 class LoopThreadPool(ThreadPoolExecutor):
@@ -145,15 +146,16 @@ class LoopThreadPool(ThreadPoolExecutor):
     on zarr's one loop: the reading counterpart of `ShardWriterPool`. The loops close at ``shutdown``."""
 
     def __init__(self, threads: int, thread_name_prefix: str = "bra-reader"):
-        self._loops: list[asyncio.AbstractEventLoop] = []
+        self._loops: list[tuple[asyncio.AbstractEventLoop, ThreadPoolExecutor]] = []
         super().__init__(threads, thread_name_prefix=thread_name_prefix, initializer=_start_thread_loop,
                          initargs=(self._loops, threading.Lock()))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the threads, then close their loops (and each loop's decompressor thread)."""
+        """Stop the threads, then each loop's decompressor thread, then the loops. Without
+        ``loop.shutdown_default_executor``: it starts a thread, which hangs when a stream is closed while
+        the interpreter exits (a generator finalised at exit)."""
         super().shutdown(wait=True, cancel_futures=cancel_futures)
-        for loop in self._loops:
-            loop.run_until_complete(loop.shutdown_default_executor())
+        for loop, codec in self._loops:
+            codec.shutdown(wait=True)
             loop.close()
         self._loops.clear()
-

@@ -35,12 +35,12 @@ logger = logging.getLogger(__name__)
 LABEL_CACHE_BYTES = 64 << 20
 LABEL_COLUMNS = ("mask", "doc_index", "tier")
 LOCAL_READ_THREADS = 2
-"""Fewest reader threads on a local disk; more with more cores (up to ``MAX_LOCAL_READ_THREADS``)."""
+"""Reader threads on a local disk; with ``own_loops``, the fewest (more with more cores, up to
+``MAX_LOCAL_READ_THREADS``)."""
 MAX_LOCAL_READ_THREADS = 8
 """One reader thread decodes ~100k-200k rows/s at d_model 576 here (its own event loop, default codec), a
 few times fewer at 2304, while a GPU step at batch 4096 wants several hundred thousand: a fit on a GPU host
-needs several cores reading. A CPU fit is not slowed by more of them: they only read ``prefetch`` chunks
-ahead, so they wait most of the time."""
+needs several cores reading (``own_loops``)."""
 REMOTE_READ_THREADS = 8
 
 
@@ -59,9 +59,15 @@ class ReaderConfig:
     prefetch: int | None = None
     """Chunks requested ahead by background threads (default: twice the threads)."""
     threads: int | None = None
-    """Reader threads (default: on a local disk the cores, at least 2 and at most 8, each decoding on its own
-    event loop; 8 for a store at a URL, where each chunk is a request that waits on the network: more in
-    flight hide the latency; the data order does not depend on it)."""
+    """Reader threads (default: on a local disk 2, or with ``own_loops`` the cores, at most 8; 8 for a store
+    at a URL, where each chunk is a request that waits on the network: more in flight hide the latency; the
+    data order does not depend on it)."""
+    own_loops: bool = False
+    """Local stores: each reader thread decodes on its own event loop (`bra.cache.parallel.LoopThreadPool`),
+    so chunks decompress on several cores at once (2 threads read 1.3-1.4x one here, where zarr's shared
+    loop gives 1.05x): what a fit on a GPU needs. Off for a CPU fit, whose SAE step wants those cores:
+    training steps/s from the store ÷ from RAM was 0.94 with it and 1.00 without (d_model 576, 2 cores,
+    interleaved, best of 5, load under 1)."""
 
     def __post_init__(self) -> None:
         optional = [x for x in (self.prefetch, self.threads) if x is not None]
@@ -72,7 +78,8 @@ class ReaderConfig:
         """(threads, prefetch) for a local or a remote store."""
         from bra.dist import cpu_cores  # bra.dist imports torch: only a stream being read needs it
 
-        local = max(LOCAL_READ_THREADS, min(MAX_LOCAL_READ_THREADS, cpu_cores()))
+        local = max(LOCAL_READ_THREADS, min(MAX_LOCAL_READ_THREADS, cpu_cores())) if self.own_loops \
+            else LOCAL_READ_THREADS
         threads = self.threads or (REMOTE_READ_THREADS if remote else local)
         return threads, self.prefetch or 2 * threads
 
@@ -341,7 +348,7 @@ class RowCursor:
             if self._rng is None:
                 self._rng = rng
             any_rows = resumed
-            with (LoopThreadPool(threads) if stream.store.location.is_local
+            with (LoopThreadPool(threads) if stream.cfg.own_loops and stream.store.location.is_local
                   else ThreadPoolExecutor(threads, thread_name_prefix="bra-reader")) as pool:
                 if self._restore is not None:
                     self._reread(pool, prefetch)

@@ -126,9 +126,10 @@ class TrainBatches:
 
 
 def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows: int, seed: int,
-                  balanced: bool, shards: Sequence[int] | None = None) -> TrainBatches:
+                  balanced: bool, shards: Sequence[int] | None = None,
+                  own_loops: bool = False) -> TrainBatches:
     """The batches of a fit (see `TrainBatches`). ``shards``: read only those (one rank's share of a
-    distributed fit)."""
+    distributed fit). ``own_loops``: decode on several cores (`ReaderConfig.own_loops`: a fit on a GPU)."""
     train = ~data.heldout
     if shards is not None:
         inside = _docs_in_shards(store, shards)
@@ -147,12 +148,13 @@ def train_batches(store: Store, data: TrainingData, batch_size: int, buffer_rows
                                f"(balanced sampling needs both; use --no-balanced or add data)")
             cfg = ReaderConfig(layer=data.layer, batch_size=half if label == "hazard" else batch_size - half,
                                buffer_rows=max(buffer_rows // 2, 1),
-                               seed=seed + (0 if label == "hazard" else 1))
+                               seed=seed + (0 if label == "hazard" else 1), own_loops=own_loops)
             streams.append(RowStream(store, cfg, doc_selected=sel, shards=shards))
     else:
         if not train.any():
             raise SAEError(f"store {store.path} has no training documents")
-        cfg = ReaderConfig(layer=data.layer, batch_size=batch_size, buffer_rows=buffer_rows, seed=seed)
+        cfg = ReaderConfig(layer=data.layer, batch_size=batch_size, buffer_rows=buffer_rows, seed=seed,
+                           own_loops=own_loops)
         streams.append(RowStream(store, cfg, doc_selected=train, shards=shards))
     return TrainBatches(data, streams)
 

@@ -134,8 +134,9 @@ def fit(store_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     if ckpt is None:
         logger.info("encoder init %s (scale %.4g)", cfg.encoder_init, scale)
     shards = rank_shards(store.layout.n_shards, dist.rank, dist.world) if dist.active else None
+    # on a GPU the cores are free to decode: the step would wait on one reader loop (ReaderConfig.own_loops)
     batches = train_batches(store, data, cfg.batch_size // dist.world, cfg.stream.buffer_rows, cfg.seed,
-                            cfg.balanced, shards=shards)
+                            cfg.balanced, shards=shards, own_loops=device.type != "cpu")
     try:
         trainer = Trainer(sae, StoreInputs(batches, device), cfg, dist=dist, out=out)
         if ckpt is not None:
