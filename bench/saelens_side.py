@@ -409,7 +409,8 @@ def _text(results: dict[str, dict[str, Any]], ctx: BenchContext) -> str:
 _RECIPE = (
     "Both trainers read the same batches (our reader, the plain preset's seeded order) and each seed's "
     "held-out documents are never trained on; FVU is one float64 formula over all held-out unmasked rows. "
-    "Ours is `bra-sae fit --preset plain` (TopK-paper init, b_dec = data mean, input scaled to mean squared "
+    "Ours is `bra-sae fit --preset plain` (TopK-paper init with the encoder scale fitted on 4,096 training "
+    "rows, b_dec = data mean, input scaled to mean squared "
     "norm d_model, normalised-MSE loss, AuxK, unit-norm decoder with gradient projection, AdamW, lr decaying "
     "to 0 over the last 20 % of steps); SAELens's is `TopKTrainingSAE` + `SAETrainer` with their defaults "
     "(decoder init norm 0.1, b_dec 0 subtracted from the input, activations rescaled by decoder norms, "
