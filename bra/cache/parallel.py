@@ -107,11 +107,7 @@ class ShardWriterPool:
             raise error
 
     def _work(self) -> None:
-        loop = asyncio.new_event_loop()
-        # one compressor thread per writer: blosc runs in the loop's default executor (asyncio.to_thread)
-        codec = ThreadPoolExecutor(1, thread_name_prefix=f"{threading.current_thread().name}-codec")
-        loop.set_default_executor(codec)
-        _LOCAL.loop = loop
+        loop, codec = _open_thread_loop()
         try:
             while (item := self._queue.get()) is not _STOP:
                 if self._abort.is_set() or self._error is not None:
@@ -125,19 +121,31 @@ class ShardWriterPool:
                             self._error = exc
         finally:
             _LOCAL.loop = None
-            codec.shutdown(wait=True)  # not loop.shutdown_default_executor: see LoopThreadPool.shutdown
-            loop.close()
+            _close_thread_loop(loop, codec)
+
+
+def _open_thread_loop() -> tuple[asyncio.AbstractEventLoop, ThreadPoolExecutor]:
+    """A new event loop for the calling thread (`thread_loop` returns it) and its one codec thread: blosc
+    runs in the loop's default executor (asyncio.to_thread)."""
+    loop = asyncio.new_event_loop()
+    codec = ThreadPoolExecutor(1, thread_name_prefix=f"{threading.current_thread().name}-codec")
+    loop.set_default_executor(codec)
+    _LOCAL.loop = loop
+    return loop, codec
+
+
+def _close_thread_loop(loop: asyncio.AbstractEventLoop, codec: ThreadPoolExecutor) -> None:
+    """Stop the codec thread, then close the loop. Not ``loop.shutdown_default_executor``: it starts a
+    thread, which hangs when this runs while the interpreter exits (a stream's generator finalised then)."""
+    codec.shutdown(wait=True)
+    loop.close()
 
 
 def _start_thread_loop(loops: list[tuple[asyncio.AbstractEventLoop, ThreadPoolExecutor]],
                        lock: threading.Lock) -> None:
-    loop = asyncio.new_event_loop()
-    # one decompressor thread per reader: blosc runs in the loop's default executor (asyncio.to_thread)
-    codec = ThreadPoolExecutor(1, thread_name_prefix=f"{threading.current_thread().name}-codec")
-    loop.set_default_executor(codec)
-    _LOCAL.loop = loop
+    opened = _open_thread_loop()
     with lock:
-        loops.append((loop, codec))
+        loops.append(opened)
 
 
 class LoopThreadPool(ThreadPoolExecutor):
@@ -151,11 +159,8 @@ class LoopThreadPool(ThreadPoolExecutor):
                          initargs=(self._loops, threading.Lock()))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the threads, then each loop's decompressor thread, then the loops. Without
-        ``loop.shutdown_default_executor``: it starts a thread, which hangs when a stream is closed while
-        the interpreter exits (a generator finalised at exit)."""
+        """Stop the threads, then their loops (`_close_thread_loop`)."""
         super().shutdown(wait=True, cancel_futures=cancel_futures)
         for loop, codec in self._loops:
-            codec.shutdown(wait=True)
-            loop.close()
+            _close_thread_loop(loop, codec)
         self._loops.clear()
