@@ -19,18 +19,28 @@ if str(REPO) not in sys.path:
 STUDIES = ("build", "codecs", "fp8", "train", "rescore", "saelens", "scaleout", "resume", "labels", "writer")
 
 
-def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
+def _run_tiny(tmp_path: Path, studies: str | None = None, gemma: Path | None = None,
+              out: Path | None = None) -> tuple[Path, dict]:
+    """`python -m bench --size tiny` on one torch thread, scratch in ``tmp_path / "work"`` (with the session's
+    tiny Gemma2 linked in when ``gemma`` is given, not a new one); (results.md, results.json's contents)."""
     from bench.__main__ import main
+
+    work = tmp_path / "work"
+    if gemma is not None:
+        work.mkdir()
+        (work / "tiny-gemma").symlink_to(gemma)
+    out = out or tmp_path
+    md, js = out / "results.md", out / "results.json"
+    main(["--size", "tiny", *(["--studies", studies] if studies else []), "--out", str(md), "--json-out",
+          str(js), "--work", str(work), "--threads", "1"], standalone_mode=False)
+    assert md.is_file() and js.is_file()
+    return md, json.loads(js.read_text())
+
+
+def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
     from bench.config import SIZES
 
-    (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "tiny-gemma").symlink_to(tiny_gemma_dir)  # the session's tiny Gemma2, not a new one
-    md, js = tmp_path / "out" / "results.md", tmp_path / "out" / "results.json"
-    main(["--size", "tiny", "--out", str(md), "--json-out", str(js), "--work", str(tmp_path / "work"),
-          "--threads", "1"], standalone_mode=False)
-
-    assert md.is_file() and js.is_file()
-    data = json.loads(js.read_text())
+    md, data = _run_tiny(tmp_path, gemma=tiny_gemma_dir, out=tmp_path / "out")
     assert data["size"] == "tiny" and data["command"].startswith("python -m bench")
     assert data["machine"]["cores"] >= 1 and data["machine"]["torch_threads"] == 1
     assert {s: data["studies"][s]["error"] for s in STUDIES} == {s: None for s in STUDIES}
@@ -70,15 +80,7 @@ def test_bench__tiny_run_writes_every_study_row(tmp_path: Path, tiny_gemma_dir: 
 
 def test_bench__tiny_writer_and_fp8_studies_report_every_row(tmp_path: Path, tiny_gemma_dir: Path) -> None:
     """Study 10 (writer alone, d_model 2304) and study 3 (fp8 through the store path) at --size tiny."""
-    from bench.__main__ import main
-
-    (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "tiny-gemma").symlink_to(tiny_gemma_dir)
-    md, js = tmp_path / "results.md", tmp_path / "results.json"
-    main(["--size", "tiny", "--studies", "writer,fp8", "--out", str(md), "--json-out", str(js), "--work",
-          str(tmp_path / "work"), "--threads", "1"], standalone_mode=False)
-
-    data = json.loads(js.read_text())
+    md, data = _run_tiny(tmp_path, "writer,fp8", gemma=tiny_gemma_dir)
     assert {k: v["error"] for k, v in data["studies"].items()} == {"writer": None, "fp8": None}
     rows = {r["name"]: r for r in data["rows"]}
     assert all(r["value"] is not None for r in rows.values()), rows
@@ -101,16 +103,9 @@ def test_bench__tiny_writer_and_fp8_studies_report_every_row(tmp_path: Path, tin
 def test_bench__tiny_saelens_study_has_the_same_recipe_rows(tmp_path: Path, tiny_gemma_dir: Path) -> None:
     """Study 6's same-recipe comparison at --size tiny: ours (plain and tier term) and SAELens's TopK
     trainer on every seed, scored on held-out rows only, with their rows and table."""
-    from bench.__main__ import main
     from bench.config import SIZES
 
-    (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "tiny-gemma").symlink_to(tiny_gemma_dir)
-    md, js = tmp_path / "results.md", tmp_path / "results.json"
-    main(["--size", "tiny", "--studies", "saelens", "--out", str(md), "--json-out", str(js), "--work",
-          str(tmp_path / "work"), "--threads", "1"], standalone_mode=False)
-
-    data = json.loads(js.read_text())
+    md, data = _run_tiny(tmp_path, "saelens", gemma=tiny_gemma_dir)
     assert data["studies"]["saelens"]["error"] is None
     recipe = data["studies"]["saelens"]["details"]["tiny-gemma"]["recipe"]
     seeds = recipe["per_seed"]
@@ -184,13 +179,7 @@ def test_gpu_sh__smoke_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
 
 
 def test_bench__tiny_labels_study_scores_rules_on_both_halves(tmp_path: Path) -> None:
-    from bench.__main__ import main
-
-    md, js = tmp_path / "results.md", tmp_path / "results.json"
-    main(["--size", "tiny", "--studies", "labels", "--out", str(md), "--json-out", str(js), "--work",
-          str(tmp_path / "work"), "--threads", "1"], standalone_mode=False)
-
-    data = json.loads(js.read_text())
+    md, data = _run_tiny(tmp_path, "labels")
     assert data["studies"]["labels"]["error"] is None
     rows = {r["name"]: r for r in data["rows"]}
     heldout = rows["rules vs hand labels, Cohen's κ (split=alternate, heldout half)"]

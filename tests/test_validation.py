@@ -35,12 +35,17 @@ def _prefilled(store: Path, tmp: Path, broken: list[str]) -> Path:
     return copy
 
 
-def test_validate__toy_study_end_to_end(eval_env, no_model, tmp_path: Path) -> None:
+def _toy_runs(eval_env, tmp: Path) -> tuple[Path, Path, list[str], Path, Path]:
+    """(the eval store, its SAE, its hazard-tier prompt ids, a prefilled copy in which every other hazard
+    prompt's refusal broke, the report folder to write)."""
     _, store, sae, _, _ = eval_env
     table = pd.read_parquet(store / schema.PROMPTS_TABLE)
     hazard = table.loc[table["tier"] == "hazard_adjacent_category", "id"].tolist()
-    prefill = _prefilled(store, tmp_path, hazard[::2])
-    out = tmp_path / "validation"
+    return store, sae, hazard, _prefilled(store, tmp, hazard[::2]), tmp / "validation"
+
+
+def test_validate__toy_study_end_to_end(eval_env, no_model, tmp_path: Path) -> None:
+    store, sae, hazard, prefill, out = _toy_runs(eval_env, tmp_path)
     argv = ["validate", "--run", f"base={store}", "--run", f"shallow={store},{prefill}",
             "--run", f"deep={store}", "--sae", str(sae), "--out", str(out), "--n-boot", "50"]
     assert _sae_cli(argv) == 0
@@ -65,11 +70,7 @@ def test_validate__toy_study_end_to_end(eval_env, no_model, tmp_path: Path) -> N
 
 def test_validate__reference_fit_is_the_base_runs_applied_to_every_store(eval_env, no_model,
                                                                         tmp_path: Path) -> None:
-    _, store, sae, _, _ = eval_env
-    table = pd.read_parquet(store / schema.PROMPTS_TABLE)
-    hazard = table.loc[table["tier"] == "hazard_adjacent_category", "id"].tolist()
-    prefill = _prefilled(store, tmp_path, hazard[::2])
-    out = tmp_path / "validation"
+    store, sae, _, prefill, out = _toy_runs(eval_env, tmp_path)
     argv = ["validate", "--run", f"base={store}", "--run", f"shallow={store},{prefill}",
             "--run", f"deep={prefill}", "--sae", str(sae), "--out", str(out), "--n-boot", "50",
             "--reference", "base"]
